@@ -1,0 +1,180 @@
+"""
+The run records and the values inside them: run ids, timestamps, outcomes.
+
+Everything that turns hostile wire values into the records a store keeps is
+here, so validation has one home. Errors name the field and what to send.
+"""
+
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+
+from car_twisted.errors import InvalidParams
+
+#: Longest text kept in one field; longer text is cut with a visible marker.
+MAX_TEXT = 16 * 1024
+TRUNCATION_MARKER = "…[truncated]"
+
+#: Longest id (agent, run, idempotency key) accepted from the wire.
+MAX_ID = 256
+
+OUTCOME_STATUSES = (
+    "success",
+    "partial_success",
+    "give_up",
+    "timeout",
+    "failure",
+    "done",
+)
+_COUNT_METRICS = ("turns", "tool_calls", "retries", "actions_succeeded", "actions_failed")
+_MAX_COUNT = 2**63 - 1
+
+
+def now() -> str:
+    """The current UTC time as RFC 3339 with milliseconds."""
+    stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+class _RunIdMinter:
+    """
+    UUIDv7 run ids: 48 bits of Unix milliseconds, then a 12-bit counter that
+    keeps ids minted in the same millisecond in order, then random bits.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._counter = 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms > self._last_ms:
+                self._last_ms, self._counter = ms, 0
+            else:
+                self._counter += 1
+                if self._counter > 0xFFF:
+                    self._last_ms, self._counter = self._last_ms + 1, 0
+            ms, counter = self._last_ms, self._counter
+        rand = int.from_bytes(os.urandom(8), "big") & (2**62 - 1)
+        value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
+        return str(uuid.UUID(int=value))
+
+
+new_run_id = _RunIdMinter()
+
+
+def agent_slug(name: str) -> str:
+    """``"Bulldozer Agent"`` -> ``"bulldozer-agent"``; may be empty."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def clip_text(text: str) -> str:
+    """Cut text longer than L{MAX_TEXT} characters, marking the cut."""
+    if len(text) <= MAX_TEXT:
+        return text
+    return text[: MAX_TEXT - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
+
+
+def text_param(params: dict, name: str, required: bool = False) -> "str | None":
+    """A string parameter; empty or absent gives None unless required."""
+    value = params.get(name)
+    if value is None or value == "":
+        if required:
+            raise InvalidParams(f"invalid params: {name} is required (a non-empty string)")
+        return None
+    if not isinstance(value, str):
+        raise InvalidParams(f"invalid params: {name} must be a string")
+    return value
+
+
+def id_param(params: dict, name: str, required: bool = False) -> "str | None":
+    """An id parameter: a non-empty string of at most L{MAX_ID} characters."""
+    value = text_param(params, name, required)
+    if value is not None and len(value) > MAX_ID:
+        raise InvalidParams(f"invalid params: {name} is longer than {MAX_ID} characters")
+    return value
+
+
+def int_param(params: dict, name: str, default: int, low: int, high: int) -> int:
+    """An integer parameter within C{[low, high]}."""
+    value = params.get(name, default)
+    if value is None:
+        return default
+    if type(value) is not int or not low <= value <= high:
+        raise InvalidParams(
+            f"invalid params: {name} must be an integer from {low} to {high}"
+        )
+    return value
+
+
+def started_record(run_id, agent_id, client_id, intent, outcome_description) -> dict:
+    return {
+        "record": "started",
+        "run_id": run_id,
+        "agent_id": agent_id,
+        "client_id": client_id,
+        "intent": intent,
+        "outcome_description": outcome_description,
+        "started_at": now(),
+    }
+
+
+def ended_record(termination: str, **details) -> dict:
+    """An ``ended`` record: C{outcome=}, C{reason=} or C{reason_digest=}."""
+    return {"record": "ended", "termination": termination, "ended_at": now(), **details}
+
+
+def parse_outcome(value) -> dict:
+    """
+    Read an outcome from the wire: tolerant of missing and unknown keys,
+    strict about the type of every known one. Returns the complete object.
+    """
+    if not isinstance(value, dict):
+        raise InvalidParams("invalid params: outcome must be an object with a status")
+    status = value.get("status")
+    if status not in OUTCOME_STATUSES:
+        raise InvalidParams(
+            "invalid params: outcome.status must be one of " + ", ".join(OUTCOME_STATUSES)
+        )
+    summary = value.get("summary", "")
+    if not isinstance(summary, str):
+        raise InvalidParams("invalid params: outcome.summary must be a string")
+    evidence = value.get("evidence", [])
+    if not isinstance(evidence, list) or not all(isinstance(e, str) for e in evidence):
+        raise InvalidParams("invalid params: outcome.evidence must be a list of strings")
+    timestamp = value.get("timestamp") or now()
+    if not isinstance(timestamp, str) or len(timestamp) > 64:
+        raise InvalidParams("invalid params: outcome.timestamp must be an RFC 3339 string")
+    return {
+        "status": status,
+        "summary": clip_text(summary),
+        "evidence": [clip_text(e) for e in evidence],
+        "metrics": _parse_metrics(value.get("metrics", {})),
+        "timestamp": timestamp,
+    }
+
+
+def _parse_metrics(value) -> dict:
+    if not isinstance(value, dict):
+        raise InvalidParams("invalid params: outcome.metrics must be an object")
+    metrics = {}
+    for name in _COUNT_METRICS:
+        count = value.get(name, 0)
+        if type(count) is not int or not 0 <= count <= _MAX_COUNT:
+            raise InvalidParams(
+                f"invalid params: outcome.metrics.{name} must be a non-negative integer"
+            )
+        metrics[name] = count
+    duration = value.get("duration_ms", 0.0)
+    if type(duration) not in (int, float) or not math.isfinite(duration) or duration < 0:
+        raise InvalidParams(
+            "invalid params: outcome.metrics.duration_ms must be a non-negative number"
+        )
+    metrics["duration_ms"] = float(duration)
+    return metrics

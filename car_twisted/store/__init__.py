@@ -1,0 +1,1 @@
+"""Implementations of L{car_twisted.interfaces.IRunStore}."""

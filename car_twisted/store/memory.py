@@ -1,0 +1,109 @@
+"""A run store that keeps everything in memory: for tests and ephemeral use."""
+
+from twisted.internet.defer import fail, succeed
+from zope.interface import implementer
+
+from car_twisted.interfaces import (
+    IRunStore,
+    RunExists,
+    RunNotFound,
+    RunTerminal,
+    TurnLimitReached,
+    summarize,
+)
+
+
+def parse_position_cursor(cursor, upper: int) -> int:
+    """
+    Read a C{list_runs} cursor that is a position in a sequence of C{upper}
+    runs: the page starts below it.
+    """
+    if cursor is None:
+        return upper
+    if not (isinstance(cursor, str) and cursor.isdigit() and int(cursor) <= upper):
+        raise ValueError(f"unreadable cursor {cursor!r}")
+    return int(cursor)
+
+
+@implementer(IRunStore)
+class MemoryRunStore:
+    """Runs as lists of records in a dict; every call completes at once."""
+
+    def __init__(self):
+        self._records = {}  # run_id -> [record]
+        self._turns = {}  # run_id -> number of turn records
+        self._by_agent = {}  # agent_id -> [run_id] in start order
+
+    def start_run(self, started):
+        run_id = started["run_id"]
+        if run_id in self._records:
+            return fail(RunExists(run_id))
+        self._records[run_id] = [dict(started)]
+        self._turns[run_id] = 0
+        self._by_agent.setdefault(started["agent_id"], []).append(run_id)
+        return succeed(None)
+
+    def _open(self, run_id):
+        records = self._records.get(run_id)
+        if records is None:
+            raise RunNotFound(run_id)
+        if records[-1]["record"] == "ended":
+            raise RunTerminal(run_id)
+        return records
+
+    def append_turns(self, run_id, turns, max_turns):
+        try:
+            records = self._open(run_id)
+        except (RunNotFound, RunTerminal) as e:
+            return fail(e)
+        base = self._turns[run_id]
+        if base + len(turns) > max_turns:
+            return fail(TurnLimitReached(run_id))
+        records.extend(dict(t, index=base + i) for i, t in enumerate(turns))
+        self._turns[run_id] = base + len(turns)
+        return succeed(base)
+
+    def end_run(self, run_id, ended):
+        try:
+            records = self._open(run_id)
+        except (RunNotFound, RunTerminal) as e:
+            return fail(e)
+        records.append(dict(ended))
+        return succeed(None)
+
+    def get_run(self, run_id):
+        records = self._records.get(run_id)
+        return succeed(summarize(records) if records else None)
+
+    def read_records(self, run_id, cursor, limit):
+        records = self._records.get(run_id)
+        if records is None:
+            return fail(RunNotFound(run_id))
+        page = records[cursor : cursor + limit]
+        return succeed(([dict(r) for r in page], cursor + len(page)))
+
+    def list_runs(self, agent_id, cursor, limit, status):
+        run_ids = self._by_agent.get(agent_id, [])
+        try:
+            position = parse_position_cursor(cursor, len(run_ids))
+        except ValueError as e:
+            return fail(e)
+        page = []
+        while position > 0 and len(page) < limit:
+            position -= 1
+            summary = summarize(self._records[run_ids[position]])
+            if status is None or summary.status == status:
+                page.append(summary)
+        return succeed((page, str(position) if position > 0 else None))
+
+    def open_runs(self):
+        return succeed(
+            [
+                summarize(records)
+                for records in self._records.values()
+                if records[-1]["record"] != "ended"
+            ]
+        )
+
+    def close(self):
+        return succeed(None)

@@ -1,0 +1,160 @@
+"""
+Test support: a real daemon on a loopback port and a real WebSocket client.
+
+The registry runs on a L{Clock} so tests move the grace window by hand,
+while the sockets use the real reactor.
+"""
+
+import json
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.task import Clock, deferLater
+
+from car_twisted.protocol import RunTracingFactory
+from car_twisted.registry import RunRegistry
+from car_twisted.store.memory import MemoryRunStore
+
+SUCCESS_OUTCOME = {
+    "status": "success",
+    "summary": "did the thing",
+    "evidence": [],
+    "metrics": {
+        "turns": 1,
+        "tool_calls": 1,
+        "duration_ms": 12.0,
+        "retries": 0,
+        "actions_succeeded": 1,
+        "actions_failed": 0,
+    },
+    "timestamp": "2026-11-23T10:00:00.000Z",
+}
+
+
+async def wait_for(predicate, what="condition", timeout=10.0):
+    """Wait (on the real reactor) until C{predicate()} is true."""
+    waited = 0.0
+    while not predicate():
+        if waited > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.005, lambda: None)
+        waited += 0.005
+
+
+class ClientProtocol(WebSocketClientProtocol):
+    def onOpen(self):
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload, isBinary):
+        self.frames.put(payload if isBinary else json.loads(payload))
+
+    def onClose(self, wasClean, code, reason):
+        self.close_code = code
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(reason))
+        self.closed.callback(code)
+
+
+class RPCClient:
+    """A JSON-RPC client over one real WebSocket connection."""
+
+    def __init__(self, protocol):
+        self.protocol = protocol
+        self._ids = 0
+
+    @classmethod
+    async def connect(cls, port):
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}")
+        factory.protocol = ClientProtocol
+        factory.opened = Deferred()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        proto = await endpoint.connect(factory)
+        proto.frames = DeferredQueue()
+        proto.closed = Deferred()
+        await factory.opened
+        return cls(proto)
+
+    def send_text(self, text):
+        self.protocol.sendMessage(text.encode() if isinstance(text, str) else text)
+
+    def send(self, message):
+        self.send_text(json.dumps(message))
+
+    def request(self, method, params=None, id_=None):
+        """Send a request without waiting; returns its id."""
+        if id_ is None:
+            self._ids += 1
+            id_ = self._ids
+        message = {"jsonrpc": "2.0", "id": id_, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send(message)
+        return id_
+
+    def receive(self):
+        """The next frame the daemon sent, decoded."""
+        return self.protocol.frames.get()
+
+    async def call_raw(self, method, params=None):
+        self.request(method, params)
+        return await self.receive()
+
+    async def call(self, method, params=None):
+        response = await self.call_raw(method, params)
+        assert "error" not in response, f"{method} should succeed: {response}"
+        return response["result"]
+
+    async def close(self):
+        """Close cleanly and wait until the connection is gone."""
+        self.protocol.sendClose()
+        await self.protocol.closed
+
+    async def drop(self):
+        """Cut the TCP connection without a close frame."""
+        self.protocol.transport.abortConnection()
+        await self.protocol.closed
+
+
+class LoopbackDaemon:
+    """A registry on a memory store, served on an ephemeral loopback port."""
+
+    def __init__(self, store=None, grace=0.25, environ=None):
+        self.clock = Clock()
+        self.store = store if store is not None else MemoryRunStore()
+        self.registry = RunRegistry(self.store, self.clock, grace, environ if environ is not None else {})
+        self.port = None
+        self.clients = []
+
+    async def start(self):
+        endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        self.port = await endpoint.listen(RunTracingFactory(self.registry))
+        return self
+
+    async def connect(self):
+        client = await RPCClient.connect(self.port.getHost().port)
+        self.clients.append(client)
+        return client
+
+    def only_session(self):
+        (session,) = self.registry.sessions.values()
+        return session
+
+    async def wait_closed(self):
+        """Wait until the daemon has seen every connection close."""
+        await wait_for(lambda: not self.registry.sessions, "sessions to close")
+
+    async def stop(self):
+        for client in self.clients:
+            if not client.protocol.closed.called:
+                await client.drop()
+        await self.wait_closed()
+        await self.port.stopListening()
+
+
+async def serve(testcase, **kwargs):
+    """Start a L{LoopbackDaemon} that stops when C{testcase} ends."""
+    daemon = await LoopbackDaemon(**kwargs).start()
+    testcase.addCleanup(daemon.stop)
+    return daemon
