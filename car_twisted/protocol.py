@@ -27,12 +27,17 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self.session = self.factory.registry.open_session(self.peer, self._notify)
         log.debug("session {client_id} opened from {peer}", client_id=self.session.client_id, peer=self.peer)
 
+    def _send(self, frame):
+        # Answers can be ready after the client has gone; they are dropped.
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(frame)
+
     def _notify(self, method, params):
-        self.sendMessage(notification(method, params))
+        self._send(notification(method, params))
 
     def onMessage(self, payload, isBinary):
         if isBinary:
-            self.sendMessage(_BINARY_REFUSED)
+            self._send(_BINARY_REFUSED)
             return
         d = self.factory.dispatcher.dispatch(self.session, payload)
         d.addCallback(self._answer)
@@ -40,11 +45,11 @@ class RunTracingProtocol(WebSocketServerProtocol):
 
     def _answer(self, frame):
         if frame is not None:
-            self.sendMessage(frame)
+            self._send(frame)
 
     def _failed(self, failure):
         log.failure("a frame from {peer} could not be answered", failure, peer=self.peer)
-        self.sendMessage(
+        self._send(
             encode(error_response(None, -32603, "internal error: the frame could not be answered"))
         )
 

@@ -117,6 +117,39 @@ class RPCClient:
         await self.protocol.closed
 
 
+class HeldStore:
+    """
+    Wraps a store so its writes wait until L{release}: a disk that is slow
+    to acknowledge. Held writes are applied in call order on release.
+    """
+
+    def __init__(self, store):
+        self._store = store
+        self.held = []
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def _hold(self, name, *args):
+        d = Deferred()
+        self.held.append((d, name, args))
+        return d
+
+    def start_run(self, *args):
+        return self._hold("start_run", *args)
+
+    def append_turns(self, *args):
+        return self._hold("append_turns", *args)
+
+    def end_run(self, *args):
+        return self._hold("end_run", *args)
+
+    def release(self):
+        held, self.held = self.held, []
+        for d, name, args in held:
+            getattr(self._store, name)(*args).chainDeferred(d)
+
+
 class LoopbackDaemon:
     """A registry on a memory store, served on an ephemeral loopback port."""
 

@@ -1,0 +1,220 @@
+"""
+JSON-RPC 2.0 semantics of the dispatcher: the specification's section 7
+examples, adapted to our methods, plus the edge cases SPEC.md names.
+"""
+
+import json
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from car_twisted.jsonrpc import Dispatcher
+from car_twisted.registry import RunRegistry
+from car_twisted.store.memory import MemoryRunStore
+from tests.support import HeldStore, serve, wait_for
+
+START = {"agent_id": "agent-a", "intent": "goal"}
+ANY_RUN_ID = object()
+
+
+def result(id_, value=ANY_RUN_ID):
+    return {"jsonrpc": "2.0", "result": value, "id": id_}
+
+
+def error(id_, code):
+    return {"jsonrpc": "2.0", "error": {"code": code}, "id": id_}
+
+
+# (what the spec example shows, frame sent, expected answer: None for no
+# frame, a dict, or a list of dicts in any order).
+SPEC_EXAMPLES = [
+    (
+        "call with positional parameters: ours take named ones only",
+        '{"jsonrpc": "2.0", "method": "runs.start", "params": ["goal", "agent-a"], "id": 1}',
+        error(1, -32602),
+    ),
+    (
+        "call with named parameters",
+        json.dumps({"jsonrpc": "2.0", "method": "runs.start", "params": START, "id": 3}),
+        result(3),
+    ),
+    (
+        "a notification is never answered",
+        json.dumps({"jsonrpc": "2.0", "method": "runs.start", "params": START}),
+        None,
+    ),
+    (
+        "a notification of a missing method is not answered either",
+        '{"jsonrpc": "2.0", "method": "foobar"}',
+        None,
+    ),
+    (
+        "call of a non-existent method",
+        '{"jsonrpc": "2.0", "method": "foobar", "id": "1"}',
+        error("1", -32601),
+    ),
+    (
+        "call with invalid JSON",
+        '{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]',
+        error(None, -32700),
+    ),
+    (
+        "call with an invalid Request object",
+        '{"jsonrpc": "2.0", "method": 1, "params": "bar"}',
+        error(None, -32600),
+    ),
+    (
+        "batch, invalid JSON",
+        '[{"jsonrpc": "2.0", "method": "runs.list", "params": {"agent_id": "a"}, "id": "1"},'
+        '{"jsonrpc": "2.0", "method"]',
+        error(None, -32700),
+    ),
+    ("call with an empty array", "[]", error(None, -32600)),
+    ("an invalid batch, but not empty", "[1]", [error(None, -32600)]),
+    ("an invalid batch", "[1,2,3]", [error(None, -32600)] * 3),
+    (
+        "a mixed batch",
+        json.dumps(
+            [
+                {"jsonrpc": "2.0", "method": "runs.start", "params": START, "id": "1"},
+                {"jsonrpc": "2.0", "method": "runs.start", "params": START},
+                {"jsonrpc": "2.0", "method": "runs.get_trace", "params": {"run_id": "nope"}, "id": "2"},
+                {"foo": "boo"},
+                {"jsonrpc": "2.0", "method": "foo.get", "params": {"name": "myself"}, "id": "5"},
+                {"jsonrpc": "2.0", "method": "runs.list", "params": {"agent_id": "nobody"}, "id": "9"},
+            ]
+        ),
+        [
+            result("1"),
+            result("2", {"run_id": "nope", "not_found": True}),
+            error(None, -32600),
+            error("5", -32601),
+            result("9", {"agent_id": "nobody", "runs": [], "next_cursor": None}),
+        ],
+    ),
+    (
+        "a batch of notifications gets no frame at all",
+        json.dumps(
+            [
+                {"jsonrpc": "2.0", "method": "runs.start", "params": START},
+                {"jsonrpc": "2.0", "method": "nope"},
+            ]
+        ),
+        None,
+    ),
+    # Beyond section 7: the edges SPEC.md section 1 names.
+    ('"jsonrpc" must be exactly "2.0"', '{"jsonrpc": "1.0", "method": "runs.list", "id": 7}', error(7, -32600)),
+    ("params must be an object or array", '{"jsonrpc": "2.0", "method": "runs.list", "params": "x", "id": 8}', error(8, -32600)),
+    ("an unreadable id is answered with id null", '{"jsonrpc": "2.0", "method": "runs.list", "id": {"a": 1}}', error(None, -32600)),
+    ("a fractional id is unreadable", '{"jsonrpc": "2.0", "method": "runs.list", "id": 1.5}', error(None, -32600)),
+    ("a null id is a request, answered with id null", '{"jsonrpc": "2.0", "method": "foobar", "id": null}', error(None, -32601)),
+    ("NaN is not JSON", '{"jsonrpc": "2.0", "method": "runs.list", "params": {"limit": NaN}, "id": 1}', error(None, -32700)),
+    ("deep nesting is a parse error, not a crash", "[" * 100_000 + "]" * 100_000, error(None, -32700)),
+    ("a scalar frame is an invalid request", "42", error(None, -32600)),
+    ("invalid params name the field", '{"jsonrpc": "2.0", "method": "runs.start", "params": {"agent_id": "a"}, "id": 4}', error(4, -32602)),
+]
+
+
+def matches(expected, actual):
+    if expected is ANY_RUN_ID:
+        return isinstance(actual, dict) and bool(actual.get("run_id"))
+    if isinstance(expected, dict):
+        return (
+            isinstance(actual, dict)
+            and set(expected) <= set(actual)
+            and all(matches(v, actual[k]) for k, v in expected.items())
+        )
+    return expected == actual
+
+
+class SpecExamplesTests(unittest.TestCase):
+    def setUp(self):
+        self.store = MemoryRunStore()
+        self.registry = RunRegistry(self.store, Clock(), environ={})
+        self.dispatcher = Dispatcher(self.registry.methods())
+        self.session = self.registry.open_session("test", lambda method, params: None)
+
+    def test_spec_examples(self):
+        """Each section 7 example (adapted) gets exactly the answer the
+        specification prescribes; batches answer in one array."""
+        for name, frame, expected in SPEC_EXAMPLES:
+            with self.subTest(name):
+                answered = self.successResultOf(self.dispatcher.dispatch(self.session, frame.encode()))
+                if expected is None:
+                    self.assertIsNone(answered, name)
+                    continue
+                answer = json.loads(answered)
+                if isinstance(expected, list):
+                    self.assertIsInstance(answer, list, name)
+                    self.assertEqual(len(answer), len(expected), name)
+                    unmatched = list(answer)
+                    for want in expected:
+                        hit = next((a for a in unmatched if matches(want, a)), None)
+                        self.assertIsNotNone(hit, f"{name}: no answer matches {want} in {answer}")
+                        unmatched.remove(hit)
+                else:
+                    self.assertTrue(matches(expected, answer), f"{name}: {answer}")
+                    if "error" in answer:
+                        self.assertIsInstance(answer["error"]["message"], str)
+
+    def test_notifications_take_effect(self):
+        """A notification is not answered but its method still runs."""
+        frame = json.dumps({"jsonrpc": "2.0", "method": "runs.start", "params": START})
+        self.assertIsNone(self.successResultOf(self.dispatcher.dispatch(self.session, frame.encode())))
+        runs, _ = self.successResultOf(self.store.list_runs("agent-a", None, 10, None))
+        self.assertEqual(len(runs), 1)
+
+    def test_invalid_params_message_names_the_field(self):
+        """-32602 messages say which field is wrong."""
+        frame = b'{"jsonrpc": "2.0", "method": "runs.start", "params": {"agent_id": "a"}, "id": 1}'
+        answer = json.loads(self.successResultOf(self.dispatcher.dispatch(self.session, frame)))
+        self.assertEqual(answer["error"]["message"], "invalid params: intent is required (a non-empty string)")
+
+    def test_handler_failure_hides_the_traceback(self):
+        """An unexpected exception in a method answers -32603 with a clean
+        message (no traceback on the wire) and is logged."""
+
+        def broken(session, params):
+            raise ZeroDivisionError("secret internals")
+
+        dispatcher = Dispatcher({"broken": broken})
+        frame = b'{"jsonrpc": "2.0", "method": "broken", "id": 1}'
+        answer = json.loads(self.successResultOf(dispatcher.dispatch(self.session, frame)))
+        self.assertEqual(answer["error"]["code"], -32603)
+        self.assertNotIn("secret", answer["error"]["message"])
+        self.assertNotIn("Traceback", answer["error"]["message"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class WireTests(unittest.TestCase):
+    async def test_binary_frame_refused_session_stays_open(self):
+        """A binary frame gets a -32600 answer and the session keeps working."""
+        daemon = await serve(self)
+        ws = await daemon.connect()
+        ws.protocol.sendMessage(b'{"jsonrpc": "2.0"}', isBinary=True)
+        answer = await ws.receive()
+        self.assertEqual(answer["error"]["code"], -32600)
+        self.assertIn("binary", answer["error"]["message"])
+        self.assertEqual(await ws.call("runs.list", {"agent_id": "x"}), {"agent_id": "x", "runs": [], "next_cursor": None})
+
+    async def test_complete_sent_before_start_is_acknowledged(self):
+        """A runs.complete sent right after runs.start, before the start's
+        reply (its write is still pending), sees the run: effects apply in
+        arrival order, and both replies come back matched by id."""
+        store = HeldStore(MemoryRunStore())
+        daemon = await serve(self, store=store)
+        ws = await daemon.connect()
+        start_id = ws.request("runs.start", START)
+        await wait_for(lambda: daemon.registry.sessions and daemon.only_session().current_run_id)
+        run_id = daemon.only_session().current_run_id
+        complete_id = ws.request("runs.complete", {"run_id": run_id, "outcome": {"status": "done"}})
+        await wait_for(lambda: len(store.held) == 2, "both writes to reach the store")
+        store.release()
+        answers = {}
+        for _ in range(2):
+            answer = await ws.receive()
+            answers[answer["id"]] = answer
+        self.assertEqual(answers[start_id]["result"]["run_id"], run_id)
+        self.assertEqual(answers[complete_id]["result"], {"ok": True, "run_id": run_id})
+        summary = await store.get_run(run_id)
+        self.assertEqual(summary.outcome_status, "done")
