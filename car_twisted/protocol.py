@@ -72,5 +72,6 @@ class RunTracingFactory(WebSocketServerFactory):
 
     def __init__(self, registry, url=None):
         super().__init__(url, server=f"car-twisted/{__version__}")
+        self.noisy = False
         self.registry = registry
         self.dispatcher = Dispatcher(registry.methods())
