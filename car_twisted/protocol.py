@@ -3,8 +3,12 @@ The WebSocket side: one Autobahn protocol per session, handing each text
 frame to the JSON-RPC dispatcher and sending back what it answers.
 """
 
+from collections import deque
+
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from car_twisted import __version__
 from car_twisted.jsonrpc import Dispatcher, encode, error_response, notification
@@ -18,12 +22,62 @@ _BINARY_REFUSED = encode(
 )
 
 
+#: Notification bytes a session may have waiting while its client does not
+#: read; past it, the oldest waiting events are dropped, so the client gets
+#: the newest and sees the cursor jump.
+MAX_PENDING_EVENT_BYTES = 1024 * 1024
+
+
+@implementer(IPushProducer)
+class EventOutbox:
+    """
+    Pushes notifications to one client, holding them while the transport's
+    buffer is full (it pauses us) and dropping them past a byte cap, so a
+    client that stops reading cannot grow the daemon's memory.
+    """
+
+    def __init__(self, send, cap=MAX_PENDING_EVENT_BYTES):
+        self._send = send
+        self._cap = cap
+        self._pending = deque()
+        self._pending_bytes = 0
+        self._paused = False
+        self.dropped = 0
+
+    def push(self, frame: bytes) -> None:
+        if not self._paused:
+            self._send(frame)
+            return
+        self._pending.append(frame)
+        self._pending_bytes += len(frame)
+        while self._pending_bytes > self._cap:
+            self._pending_bytes -= len(self._pending.popleft())
+            self.dropped += 1
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        while self._pending and not self._paused:
+            frame = self._pending.popleft()
+            self._pending_bytes -= len(frame)
+            self._send(frame)
+
+    def stopProducing(self):
+        self._pending.clear()
+        self._pending_bytes = 0
+
+
 class RunTracingProtocol(WebSocketServerProtocol):
     """One client connection: a session of the run registry."""
 
     session = None
+    outbox = None
 
     def onOpen(self):
+        self.outbox = EventOutbox(self._send)
+        self.registerProducer(self.outbox, True)
         self.session = self.factory.registry.open_session(self.peer, self._notify)
         log.debug("session {client_id} opened from {peer}", client_id=self.session.client_id, peer=self.peer)
 
@@ -33,7 +87,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self.sendMessage(frame)
 
     def _notify(self, method, params):
-        self._send(notification(method, params))
+        self.outbox.push(notification(method, params))
 
     def onMessage(self, payload, isBinary):
         if isBinary:

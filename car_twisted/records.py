@@ -5,6 +5,7 @@ Everything that turns hostile wire values into the records a store keeps is
 here, so validation has one home. Errors name the field and what to send.
 """
 
+import json
 import math
 import os
 import re
@@ -178,3 +179,75 @@ def _parse_metrics(value) -> dict:
         )
     metrics["duration_ms"] = float(duration)
     return metrics
+
+
+#: Limits on turns (SPEC.md section 3).
+MAX_TURNS_PER_CALL = 256
+MAX_TURNS_PER_RUN = 2000
+MAX_TURN_BYTES = 256 * 1024
+
+
+def _optional(value, kinds, field):
+    if value is not None and not isinstance(value, kinds):
+        raise InvalidParams(f"invalid params: {field} has the wrong type")
+    return value
+
+
+def _optional_text(value, field):
+    value = _optional(value, str, field)
+    return None if value is None else clip_text(value)
+
+
+def parse_turns(value) -> list:
+    """Read ``runs.record_turns``' ``turns`` into ``turn`` records (no index yet)."""
+    if not isinstance(value, list):
+        raise InvalidParams("invalid params: turns must be a list of turn objects")
+    if len(value) > MAX_TURNS_PER_CALL:
+        raise InvalidParams(f"invalid params: turns holds at most {MAX_TURNS_PER_CALL} turns per call")
+    records = []
+    for n, turn in enumerate(value):
+        field = f"turns[{n}]"
+        if not isinstance(turn, dict):
+            raise InvalidParams(f"invalid params: {field} must be an object")
+        verdict = _optional_text(turn.get("verifier_verdict"), f"{field}.verifier_verdict")
+        records.append(
+            {
+                "record": "turn",
+                "prompt": _optional_text(turn.get("prompt"), f"{field}.prompt"),
+                "tool": _optional_text(turn.get("tool"), f"{field}.tool"),
+                "parameters": turn.get("parameters"),
+                "output": _optional_text(turn.get("output"), f"{field}.output"),
+                "cli_outcome": _optional(turn.get("cli_outcome"), (dict, str), f"{field}.cli_outcome"),
+                "verifier_verdict": verdict or "not_run",
+                "policy_rejected": _optional(turn.get("policy_rejected"), (bool, str), f"{field}.policy_rejected"),
+                "recorded_at": now(),
+            }
+        )
+    return records
+
+
+def parse_model_turn(params: dict) -> dict:
+    """Read ``runs.record_model_turn``'s params into a ``model_turn`` record."""
+    duration = params.get("duration_ms")
+    if duration is not None and (
+        type(duration) not in (int, float) or not math.isfinite(duration) or duration < 0
+    ):
+        raise InvalidParams("invalid params: duration_ms must be a non-negative number")
+    turn_index = params.get("turn_index")
+    if turn_index is not None and (type(turn_index) is not int or turn_index < 0):
+        raise InvalidParams("invalid params: turn_index must be a non-negative integer")
+    return {
+        "record": "model_turn",
+        "turn_index": turn_index,
+        "assistant_text": _optional_text(params.get("assistant_text"), "assistant_text"),
+        "requested_tool_calls": _optional(params.get("requested_tool_calls"), list, "requested_tool_calls") or [],
+        "model_id": _optional_text(params.get("model_id"), "model_id"),
+        "token_usage": _optional(params.get("token_usage"), dict, "token_usage"),
+        "duration_ms": None if duration is None else float(duration),
+        "recorded_at": now(),
+    }
+
+
+def too_large(record: dict) -> bool:
+    """Whether a turn record is over L{MAX_TURN_BYTES} once encoded."""
+    return len(json.dumps(record, ensure_ascii=False).encode()) > MAX_TURN_BYTES

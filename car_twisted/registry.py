@@ -8,27 +8,40 @@ store, so requests from one session take effect in arrival order even though
 they are answered whenever their writes are durable.
 """
 
+import hashlib
 import os
 import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from car_twisted.errors import InvalidParams, RunRefused
-from car_twisted.interfaces import RUN_STATUSES, RunTerminal
+from car_twisted.errors import CapabilityMismatch, InvalidParams, RunRefused
+from car_twisted.fanout import TraceFanout
+from car_twisted.interfaces import (
+    RUN_STATUSES,
+    RunExists,
+    RunNotFound,
+    RunTerminal,
+    TurnLimitReached,
+    status_of,
+)
 from car_twisted.records import (
+    MAX_TURNS_PER_RUN,
     agent_slug,
     clip_text,
     ended_record,
     id_param,
     int_param,
     new_run_id,
+    parse_model_turn,
     parse_outcome,
+    parse_turns,
     started_record,
     text_param,
+    too_large,
 )
 from car_twisted.session import Session
 
@@ -36,6 +49,10 @@ log = Logger()
 
 #: The grace window after a producer's connection closes (seconds).
 DEFAULT_GRACE = 0.25
+#: The same window for sessions that negotiated ``runs.resume.v1``.
+DEFAULT_RESUME_LEASE = 10.0
+#: How many runs one session may follow live at once.
+MAX_FOLLOWED = 100
 
 
 @dataclass(eq=False)
@@ -45,7 +62,11 @@ class LiveRun:
     run_id: str
     agent_id: str
     producer: Optional[Session]
+    #: The client id of the session that produced it last.
+    client_id: str
     expiry: Optional[IDelayedCall] = None
+    #: Turns durably recorded so far.
+    turns: int = 0
 
 
 class RunRegistry:
@@ -56,11 +77,20 @@ class RunRegistry:
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
     """
 
-    def __init__(self, store, clock, grace=DEFAULT_GRACE, environ=os.environ):
+    def __init__(
+        self,
+        store,
+        clock,
+        grace=DEFAULT_GRACE,
+        environ=os.environ,
+        resume_lease=DEFAULT_RESUME_LEASE,
+    ):
         self.store = store
         self.sessions = {}  # client_id -> Session
         self._clock = clock
         self._grace = grace
+        self._resume_lease = resume_lease
+        self._fanout = TraceFanout()
         self._environ = environ
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
@@ -70,8 +100,14 @@ class RunRegistry:
         return {
             "runs.start": self.start,
             "runs.complete": self.complete,
+            "runs.record_turns": self.record_turns,
+            "runs.record_model_turn": self.record_model_turn,
+            "runs.cancel": self.cancel,
+            "runs.resume": self.resume,
             "runs.get_trace": self.get_trace,
             "runs.list": self.list_runs,
+            "runs.subscribe": self.subscribe,
+            "runs.unsubscribe": self.unsubscribe,
         }
 
     # Sessions
@@ -87,21 +123,25 @@ class RunRegistry:
         C{incomplete} unless it ends otherwise within the grace window.
         """
         self.sessions.pop(session.client_id, None)
+        self._fanout.forget(session)
+        window = self._resume_lease if "runs.resume.v1" in session.capabilities else self._grace
         for run_id in session.producing:
             live = self._live[run_id]
             live.producer = None
-            live.expiry = self._clock.callLater(self._grace, self._expire, live)
+            live.expiry = self._clock.callLater(window, self._expire, live)
         session.producing = set()
 
     def _expire(self, live: LiveRun) -> None:
         live.expiry = None
         self._finish(live)
-        self._write_behind(
-            self.store.end_run(
-                live.run_id, ended_record("incomplete", reason="connection closed")
-            )
-        )
+        ended = ended_record("incomplete", reason="connection closed")
+        self._write_behind(Deferred.fromCoroutine(self._end(live, ended)))
         log.info("run {run_id} ended incomplete: its producer went away", run_id=live.run_id)
+
+    async def _end(self, live: LiveRun, ended: dict) -> None:
+        """Write a run's terminal record and tell its followers."""
+        await self.store.end_run(live.run_id, ended)
+        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, status_of(ended))
 
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
@@ -167,9 +207,12 @@ class RunRegistry:
     async def start(self, session: Session, params: dict) -> dict:
         intent = text_param(params, "intent", required=True)
         description = text_param(params, "outcome_description")
+        idempotency_key = id_param(params, "idempotency_key")
         agent_id = self._resolve_agent(session, params)
-        run_id = new_run_id()
-        live = LiveRun(run_id=run_id, agent_id=agent_id, producer=session)
+        run_id = idempotency_key or new_run_id()
+        if run_id in self._live:
+            return self._restart(session, run_id, self._live[run_id].agent_id, agent_id)
+        live = LiveRun(run_id=run_id, agent_id=agent_id, producer=session, client_id=session.client_id)
         self._live[run_id] = live
         session.producing.add(run_id)
         session.current_run_id = run_id
@@ -182,11 +225,23 @@ class RunRegistry:
         )
         try:
             await self.store.start_run(record)
-        except BaseException:
+        except BaseException as e:
             if self._live.get(run_id) is live:
                 self._finish(live)
+            if isinstance(e, RunExists):
+                existing = await self.store.get_run(run_id)
+                return self._restart(session, run_id, existing.agent_id, agent_id)
             raise
         log.info("run {run_id} started by {agent_id}", run_id=run_id, agent_id=agent_id)
+        return {"run_id": run_id, "agent_id": agent_id}
+
+    def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
+        """Answer a start whose idempotency key names an existing run."""
+        if owner != agent_id:
+            raise RunRefused(
+                "idempotency_key is already used by another agent's run; choose another key"
+            )
+        session.current_run_id = run_id
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _writable(self, session: Session, run_id: str) -> Optional[LiveRun]:
@@ -198,14 +253,21 @@ class RunRegistry:
             return live
         return None
 
+    async def _visible_run(self, session: Session, run_id: str):
+        """The run's summary if it exists and the session may read it."""
+        summary = await self.store.get_run(run_id)
+        if summary is None or not self._may_read(session, summary.agent_id):
+            return None
+        return summary
+
     async def _refuse_write(self, session: Session, run_id: str):
         """Raise the error for a write the session cannot make."""
-        summary = await self.store.get_run(run_id)
-        if summary is not None and self._may_read(session, summary.agent_id):
-            if summary.status != "in_progress":
-                raise RunRefused(f"run {run_id} already ended ({summary.status})")
-            raise RunRefused(f"run {run_id} is being recorded by another session")
-        raise RunRefused(f"unknown run {run_id!r}")
+        summary = await self._visible_run(session, run_id)
+        if summary is None:
+            raise RunRefused(f"unknown run {run_id!r}")
+        if summary.status != "in_progress":
+            raise RunRefused(f"run {run_id} already ended ({summary.status})")
+        raise RunRefused(f"run {run_id} is being recorded by another session")
 
     async def complete(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)
@@ -219,13 +281,104 @@ class RunRegistry:
         if session.current_run_id == run_id:
             session.current_run_id = None
         try:
-            await self.store.end_run(run_id, ended_record("outcome", outcome=outcome))
+            await self._end(live, ended_record("outcome", outcome=outcome))
         except RunTerminal:
             raise RunRefused(f"run {run_id} already ended")
         log.info(
             "run {run_id} completed: {status}", run_id=run_id, status=outcome["status"]
         )
         return {"ok": True, "run_id": run_id}
+
+    async def record_turns(self, session: Session, params: dict) -> dict:
+        run_id = id_param(params, "run_id", required=True)
+        return await self._record(session, run_id, parse_turns(params.get("turns")))
+
+    async def record_model_turn(self, session: Session, params: dict) -> dict:
+        run_id = id_param(params, "run_id", required=True)
+        return await self._record(session, run_id, [parse_model_turn(params)])
+
+    async def _record(self, session: Session, run_id: str, records: list) -> dict:
+        """Append turn records; a run that cannot take them says why."""
+        live = self._writable(session, run_id)
+        if live is None:
+            summary = await self._visible_run(session, run_id)
+            ended = summary is not None and summary.status != "in_progress"
+            return _dropped(run_id, "run_terminal" if ended else "run_not_found")
+        if any(too_large(record) for record in records):
+            return _dropped(run_id, "turn_too_large")
+        try:
+            base = await self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN)
+        except TurnLimitReached:
+            return _dropped(run_id, "run_turn_limit")
+        except RunTerminal:
+            return _dropped(run_id, "run_terminal")
+        except RunNotFound:
+            return _dropped(run_id, "run_not_found")
+        live.turns = base + len(records)
+        for offset, record in enumerate(records):
+            record["index"] = base + offset
+            self._fanout.publish(run_id, live.agent_id, record, base + offset + 2, "in_progress")
+        return {"run_id": run_id, "base_index": base, "count": len(records), "ok": True}
+
+    def _require(self, session: Session, capability: str, method: str) -> None:
+        if capability not in session.capabilities:
+            raise CapabilityMismatch(
+                f"{method} needs the {capability} capability: "
+                f"send server.handshake with it in optional_capabilities first"
+            )
+
+    async def cancel(self, session: Session, params: dict) -> dict:
+        self._require(session, "runs.cancel.v1", "runs.cancel")
+        run_id = id_param(params, "run_id", required=True)
+        key = id_param(params, "idempotency_key", required=True)
+        reason = text_param(params, "reason") or ""
+        digest = hashlib.sha256(reason.encode()).hexdigest()
+        answer = {"run_id": run_id, "idempotency_key": key, "reason_digest": digest}
+        live = self._live.get(run_id)
+        if live is not None and (
+            live.producer is session
+            or live.agent_id == session.agent_id
+            or session.role == "host"
+        ):
+            self._finish(live)
+            ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
+            await self._end(live, ended)
+            log.info("run {run_id} cancelled", run_id=run_id)
+            return {**answer, "status": "cancelled_confirmed"}
+        summary = await self._visible_run(session, run_id)
+        if summary is None:
+            raise RunRefused(f"unknown run {run_id!r}")
+        if summary.status == "in_progress":
+            raise RunRefused(f"run {run_id} is being recorded by another session")
+        (ended,), _ = await self.store.read_records(run_id, summary.turn_count + 1, 1)
+        repeated = ended.get("idempotency_key") == key and ended.get("reason_digest") == digest
+        return {**answer, "status": "cancelled_confirmed" if repeated else "already_terminal"}
+
+    async def resume(self, session: Session, params: dict) -> dict:
+        self._require(session, "runs.resume.v1", "runs.resume")
+        run_id = id_param(params, "run_id", required=True)
+        if session.agent_id is None:
+            raise RunRefused(
+                "runs.resume needs a session bound to the run's agent (session.auth with agent_id)"
+            )
+        live = self._live.get(run_id)
+        if live is None or live.agent_id != session.agent_id:
+            await self._refuse_write(session, run_id)
+        if live.producer is not None:
+            raise RunRefused(f"run {run_id} is being recorded by another session")
+        live.expiry.cancel()
+        live.expiry = None
+        resumed_from, live.client_id = live.client_id, session.client_id
+        live.producer = session
+        session.producing.add(run_id)
+        session.current_run_id = run_id
+        log.info("run {run_id} resumed by {client_id}", run_id=run_id, client_id=session.client_id)
+        return {
+            "run_id": run_id,
+            "agent_id": live.agent_id,
+            "client_id": session.client_id,
+            "resumed_from_client_id": resumed_from,
+        }
 
     # Reads
 
@@ -236,8 +389,8 @@ class RunRegistry:
         run_id = id_param(params, "run_id", required=True)
         cursor = int_param(params, "cursor", 0, 0, 2**31)
         limit = int_param(params, "limit", 500, 1, 5000)
-        summary = await self.store.get_run(run_id)
-        if summary is None or not self._may_read(session, summary.agent_id):
+        summary = await self._visible_run(session, run_id)
+        if summary is None:
             return {"run_id": run_id, "not_found": True}
         records, next_cursor = await self.store.read_records(run_id, cursor, limit)
         return {
@@ -274,3 +427,39 @@ class RunRegistry:
             "runs": [summary.to_json() for summary in runs],
             "next_cursor": next_cursor,
         }
+
+    async def subscribe(self, session: Session, params: dict) -> dict:
+        run_id = id_param(params, "run_id", required=True)
+        summary = await self._visible_run(session, run_id)
+        if summary is None:
+            raise RunRefused(f"unknown run {run_id!r}")
+        if run_id not in session.following and len(session.following) >= MAX_FOLLOWED:
+            raise RunRefused(f"a session follows at most {MAX_FOLLOWED} runs; unsubscribe first")
+        self._fanout.unfollow(session, run_id)
+        self._fanout.follow(session, run_id)
+        try:
+            records, cursor = await self.store.read_records(run_id, 0, MAX_TURNS_PER_RUN + 2)
+        except BaseException:
+            self._fanout.unfollow(session, run_id)
+            raise
+        if run_id not in session.following:
+            raise RunRefused("the session closed or unsubscribed while subscribing")
+        cursor = self._fanout.snapshot_taken(session, run_id, records, cursor)
+        status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
+        if status != "in_progress":
+            self._fanout.unfollow(session, run_id)
+        return {
+            "run_id": run_id,
+            "agent_id": summary.agent_id,
+            "turns_so_far": [r for r in records if r["record"] in ("turn", "model_turn")],
+            "cursor": cursor,
+            "status": status,
+        }
+
+    def unsubscribe(self, session: Session, params: dict) -> dict:
+        run_id = id_param(params, "run_id", required=True)
+        return {"run_id": run_id, "removed": self._fanout.unfollow(session, run_id)}
+
+
+def _dropped(run_id: str, reason: str) -> dict:
+    return {"run_id": run_id, "base_index": 0, "count": 0, "ok": False, "dropped": reason}

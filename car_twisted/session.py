@@ -21,3 +21,5 @@ class Session:
     current_run_id: Optional[str] = None
     #: Ids of the open runs this session is producing.
     producing: set = field(default_factory=set)
+    #: Ids of the runs this session follows live.
+    following: set = field(default_factory=set)

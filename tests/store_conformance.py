@@ -166,6 +166,25 @@ class RunStoreConformance:
         records, _ = await store.read_records(run_id, 0, 10)
         self.assertEqual([r["record"] for r in records], ["started", "turn", "turn", "ended"])
 
+    async def test_calls_on_a_run_fire_in_call_order(self):
+        """The Deferreds of calls on one run fire in the order of the calls
+        (live followers see records in order)."""
+        store = await self._store()
+        record = started()
+        run_id = record["run_id"]
+        fired = []
+        calls = [
+            store.start_run(record),
+            store.append_turns(run_id, [turn("a")], 10),
+            store.append_turns(run_id, [turn("b")] * 3, 10),
+            store.append_turns(run_id, [turn("c")], 10),
+            store.end_run(run_id, ended_record("incomplete", reason="x")),
+        ]
+        for n, d in enumerate(calls):
+            d.addCallback(lambda _, n=n: fired.append(n))
+        await gatherResults(calls)
+        self.assertEqual(fired, [0, 1, 2, 3, 4])
+
     async def test_read_records_pages(self):
         """read_records returns a window from cursor and the cursor after it."""
         store = await self._store()

@@ -119,30 +119,26 @@ class RPCClient:
 
 class HeldStore:
     """
-    Wraps a store so its writes wait until L{release}: a disk that is slow
-    to acknowledge. Held writes are applied in call order on release.
+    Wraps a store so the named calls (by default its writes) wait until
+    L{release}: a disk that is slow to answer. Held calls are applied in
+    call order on release.
     """
 
-    def __init__(self, store):
+    def __init__(self, store, *names):
         self._store = store
+        self._names = names or ("start_run", "append_turns", "end_run")
         self.held = []
 
     def __getattr__(self, name):
-        return getattr(self._store, name)
+        if name not in self._names:
+            return getattr(self._store, name)
 
-    def _hold(self, name, *args):
-        d = Deferred()
-        self.held.append((d, name, args))
-        return d
+        def hold(*args):
+            d = Deferred()
+            self.held.append((d, name, args))
+            return d
 
-    def start_run(self, *args):
-        return self._hold("start_run", *args)
-
-    def append_turns(self, *args):
-        return self._hold("append_turns", *args)
-
-    def end_run(self, *args):
-        return self._hold("end_run", *args)
+        return hold
 
     def release(self):
         held, self.held = self.held, []
@@ -179,11 +175,17 @@ class LoopbackDaemon:
         await wait_for(lambda: not self.registry.sessions, "sessions to close")
 
     async def stop(self):
+        """
+        Drop every client, let every window run out, and check that no
+        timer is left behind.
+        """
         for client in self.clients:
             if not client.protocol.closed.called:
                 await client.drop()
         await self.wait_closed()
         await self.port.stopListening()
+        self.clock.advance(24 * 3600)
+        assert not self.clock.getDelayedCalls(), self.clock.getDelayedCalls()
 
 
 async def serve(testcase, **kwargs):
