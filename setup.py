@@ -16,6 +16,6 @@ setup(
         "zope.interface>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"],
     },
 )

@@ -1,0 +1,108 @@
+"""
+Property-based tests of the dispatcher and the registry behind it: whatever
+a client sends, every answer is a well-formed JSON-RPC response, no method
+fails with an internal error, and acknowledged records stay in the store.
+"""
+
+import json
+import uuid
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from car_twisted.jsonrpc import Dispatcher
+from car_twisted.registry import RunRegistry
+from car_twisted.store.memory import MemoryRunStore
+
+KNOWN_CODES = {-32700, -32600, -32601, -32602, -32603, -32001, -32006, -32008}
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+PARAM_NAMES = [
+    "run_id", "agent_id", "agent_name", "intent", "outcome", "turns", "cursor",
+    "limit", "status", "idempotency_key", "reason", "turn_index", "duration_ms",
+    "outcome_description", "token", "host_token",
+]
+
+hostile_params = st.dictionaries(st.sampled_from(PARAM_NAMES), json_values, max_size=6)
+
+
+def requests(methods):
+    return st.fixed_dictionaries(
+        {"jsonrpc": st.just("2.0"), "method": st.sampled_from(methods), "params": hostile_params},
+        optional={"id": st.integers(0, 10**6) | st.text(max_size=8)},
+    )
+
+
+class DispatcherFuzzTests(unittest.TestCase):
+    def setUp(self):
+        self.store = MemoryRunStore()
+        self.registry = RunRegistry(self.store, Clock(), environ={})
+        self.dispatcher = Dispatcher(self.registry.methods())
+        self.methods = sorted(self.registry.methods()) + ["no.such.method"]
+
+    def answer(self, session, payload: bytes):
+        """Dispatch and check the answer's shape; return the decoded answer."""
+        frame = self.successResultOf(self.dispatcher.dispatch(session, payload))
+        if frame is None:
+            return None
+        answer = json.loads(frame)
+        for response in answer if isinstance(answer, list) else [answer]:
+            self.assertEqual(response["jsonrpc"], "2.0")
+            self.assertIn("id", response)
+            self.assertEqual(len({"result", "error"} & set(response)), 1, response)
+            if "error" in response:
+                self.assertIn(response["error"]["code"], KNOWN_CODES)
+                self.assertNotIn("internal error", response["error"]["message"])
+        return answer
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=200))
+    def test_arbitrary_bytes(self, payload):
+        """Any bytes (invalid UTF-8 included) get a well-formed answer."""
+        self.answer(self.registry.open_session("fuzz", lambda *a: None), payload)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(json_values)
+    def test_arbitrary_json(self, value):
+        """Any JSON value as a frame gets a well-formed answer."""
+        self.answer(self.registry.open_session("fuzz", lambda *a: None), json.dumps(value).encode())
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def test_hostile_params_never_crash_a_method(self, data):
+        """Every method, fed arbitrary params (alone or in batches), answers
+        with a result or a deliberate error, never an internal error."""
+        session = self.registry.open_session("fuzz", lambda *a: None)
+        batch = data.draw(st.lists(requests(self.methods), min_size=1, max_size=5))
+        payload = batch if data.draw(st.booleans()) else batch[0]
+        self.answer(session, json.dumps(payload).encode())
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.one_of(st.binary(max_size=50), json_values.map(lambda v: json.dumps(v).encode())), max_size=8))
+    def test_acknowledged_runs_survive_garbage(self, garbage):
+        """Starts acknowledged between garbage frames are all still there,
+        open, and nothing else was recorded."""
+        session = self.registry.open_session("fuzz", lambda *a: None)
+        agent_id = uuid.uuid4().hex
+        acknowledged = []
+        for n, payload in enumerate(garbage):
+            self.answer(session, payload)
+            start = {"jsonrpc": "2.0", "id": n, "method": "runs.start",
+                     "params": {"agent_id": agent_id, "intent": f"run {n}"}}
+            acknowledged.append(self.answer(session, json.dumps(start).encode())["result"]["run_id"])
+        for run_id in acknowledged:
+            self.assertEqual(self.successResultOf(self.store.get_run(run_id)).status, "in_progress")
+        runs, _ = self.successResultOf(self.store.list_runs(agent_id, None, 500, None))
+        self.assertEqual(sorted(r.run_id for r in runs), sorted(acknowledged))
