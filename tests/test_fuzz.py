@@ -82,10 +82,19 @@ class DispatcherFuzzTests(unittest.TestCase):
     @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.data())
     def test_hostile_params_never_crash_a_method(self, data):
-        """Every method, fed arbitrary params (alone or in batches), answers
-        with a result or a deliberate error, never an internal error."""
+        """Every method, fed arbitrary params (alone or in batches, often
+        naming a live run), answers with a result or a deliberate error,
+        never an internal error."""
         session = self.registry.open_session("fuzz", lambda *a: None)
+        session.capabilities = frozenset({"runs.cancel.v1", "runs.resume.v1", "runs.pagination.v1"})
+        session.agent_id = data.draw(st.sampled_from([None, "agent-a"]))
+        live = self.successResultOf(
+            self.registry.start(session, {"agent_id": "agent-a", "intent": "target"})
+        )
         batch = data.draw(st.lists(requests(self.methods), min_size=1, max_size=5))
+        for request in batch:
+            if data.draw(st.booleans()):
+                request["params"]["run_id"] = live["run_id"]
         payload = batch if data.draw(st.booleans()) else batch[0]
         self.answer(session, json.dumps(payload).encode())
 
