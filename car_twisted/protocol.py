@@ -38,9 +38,17 @@ class RunTracingProtocol(WebSocketServerProtocol):
         d.addCallback(self._answer)
         d.addErrback(self._failed)
 
-    def _answer(self, frame):
-        if frame is not None:
-            self.sendMessage(frame)
+    def _answer(self, reply):
+        if reply.frame is not None:
+            self.sendMessage(reply.frame)
+        if reply.close_code is not None:
+            log.info(
+                "closing session {client_id} from {peer}: {reason}",
+                client_id=self.session.client_id,
+                peer=self.peer,
+                reason=reply.close_reason,
+            )
+            self.sendClose(reply.close_code, reply.close_reason[:120])
 
     def _failed(self, failure):
         log.failure("a frame from {peer} could not be answered", failure, peer=self.peer)
@@ -68,4 +76,4 @@ class RunTracingFactory(WebSocketServerFactory):
     def __init__(self, registry, url=None):
         super().__init__(url, server=f"car-twisted/{__version__}")
         self.registry = registry
-        self.dispatcher = Dispatcher(registry.methods())
+        self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit)

@@ -17,7 +17,9 @@ from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from car_twisted.auth import Authenticator
 from car_twisted.errors import InvalidParams, RunRefused
+from car_twisted.handshake import handshake
 from car_twisted.interfaces import RUN_STATUSES, RunTerminal
 from car_twisted.records import (
     agent_slug,
@@ -54,10 +56,13 @@ class RunRegistry:
 
     @param clock: schedules the grace window (an L{IReactorTime}).
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
+    @param authenticator: checks ``session.auth``; None accepts every
+        session (``--no-auth``).
     """
 
-    def __init__(self, store, clock, grace=DEFAULT_GRACE, environ=os.environ):
+    def __init__(self, store, clock, grace=DEFAULT_GRACE, environ=os.environ, authenticator=None):
         self.store = store
+        self.authenticator = authenticator or Authenticator.disabled()
         self.sessions = {}  # client_id -> Session
         self._clock = clock
         self._grace = grace
@@ -68,6 +73,8 @@ class RunRegistry:
     def methods(self) -> dict:
         """The JSON-RPC methods, by wire name."""
         return {
+            "session.auth": self.authenticator.authenticate,
+            "server.handshake": handshake,
             "runs.start": self.start,
             "runs.complete": self.complete,
             "runs.get_trace": self.get_trace,
@@ -143,6 +150,11 @@ class RunRegistry:
     # Writes
 
     def _resolve_agent(self, session: Session, params: dict) -> str:
+        if session.role == "host":
+            raise RunRefused(
+                "the host role reads runs and cannot record them; "
+                "authenticate as an agent (session.auth with agent_id and token)"
+            )
         requested = id_param(params, "agent_id")
         if session.agent_id is not None:
             if requested is not None and requested != session.agent_id:
@@ -230,7 +242,17 @@ class RunRegistry:
     # Reads
 
     def _may_read(self, session: Session, agent_id: str) -> bool:
-        return session.agent_id is None or session.agent_id == agent_id
+        """
+        Whether C{session} may read C{agent_id}'s runs: the one rule for
+        every read. The host reads all; a session bound to an agent reads
+        only that agent's runs; an unbound session reads all when it holds
+        the daemon secret or auth is off (see docs/security.md).
+        """
+        if session.role == "host":
+            return True
+        if session.agent_id is not None:
+            return session.agent_id == agent_id
+        return session.authenticated or not self.authenticator.enabled
 
     async def get_trace(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)

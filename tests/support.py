@@ -118,12 +118,18 @@ class RPCClient:
 
 
 class LoopbackDaemon:
-    """A registry on a memory store, served on an ephemeral loopback port."""
+    """
+    A registry on a memory store, served on an ephemeral loopback port.
 
-    def __init__(self, store=None, grace=0.25, environ=None):
+    Without an C{authenticator} every session is accepted (``--no-auth``).
+    """
+
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None):
         self.clock = Clock()
         self.store = store if store is not None else MemoryRunStore()
-        self.registry = RunRegistry(self.store, self.clock, grace, environ if environ is not None else {})
+        self.registry = RunRegistry(
+            self.store, self.clock, grace, environ if environ is not None else {}, authenticator
+        )
         self.port = None
         self.clients = []
 
@@ -131,6 +137,10 @@ class LoopbackDaemon:
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
         self.port = await endpoint.listen(RunTracingFactory(self.registry))
         return self
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port.getHost().port}"
 
     async def connect(self):
         client = await RPCClient.connect(self.port.getHost().port)
