@@ -31,8 +31,8 @@ STORES = {
 }
 
 
-def default_data_dir() -> str:
-    return os.environ.get("CAR_HOME") or os.path.expanduser("~/.car")
+def default_data_dir(environ=os.environ) -> str:
+    return environ.get("CAR_HOME") or os.path.expanduser("~/.car")
 
 
 class Options(usage.Options):
