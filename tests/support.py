@@ -6,6 +6,8 @@ while the sockets use the real reactor.
 """
 
 import json
+import shutil
+import tempfile
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
@@ -168,3 +170,10 @@ async def serve(testcase, **kwargs):
     daemon = await LoopbackDaemon(**kwargs).start()
     testcase.addCleanup(daemon.stop)
     return daemon
+
+
+def private_dir(testcase) -> str:
+    """A fresh temporary directory, removed when C{testcase} ends."""
+    path = tempfile.mkdtemp(prefix="car-twisted-test-")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
