@@ -3,13 +3,11 @@ session.auth, the auth-required close and who may read and write which
 runs, over a real WebSocket on a loopback port.
 """
 
-import os
-
 from twisted.trial import unittest
 
-from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_token
+from car_twisted.auth import agent_token
 from car_twisted.store.memory import MemoryRunStore
-from tests.support import SUCCESS_OUTCOME, private_dir, serve
+from tests.support import SUCCESS_OUTCOME, AuthDaemon, serve
 
 MISMATCH = {"code": -32603, "message": "auth failed: token mismatch"}
 
@@ -24,40 +22,6 @@ class ListingRecorder(MemoryRunStore):
     def list_runs(self, agent_id, cursor, limit, status):
         self.listed.append(agent_id)
         return super().list_runs(agent_id, cursor, limit, status)
-
-
-class AuthDaemon:
-    """A loopback daemon with auth on, and its secrets as files hold them."""
-
-    @classmethod
-    async def serve(cls, testcase, store=None):
-        self = cls()
-        data_dir = private_dir(testcase)
-        authenticator = Authenticator.from_data_dir(data_dir, {})
-        self.secret = _read(os.path.join(data_dir, SECRET_FILE))
-        self.host_token = _read(os.path.join(data_dir, HOST_TOKEN_FILE))
-        self.daemon = await serve(testcase, store=store, authenticator=authenticator)
-        return self
-
-    async def agent(self, agent_id):
-        """A session bound to C{agent_id} through session.auth."""
-        ws = await self.daemon.connect()
-        await ws.call("session.auth", {"agent_id": agent_id, "token": agent_token(self.secret, agent_id)})
-        return ws
-
-    async def host(self):
-        ws = await self.daemon.connect()
-        await ws.call("session.auth", {"host_token": self.host_token})
-        return ws
-
-    async def start_run(self, agent_id, intent="do it"):
-        ws = await self.agent(agent_id)
-        return ws, (await ws.call("runs.start", {"intent": intent}))["run_id"]
-
-
-def _read(path):
-    with open(path) as f:
-        return f.read().strip()
 
 
 class SessionAuthTests(unittest.TestCase):
