@@ -111,6 +111,11 @@ class RPCClient:
         assert "error" not in response, f"{method} should succeed: {response}"
         return response["result"]
 
+    async def closed_by_daemon(self, timeout=5.0):
+        """Wait until the daemon closes the connection: its close code."""
+        await wait_for(lambda: self.protocol.closed.called, "the daemon to close the connection", timeout)
+        return self.protocol.close_code
+
     async def close(self):
         """Close cleanly and wait until the connection is gone."""
         self.protocol.sendClose()

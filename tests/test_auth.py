@@ -29,7 +29,7 @@ class SessionAuthTests(unittest.TestCase):
         """The session is still refused: -32001, then closed with 4001."""
         refused = await ws.call_raw("runs.list", {"agent_id": "agent-A"})
         self.assertEqual(refused["error"]["code"], -32001)
-        self.assertEqual(await ws.protocol.closed, 4001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
 
     async def test_agent_token_binds_the_session(self):
         """{token, agent_id} with the agent's derived token answers
@@ -143,7 +143,7 @@ class AuthRequiredTests(unittest.TestCase):
         answer = await ws.call_raw("runs.start", {"agent_id": "agent-A", "intent": "sneak in"})
         self.assertEqual(answer["error"]["code"], -32001)
         self.assertTrue(answer["error"]["message"].startswith("auth required"))
-        self.assertEqual(await ws.protocol.closed, 4001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
         self.assertEqual(await auth.daemon.store.open_runs(), [])
         await auth.daemon.wait_closed()
 
@@ -154,7 +154,7 @@ class AuthRequiredTests(unittest.TestCase):
         ws = await auth.daemon.connect()
         answer = await ws.call_raw("no.such.method", {})
         self.assertEqual(answer["error"]["code"], -32001)
-        self.assertEqual(await ws.protocol.closed, 4001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
 
     async def test_notification_before_auth_closes_silently(self):
         """A notification before auth gets no answer, but the connection
@@ -162,7 +162,7 @@ class AuthRequiredTests(unittest.TestCase):
         auth = await AuthDaemon.serve(self)
         ws = await auth.daemon.connect()
         ws.send({"jsonrpc": "2.0", "method": "runs.start", "params": {"agent_id": "a", "intent": "x"}})
-        self.assertEqual(await ws.protocol.closed, 4001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
         self.assertEqual(ws.protocol.frames.pending, [])
         self.assertEqual(await auth.daemon.store.open_runs(), [])
 
@@ -178,7 +178,7 @@ class AuthRequiredTests(unittest.TestCase):
         answers = {a["id"]: a for a in await ws.receive()}
         self.assertIn("result", answers[1])
         self.assertEqual(answers[2]["error"]["code"], -32001)
-        self.assertEqual(await ws.protocol.closed, 4001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
 
     async def test_handshake_is_allowed_before_auth_and_does_not_authenticate(self):
         """server.handshake works before session.auth, and the session still
@@ -188,7 +188,7 @@ class AuthRequiredTests(unittest.TestCase):
         await ws.call("server.handshake", {"protocol_version": 3, "required_capabilities": []})
         refused = await ws.call_raw("runs.list", {"agent_id": "agent-A"})
         self.assertEqual(refused["error"]["code"], -32001)
-        self.assertEqual(await ws.protocol.closed, 4001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
 
     async def test_failed_auth_then_right_token_works(self):
         """A wrong token does not close the connection; the right one then
