@@ -22,6 +22,8 @@ class RunTracingProtocol(WebSocketServerProtocol):
     """One client connection: a session of the run registry."""
 
     session = None
+    #: Set once the daemon decided to close: later frames are not handled.
+    closing = False
 
     def onOpen(self):
         self.session = self.factory.registry.open_session(self.peer, self._notify)
@@ -31,6 +33,8 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self.sendMessage(notification(method, params))
 
     def onMessage(self, payload, isBinary):
+        if self.closing:
+            return
         if isBinary:
             self.sendMessage(_BINARY_REFUSED)
             return
@@ -39,6 +43,11 @@ class RunTracingProtocol(WebSocketServerProtocol):
         d.addErrback(self._failed)
 
     def _answer(self, reply):
+        if reply.close_code is not None:
+            self.closing = True
+        if self.state != self.STATE_OPEN:
+            # The connection went away while the answer was being made.
+            return
         if reply.frame is not None:
             self.sendMessage(reply.frame)
         if reply.close_code is not None:
@@ -52,6 +61,8 @@ class RunTracingProtocol(WebSocketServerProtocol):
 
     def _failed(self, failure):
         log.failure("a frame from {peer} could not be answered", failure, peer=self.peer)
+        if self.state != self.STATE_OPEN:
+            return
         self.sendMessage(
             encode(error_response(None, -32603, "internal error: the frame could not be answered"))
         )

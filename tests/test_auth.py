@@ -147,6 +147,19 @@ class AuthRequiredTests(unittest.TestCase):
         self.assertEqual(await auth.daemon.store.open_runs(), [])
         await auth.daemon.wait_closed()
 
+    async def test_frames_behind_a_refused_request_are_not_handled(self):
+        """Once a request is refused with -32001, frames already sent behind it
+        are not handled, even a valid session.auth followed by runs.start."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        ws.request("runs.list", {"agent_id": "agent-A"})
+        ws.request("session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")})
+        ws.request("runs.start", {"intent": "slipped through"})
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        (refused,) = ws.protocol.frames.pending
+        self.assertEqual(refused["error"]["code"], -32001)
+        self.assertEqual(await auth.daemon.store.open_runs(), [])
+
     async def test_unknown_method_before_auth_is_auth_required(self):
         """An unauthenticated session learns nothing about which methods
         exist: an unknown method is also -32001 and closes."""
