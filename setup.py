@@ -15,6 +15,7 @@ setup(
         "txaio>=23.1",
         "zope.interface>=6.0",
     ],
+    entry_points={"console_scripts": ["car-twisted = car_twisted.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"],
     },

@@ -11,6 +11,9 @@ class RPCError(Exception):
     """A method failed in a way the client should be told about."""
 
     code = -32603
+    #: When set, the connection is closed with this WebSocket close code
+    #: once the answer is sent.
+    close_code = None
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -31,6 +34,12 @@ class InvalidParams(RPCError):
 
 class RunRefused(RPCError):
     """The request was well formed but the run cannot take it (-32603)."""
+
+    code = -32603
+
+
+class AuthFailed(RPCError):
+    """A session.auth token did not match (-32603)."""
 
     code = -32603
 

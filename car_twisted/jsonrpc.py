@@ -1,13 +1,15 @@
 """
 A transport-neutral JSON-RPC 2.0 dispatcher.
 
-It takes one text frame and a session and returns a Deferred firing with the
-frame to send back (or None when nothing is owed). Methods are called
-synchronously, in the order their requests appear, so their effects keep
-arrival order; their answers arrive whenever their Deferreds fire.
+It takes one text frame and a session and returns a Deferred firing with a
+L{Reply}: the frame to send back (or None when nothing is owed) and whether
+the connection must then be closed. Methods are called synchronously, in the
+order their requests appear, so their effects keep arrival order; their
+answers arrive whenever their Deferreds fire.
 """
 
 import json
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.defer import gatherResults, maybeDeferred, succeed
@@ -45,6 +47,21 @@ def error_response(id_, code: int, message: str) -> dict:
     return {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": id_}
 
 
+@dataclass(frozen=True)
+class Reply:
+    """What one frame is owed."""
+
+    #: The response frame, or None when nothing is owed.
+    frame: Optional[bytes]
+    #: When set, close the connection with this code once C{frame} is sent.
+    close_code: Optional[int] = None
+    close_reason: Optional[str] = None
+
+
+def _admit_all(session, method: str) -> None:
+    """Every session may call every method."""
+
+
 class Dispatcher:
     """
     Route JSON-RPC requests to methods.
@@ -52,36 +69,45 @@ class Dispatcher:
     @param methods: wire name -> C{f(session, params: dict)} returning a
         result or a Deferred of one; it raises L{RPCError} to answer with an
         error.
+    @param admit: C{f(session, method_name)}, called before each request
+        (known method or not); it raises L{RPCError} to refuse it. An error
+        with a C{close_code} also closes the connection.
     """
 
-    def __init__(self, methods: Mapping[str, Callable[[Any, dict], Any]]):
+    def __init__(
+        self,
+        methods: Mapping[str, Callable[[Any, dict], Any]],
+        admit: Callable[[Any, str], None] = _admit_all,
+    ):
         self._methods = methods
+        self._admit = admit
 
     def dispatch(self, session, payload: bytes):
         """
         Handle one text frame.
 
-        @return: Deferred firing with the response frame (bytes), or None.
+        @return: Deferred firing with a L{Reply}.
         """
         try:
             message = decode(payload)
         except (ValueError, RecursionError):
-            return succeed(encode(error_response(None, PARSE_ERROR, "parse error: not valid JSON")))
+            return succeed(Reply(encode(error_response(None, PARSE_ERROR, "parse error: not valid JSON"))))
+        closing = []  # the errors of this frame that close the connection
         if isinstance(message, list):
             if not message:
                 return succeed(
-                    encode(error_response(None, InvalidRequest.code, "invalid request: empty batch"))
+                    Reply(encode(error_response(None, InvalidRequest.code, "invalid request: empty batch")))
                 )
-            answers = [self._handle(session, m) for m in message]
+            answers = [self._handle(session, m, closing) for m in message]
             d = gatherResults(answers)
             d.addCallback(lambda rs: [r for r in rs if r is not None])
-            d.addCallback(lambda rs: encode(rs) if rs else None)
+            d.addCallback(lambda rs: _reply(encode(rs) if rs else None, closing))
             return d
-        d = self._handle(session, message)
-        d.addCallback(lambda r: None if r is None else encode(r))
+        d = self._handle(session, message, closing)
+        d.addCallback(lambda r: _reply(None if r is None else encode(r), closing))
         return d
 
-    def _handle(self, session, request):
+    def _handle(self, session, request, closing: list):
         """One request of a frame: a Deferred of its response dict, or None."""
         id_ = _request_id(request)
         try:
@@ -89,6 +115,7 @@ class Dispatcher:
         except InvalidRequest as e:
             return succeed(error_response(None if id_ is _NO_ID else id_, e.code, e.message))
         d = maybeDeferred(self._call, name, session, params)
+        d.addErrback(_note_closing, closing)
         if id_ is _NO_ID:
             d.addCallbacks(lambda _: None, self._notification_failed)
             return d
@@ -99,6 +126,7 @@ class Dispatcher:
         return d
 
     def _call(self, name, session, params):
+        self._admit(session, name)
         method = self._methods.get(name)
         if method is None:
             raise MethodNotFound(f"method not found: {name[:100]}")
@@ -115,6 +143,18 @@ class Dispatcher:
     def _notification_failed(self, failure) -> None:
         if not failure.check(RPCError):
             log.failure("notification failed", failure)
+
+
+def _note_closing(failure, closing: list):
+    if failure.check(RPCError) and failure.value.close_code is not None:
+        closing.append(failure.value)
+    return failure
+
+
+def _reply(frame: Optional[bytes], closing: list) -> Reply:
+    if not closing:
+        return Reply(frame)
+    return Reply(frame, closing[0].close_code, closing[0].message)
 
 
 def _request_id(request) -> Optional[object]:

@@ -74,6 +74,8 @@ class RunTracingProtocol(WebSocketServerProtocol):
 
     session = None
     outbox = None
+    #: Set once the daemon decided to close: later frames are not handled.
+    closing = False
 
     def onOpen(self):
         self.outbox = EventOutbox(self._send)
@@ -90,6 +92,8 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self.outbox.push(notification(method, params))
 
     def onMessage(self, payload, isBinary):
+        if self.closing:
+            return
         if isBinary:
             self._send(_BINARY_REFUSED)
             return
@@ -97,9 +101,19 @@ class RunTracingProtocol(WebSocketServerProtocol):
         d.addCallback(self._answer)
         d.addErrback(self._failed)
 
-    def _answer(self, frame):
-        if frame is not None:
-            self._send(frame)
+    def _answer(self, reply):
+        if reply.close_code is not None:
+            self.closing = True
+        if reply.frame is not None:
+            self._send(reply.frame)
+        if reply.close_code is not None and self.state == self.STATE_OPEN:
+            log.info(
+                "closing session {client_id} from {peer}: {reason}",
+                client_id=self.session.client_id,
+                peer=self.peer,
+                reason=reply.close_reason,
+            )
+            self.sendClose(reply.close_code, reply.close_reason[:120])
 
     def _failed(self, failure):
         log.failure("a frame from {peer} could not be answered", failure, peer=self.peer)
@@ -128,4 +142,4 @@ class RunTracingFactory(WebSocketServerFactory):
         super().__init__(url, server=f"car-twisted/{__version__}")
         self.noisy = False
         self.registry = registry
-        self.dispatcher = Dispatcher(registry.methods())
+        self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit)

@@ -18,8 +18,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from car_twisted.auth import Authenticator
 from car_twisted.errors import CapabilityMismatch, InvalidParams, RunRefused
 from car_twisted.fanout import TraceFanout
+from car_twisted.handshake import handshake
 from car_twisted.interfaces import (
     RUN_STATUSES,
     RunExists,
@@ -75,6 +77,8 @@ class RunRegistry:
 
     @param clock: schedules the grace window (an L{IReactorTime}).
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
+    @param authenticator: checks ``session.auth``; None accepts every
+        session (``--no-auth``).
     """
 
     def __init__(
@@ -84,8 +88,10 @@ class RunRegistry:
         grace=DEFAULT_GRACE,
         environ=os.environ,
         resume_lease=DEFAULT_RESUME_LEASE,
+        authenticator=None,
     ):
         self.store = store
+        self.authenticator = authenticator or Authenticator.disabled()
         self.sessions = {}  # client_id -> Session
         self._clock = clock
         self._grace = grace
@@ -98,6 +104,8 @@ class RunRegistry:
     def methods(self) -> dict:
         """The JSON-RPC methods, by wire name."""
         return {
+            "session.auth": self.authenticator.authenticate,
+            "server.handshake": handshake,
             "runs.start": self.start,
             "runs.complete": self.complete,
             "runs.record_turns": self.record_turns,
@@ -183,6 +191,11 @@ class RunRegistry:
     # Writes
 
     def _resolve_agent(self, session: Session, params: dict) -> str:
+        if session.role == "host":
+            raise RunRefused(
+                "the host role reads runs and cannot record them; "
+                "authenticate as an agent (session.auth with agent_id and token)"
+            )
         requested = id_param(params, "agent_id")
         if session.agent_id is not None:
             if requested is not None and requested != session.agent_id:
@@ -383,7 +396,17 @@ class RunRegistry:
     # Reads
 
     def _may_read(self, session: Session, agent_id: str) -> bool:
-        return session.agent_id is None or session.agent_id == agent_id
+        """
+        Whether C{session} may read C{agent_id}'s runs: the one rule for
+        every read. The host reads all; a session bound to an agent reads
+        only that agent's runs; an unbound session reads all when it holds
+        the daemon secret or auth is off (see docs/security.md).
+        """
+        if session.role == "host":
+            return True
+        if session.agent_id is not None:
+            return session.agent_id == agent_id
+        return session.authenticated or not self.authenticator.enabled
 
     async def get_trace(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)

@@ -16,7 +16,10 @@ class Session:
     peer: str
     notify: Callable[[str, dict], None]
     agent_id: Optional[str] = None
+    #: ``"agent"``, ``"host"`` or None.
     role: Optional[str] = None
+    #: Whether a session.auth succeeded (with auth on).
+    authenticated: bool = False
     capabilities: frozenset = frozenset()
     current_run_id: Optional[str] = None
     #: Ids of the open runs this session is producing.

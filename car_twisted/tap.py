@@ -10,6 +10,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from car_twisted.auth import (
+    HOST_TOKEN_FILE,
+    SECRET_ENV,
+    SECRET_FILE,
+    Authenticator,
+    TokenFileError,
+)
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
 from car_twisted.store.memory import MemoryRunStore
@@ -24,8 +31,8 @@ STORES = {
 }
 
 
-def default_data_dir() -> str:
-    return os.environ.get("CAR_HOME") or os.path.expanduser("~/.car")
+def default_data_dir(environ=os.environ) -> str:
+    return environ.get("CAR_HOME") or os.path.expanduser("~/.car")
 
 
 class Options(usage.Options):
@@ -70,11 +77,15 @@ class Options(usage.Options):
 
 
 class DaemonService(Service):
-    """Opens the store, then listens on every endpoint; undoes it on stop."""
+    """
+    Loads the auth secrets, opens the store, then listens on every endpoint;
+    undoes it on stop. C{environ} is where C{CAR_AUTH_TOKEN} is looked up.
+    """
 
-    def __init__(self, options, reactor):
+    def __init__(self, options, reactor, environ=os.environ):
         self._options = options
         self._reactor = reactor
+        self._environ = environ
         self._ports = []
         self.registry = None
         self.ready = None
@@ -86,8 +97,11 @@ class DaemonService(Service):
 
     async def _start(self):
         options = self._options
+        authenticator = self._authenticator()
         store = STORES[options["store"]](options["data-dir"])
-        self.registry = RunRegistry(store, self._reactor, options["grace"])
+        self.registry = RunRegistry(
+            store, self._reactor, options["grace"], authenticator=authenticator
+        )
         factory = RunTracingFactory(self.registry)
         log.info(
             "car-twisted: {store} store, data in {data_dir}, auth {auth}",
@@ -100,8 +114,32 @@ class DaemonService(Service):
             self._ports.append(port)
             log.info("car-twisted listening on {endpoint} ({address})", endpoint=description, address=port.getHost())
 
+    def _authenticator(self):
+        """
+        The daemon's authenticator; the secrets are made at first start.
+        Logs where the tokens are, never the tokens.
+        """
+        if self._options["no-auth"]:
+            log.warn("car-twisted: auth is OFF (--no-auth): every session is accepted")
+            return Authenticator.disabled()
+        data_dir = self._options["data-dir"]
+        authenticator = Authenticator.from_data_dir(data_dir, self._environ)
+        log.info(
+            "car-twisted: auth on; agent tokens derive from {secret}, the host token is in {host}",
+            secret=(
+                f"${SECRET_ENV}"
+                if self._environ.get(SECRET_ENV)
+                else os.path.join(data_dir, SECRET_FILE)
+            ),
+            host=os.path.join(data_dir, HOST_TOKEN_FILE),
+        )
+        return authenticator
+
     def _failed_to_start(self, failure):
-        log.failure("car-twisted could not start", failure)
+        if failure.check(TokenFileError):
+            log.critical("car-twisted could not start: {error}", error=failure.value)
+        else:
+            log.failure("car-twisted could not start", failure)
         self._reactor.stop()
 
     def stopService(self):
@@ -116,4 +154,4 @@ class DaemonService(Service):
 def makeService(options):
     from twisted.internet import reactor
 
-    return DaemonService(options, reactor)
+    return DaemonService(options, reactor, os.environ)

@@ -6,6 +6,9 @@ while the sockets use the real reactor.
 """
 
 import json
+import os
+import shutil
+import tempfile
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
@@ -13,6 +16,8 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.task import Clock, deferLater
 
+from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_token
+from car_twisted.jsonrpc import Dispatcher
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import RunRegistry
 from car_twisted.store.memory import MemoryRunStore
@@ -106,6 +111,11 @@ class RPCClient:
         assert "error" not in response, f"{method} should succeed: {response}"
         return response["result"]
 
+    async def closed_by_daemon(self, timeout=5.0):
+        """Wait until the daemon closes the connection: its close code."""
+        await wait_for(lambda: self.protocol.closed.called, "the daemon to close the connection", timeout)
+        return self.protocol.close_code
+
     async def close(self):
         """Close cleanly and wait until the connection is gone."""
         self.protocol.sendClose()
@@ -147,19 +157,41 @@ class HeldStore:
 
 
 class LoopbackDaemon:
-    """A registry on a memory store, served on an ephemeral loopback port."""
+    """
+    A registry on a memory store, served on an ephemeral loopback port.
 
-    def __init__(self, store=None, grace=0.25, environ=None):
+    Without an C{authenticator} every session is accepted (``--no-auth``).
+    C{extra_methods} (wire name -> method) stand in for methods the
+    registry does not have yet.
+    """
+
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None):
         self.clock = Clock()
         self.store = store if store is not None else MemoryRunStore()
-        self.registry = RunRegistry(self.store, self.clock, grace, environ if environ is not None else {})
+        self.registry = RunRegistry(
+            self.store,
+            self.clock,
+            grace,
+            environ if environ is not None else {},
+            authenticator=authenticator,
+        )
+        self.extra_methods = extra_methods or {}
         self.port = None
         self.clients = []
 
     async def start(self):
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        self.port = await endpoint.listen(RunTracingFactory(self.registry))
+        factory = RunTracingFactory(self.registry)
+        if self.extra_methods:
+            factory.dispatcher = Dispatcher(
+                {**self.registry.methods(), **self.extra_methods}, self.registry.authenticator.admit
+            )
+        self.port = await endpoint.listen(factory)
         return self
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port.getHost().port}"
 
     async def connect(self):
         client = await RPCClient.connect(self.port.getHost().port)
@@ -193,3 +225,44 @@ async def serve(testcase, **kwargs):
     daemon = await LoopbackDaemon(**kwargs).start()
     testcase.addCleanup(daemon.stop)
     return daemon
+
+
+def private_dir(testcase) -> str:
+    """A fresh temporary directory, removed when C{testcase} ends."""
+    path = tempfile.mkdtemp(prefix="car-twisted-test-")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+class AuthDaemon:
+    """A loopback daemon with auth on, and its secrets as files hold them."""
+
+    @classmethod
+    async def serve(cls, testcase, **kwargs):
+        self = cls()
+        self.data_dir = data_dir = private_dir(testcase)
+        authenticator = Authenticator.from_data_dir(data_dir, {})
+        self.secret = _read(os.path.join(data_dir, SECRET_FILE))
+        self.host_token = _read(os.path.join(data_dir, HOST_TOKEN_FILE))
+        self.daemon = await serve(testcase, authenticator=authenticator, **kwargs)
+        return self
+
+    async def agent(self, agent_id):
+        """A session bound to C{agent_id} through session.auth."""
+        ws = await self.daemon.connect()
+        await ws.call("session.auth", {"agent_id": agent_id, "token": agent_token(self.secret, agent_id)})
+        return ws
+
+    async def host(self):
+        ws = await self.daemon.connect()
+        await ws.call("session.auth", {"host_token": self.host_token})
+        return ws
+
+    async def start_run(self, agent_id, intent="do it"):
+        ws = await self.agent(agent_id)
+        return ws, (await ws.call("runs.start", {"intent": intent}))["run_id"]
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read().strip()

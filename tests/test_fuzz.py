@@ -54,7 +54,7 @@ class DispatcherFuzzTests(unittest.TestCase):
 
     def answer(self, session, payload: bytes):
         """Dispatch and check the answer's shape; return the decoded answer."""
-        frame = self.successResultOf(self.dispatcher.dispatch(session, payload))
+        frame = self.successResultOf(self.dispatcher.dispatch(session, payload)).frame
         if frame is None:
             return None
         answer = json.loads(frame)

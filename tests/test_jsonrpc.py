@@ -139,7 +139,7 @@ class SpecExamplesTests(unittest.TestCase):
         specification prescribes; batches answer in one array."""
         for name, frame, expected in SPEC_EXAMPLES:
             with self.subTest(name):
-                answered = self.successResultOf(self.dispatcher.dispatch(self.session, frame.encode()))
+                answered = self.successResultOf(self.dispatcher.dispatch(self.session, frame.encode())).frame
                 if expected is None:
                     self.assertIsNone(answered, name)
                     continue
@@ -160,14 +160,14 @@ class SpecExamplesTests(unittest.TestCase):
     def test_notifications_take_effect(self):
         """A notification is not answered but its method still runs."""
         frame = json.dumps({"jsonrpc": "2.0", "method": "runs.start", "params": START})
-        self.assertIsNone(self.successResultOf(self.dispatcher.dispatch(self.session, frame.encode())))
+        self.assertIsNone(self.successResultOf(self.dispatcher.dispatch(self.session, frame.encode())).frame)
         runs, _ = self.successResultOf(self.store.list_runs("agent-a", None, 10, None))
         self.assertEqual(len(runs), 1)
 
     def test_invalid_params_message_names_the_field(self):
         """-32602 messages say which field is wrong."""
         frame = b'{"jsonrpc": "2.0", "method": "runs.start", "params": {"agent_id": "a"}, "id": 1}'
-        answer = json.loads(self.successResultOf(self.dispatcher.dispatch(self.session, frame)))
+        answer = json.loads(self.successResultOf(self.dispatcher.dispatch(self.session, frame)).frame)
         self.assertEqual(answer["error"]["message"], "invalid params: intent is required (a non-empty string)")
 
     def test_handler_failure_hides_the_traceback(self):
@@ -179,7 +179,7 @@ class SpecExamplesTests(unittest.TestCase):
 
         dispatcher = Dispatcher({"broken": broken})
         frame = b'{"jsonrpc": "2.0", "method": "broken", "id": 1}'
-        answer = json.loads(self.successResultOf(dispatcher.dispatch(self.session, frame)))
+        answer = json.loads(self.successResultOf(dispatcher.dispatch(self.session, frame)).frame)
         self.assertEqual(answer["error"]["code"], -32603)
         self.assertNotIn("secret", answer["error"]["message"])
         self.assertNotIn("Traceback", answer["error"]["message"])

@@ -1,0 +1,356 @@
+"""
+session.auth, the auth-required close and who may read and write which
+runs, over a real WebSocket on a loopback port.
+"""
+
+from twisted.trial import unittest
+
+from car_twisted.auth import agent_token
+from car_twisted.store.memory import MemoryRunStore
+from tests.support import SUCCESS_OUTCOME, AuthDaemon, serve
+
+MISMATCH = {"code": -32603, "message": "auth failed: token mismatch"}
+
+
+class ListingRecorder(MemoryRunStore):
+    """A memory store that remembers which agents were listed."""
+
+    def __init__(self):
+        super().__init__()
+        self.listed = []
+
+    def list_runs(self, agent_id, cursor, limit, status):
+        self.listed.append(agent_id)
+        return super().list_runs(agent_id, cursor, limit, status)
+
+
+class SessionAuthTests(unittest.TestCase):
+    async def assertStaysUnauthenticated(self, ws):
+        """The session is still refused: -32001, then closed with 4001."""
+        refused = await ws.call_raw("runs.list", {"agent_id": "agent-A"})
+        self.assertEqual(refused["error"]["code"], -32001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_agent_token_binds_the_session(self):
+        """{token, agent_id} with the agent's derived token answers
+        {ok, auth_enabled, agent_id} and binds the session to that agent."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        result = await ws.call(
+            "session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")}
+        )
+        self.assertEqual(result, {"ok": True, "auth_enabled": True, "agent_id": "agent-A"})
+        session = auth.daemon.only_session()
+        self.assertEqual((session.agent_id, session.role), ("agent-A", "agent"))
+        started = await ws.call("runs.start", {"intent": "bound run"})
+        self.assertEqual(started["agent_id"], "agent-A")
+
+    async def test_wrong_agent_token_is_refused(self):
+        """A wrong agent token answers -32603 `auth failed: token mismatch`
+        and the session stays unauthenticated."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        answer = await ws.call_raw("session.auth", {"agent_id": "agent-A", "token": "not-the-token"})
+        self.assertEqual(answer["error"], MISMATCH)
+        self.assertIsNone(auth.daemon.only_session().agent_id)
+        await self.assertStaysUnauthenticated(ws)
+
+    async def test_token_of_agent_b_cannot_claim_agent_a(self):
+        """Agent B's genuine token does not bind a session to agent A."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        answer = await ws.call_raw(
+            "session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-B")}
+        )
+        self.assertEqual(answer["error"], MISMATCH)
+        await self.assertStaysUnauthenticated(ws)
+
+    async def test_missing_token_is_invalid_params(self):
+        """session.auth without any token is -32602 naming what to send; the
+        session stays unauthenticated."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        answer = await ws.call_raw("session.auth", {"agent_id": "agent-A"})
+        self.assertEqual(answer["error"]["code"], -32602)
+        self.assertIn("token", answer["error"]["message"])
+        await self.assertStaysUnauthenticated(ws)
+
+    async def test_non_string_token_is_invalid_params(self):
+        """A token that is not a string is -32602, not a crash."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        answer = await ws.call_raw("session.auth", {"agent_id": "agent-A", "token": ["x"]})
+        self.assertEqual(answer["error"]["code"], -32602)
+        self.assertIn("token must be a string", answer["error"]["message"])
+
+    async def test_host_token_gives_the_host_role(self):
+        """{host_token} answers {ok, auth_enabled, role: "host"}."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        result = await ws.call("session.auth", {"host_token": auth.host_token})
+        self.assertEqual(result, {"ok": True, "auth_enabled": True, "role": "host"})
+        session = auth.daemon.only_session()
+        self.assertEqual((session.role, session.agent_id), ("host", None))
+
+    async def test_wrong_host_token_is_refused(self):
+        """A wrong host token, or the daemon secret offered as the host token,
+        is a mismatch."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        for guess in ("nope", auth.secret):
+            answer = await ws.call_raw("session.auth", {"host_token": guess})
+            self.assertEqual(answer["error"], MISMATCH)
+        await self.assertStaysUnauthenticated(ws)
+
+    async def test_daemon_secret_alone_authenticates_without_binding(self):
+        """{token} with the daemon secret authenticates with no agent and no
+        role; with the host token or an agent token instead, it is a mismatch."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        for guess in (auth.host_token, agent_token(auth.secret, "agent-A")):
+            answer = await ws.call_raw("session.auth", {"token": guess})
+            self.assertEqual(answer["error"], MISMATCH)
+        result = await ws.call("session.auth", {"token": auth.secret})
+        self.assertEqual(result, {"ok": True, "auth_enabled": True})
+        session = auth.daemon.only_session()
+        self.assertEqual((session.authenticated, session.agent_id, session.role), (True, None, None))
+
+    async def test_identity_cannot_change(self):
+        """A bound session cannot re-authenticate as another agent or the
+        host, even with valid tokens; repeating its own auth is fine."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.agent("agent-A")
+        other = await ws.call_raw(
+            "session.auth", {"agent_id": "agent-B", "token": agent_token(auth.secret, "agent-B")}
+        )
+        self.assertEqual(other["error"]["code"], -32603)
+        self.assertIn("already authenticated as agent 'agent-A'", other["error"]["message"])
+        host = await ws.call_raw("session.auth", {"host_token": auth.host_token})
+        self.assertEqual(host["error"]["code"], -32603)
+        again = await ws.call(
+            "session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")}
+        )
+        self.assertEqual(again["agent_id"], "agent-A")
+        self.assertEqual(auth.daemon.only_session().agent_id, "agent-A")
+
+
+class AuthRequiredTests(unittest.TestCase):
+    async def test_method_before_auth_is_refused_and_closed(self):
+        """runs.start before session.auth answers -32001 `auth required`,
+        records nothing, and the daemon closes the connection with 4001."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        answer = await ws.call_raw("runs.start", {"agent_id": "agent-A", "intent": "sneak in"})
+        self.assertEqual(answer["error"]["code"], -32001)
+        self.assertTrue(answer["error"]["message"].startswith("auth required"))
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        self.assertEqual(await auth.daemon.store.open_runs(), [])
+        await auth.daemon.wait_closed()
+
+    async def test_frames_behind_a_refused_request_are_not_handled(self):
+        """Once a request is refused with -32001, frames already sent behind it
+        are not handled, even a valid session.auth followed by runs.start."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        ws.request("runs.list", {"agent_id": "agent-A"})
+        ws.request("session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")})
+        ws.request("runs.start", {"intent": "slipped through"})
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        (refused,) = ws.protocol.frames.pending
+        self.assertEqual(refused["error"]["code"], -32001)
+        self.assertEqual(await auth.daemon.store.open_runs(), [])
+
+    async def test_unknown_method_before_auth_is_auth_required(self):
+        """An unauthenticated session learns nothing about which methods
+        exist: an unknown method is also -32001 and closes."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        answer = await ws.call_raw("no.such.method", {})
+        self.assertEqual(answer["error"]["code"], -32001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_notification_before_auth_closes_silently(self):
+        """A notification before auth gets no answer, but the connection
+        is still closed with 4001."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        ws.send({"jsonrpc": "2.0", "method": "runs.start", "params": {"agent_id": "a", "intent": "x"}})
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        self.assertEqual(ws.protocol.frames.pending, [])
+        self.assertEqual(await auth.daemon.store.open_runs(), [])
+
+    async def test_batch_before_auth_is_answered_then_closed(self):
+        """In a batch, each request before auth gets -32001 in the one answer
+        array, then the connection closes."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        ws.send([
+            {"jsonrpc": "2.0", "id": 1, "method": "server.handshake", "params": {"protocol_version": 3}},
+            {"jsonrpc": "2.0", "id": 2, "method": "runs.list", "params": {"agent_id": "a"}},
+        ])
+        answers = {a["id"]: a for a in await ws.receive()}
+        self.assertIn("result", answers[1])
+        self.assertEqual(answers[2]["error"]["code"], -32001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_handshake_is_allowed_before_auth_and_does_not_authenticate(self):
+        """server.handshake works before session.auth, and the session still
+        needs session.auth afterwards."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        await ws.call("server.handshake", {"protocol_version": 3, "required_capabilities": []})
+        refused = await ws.call_raw("runs.list", {"agent_id": "agent-A"})
+        self.assertEqual(refused["error"]["code"], -32001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_failed_auth_then_right_token_works(self):
+        """A wrong token does not close the connection; the right one then
+        authenticates."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        wrong = await ws.call_raw("session.auth", {"token": "guess"})
+        self.assertEqual(wrong["error"], MISMATCH)
+        await ws.call("session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")})
+        self.assertTrue((await ws.call("runs.start", {"intent": "after retry"}))["run_id"])
+
+
+class OwnershipTests(unittest.TestCase):
+    async def test_bound_session_cannot_forge_under_another_agent(self):
+        """A session bound to A through a real session.auth cannot start a run
+        as B: an error, and nothing recorded under B."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.agent("agent-A")
+        forged = await ws.call_raw("runs.start", {"agent_id": "agent-B", "intent": "forge"})
+        self.assertEqual(forged["error"]["code"], -32602)
+        self.assertEqual(await auth.daemon.store.list_runs("agent-B", None, 10, None), ([], None))
+        self.assertEqual(await auth.daemon.store.open_runs(), [])
+
+    async def test_foreign_listing_refused_before_store_access(self):
+        """A session bound to A asking runs.list for B is refused without the
+        store being asked; listing its own agent works (agent_id optional)."""
+        store = ListingRecorder()
+        auth = await AuthDaemon.serve(self, store=store)
+        await auth.start_run("agent-B")
+        ws = await auth.agent("agent-A")
+        refused = await ws.call_raw("runs.list", {"agent_id": "agent-B"})
+        self.assertIn("error", refused)
+        self.assertIn("may list only agent 'agent-A'", refused["error"]["message"])
+        self.assertEqual(store.listed, [])
+        own = await ws.call("runs.list", {})
+        self.assertEqual((own["agent_id"], own["runs"]), ("agent-A", []))
+        self.assertEqual(store.listed, ["agent-A"])
+
+    async def test_foreign_run_looks_unknown(self):
+        """runs.get_trace of another agent's run answers exactly like an
+        unknown run id."""
+        auth = await AuthDaemon.serve(self)
+        _, b_run = await auth.start_run("agent-B")
+        ws = await auth.agent("agent-A")
+        foreign = await ws.call("runs.get_trace", {"run_id": b_run})
+        unknown = await ws.call("runs.get_trace", {"run_id": "no-such-run"})
+        self.assertEqual(foreign, {"run_id": b_run, "not_found": True})
+        self.assertEqual(unknown, {"run_id": "no-such-run", "not_found": True})
+
+    async def test_foreign_complete_refused_like_unknown(self):
+        """runs.complete on another agent's open run fails with the same
+        message as an unknown run, and the run stays open."""
+        auth = await AuthDaemon.serve(self)
+        _, b_run = await auth.start_run("agent-B")
+        ws = await auth.agent("agent-A")
+        foreign = await ws.call_raw("runs.complete", {"run_id": b_run, "outcome": SUCCESS_OUTCOME})
+        unknown = await ws.call_raw("runs.complete", {"run_id": "no-such-run", "outcome": SUCCESS_OUTCOME})
+        self.assertEqual(foreign["error"]["code"], -32603)
+        self.assertEqual(
+            foreign["error"]["message"].replace(b_run, "ID"),
+            unknown["error"]["message"].replace("no-such-run", "ID"),
+        )
+        self.assertEqual((await auth.daemon.store.get_run(b_run)).status, "in_progress")
+
+    async def test_another_session_of_the_same_agent_may_complete(self):
+        """A second session bound to the run's agent may complete it."""
+        auth = await AuthDaemon.serve(self)
+        _, run_id = await auth.start_run("agent-A")
+        other = await auth.agent("agent-A")
+        ack = await other.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+        self.assertEqual(ack, {"ok": True, "run_id": run_id})
+        self.assertEqual((await auth.daemon.store.get_run(run_id)).status, "completed")
+
+    async def test_host_reads_every_agent(self):
+        """The host lists and reads the runs of every agent."""
+        auth = await AuthDaemon.serve(self)
+        _, a_run = await auth.start_run("agent-A", "a's run")
+        _, b_run = await auth.start_run("agent-B", "b's run")
+        host = await auth.host()
+        for agent_id, run_id in (("agent-A", a_run), ("agent-B", b_run)):
+            listed = await host.call("runs.list", {"agent_id": agent_id})
+            self.assertEqual([r["run_id"] for r in listed["runs"]], [run_id])
+            trace = await host.call("runs.get_trace", {"run_id": run_id})
+            self.assertEqual(trace["agent_id"], agent_id)
+            self.assertEqual(trace["records"][0]["record"], "started")
+
+    async def test_host_cannot_write(self):
+        """The host may neither complete an agent's run nor start runs under
+        any agent's name."""
+        auth = await AuthDaemon.serve(self)
+        _, run_id = await auth.start_run("agent-A")
+        host = await auth.host()
+        completed = await host.call_raw("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+        self.assertEqual(completed["error"]["code"], -32603)
+        self.assertEqual((await auth.daemon.store.get_run(run_id)).status, "in_progress")
+        started = await host.call_raw("runs.start", {"agent_id": "agent-A", "intent": "forge"})
+        self.assertEqual(started["error"]["code"], -32603)
+        self.assertIn("host role", started["error"]["message"])
+        self.assertEqual(len(await auth.daemon.store.open_runs()), 1)
+
+    async def test_daemon_secret_session_reads_all(self):
+        """A session holding the daemon secret (which can mint every agent's
+        token) reads every agent's runs and may start a run for a named agent."""
+        auth = await AuthDaemon.serve(self)
+        _, b_run = await auth.start_run("agent-B")
+        ws = await auth.daemon.connect()
+        await ws.call("session.auth", {"token": auth.secret})
+        trace = await ws.call("runs.get_trace", {"run_id": b_run})
+        self.assertEqual(trace["agent_id"], "agent-B")
+        started = await ws.call("runs.start", {"agent_id": "agent-C", "intent": "operator run"})
+        self.assertEqual(started["agent_id"], "agent-C")
+
+
+class NoAuthTests(unittest.TestCase):
+    async def test_session_auth_answers_auth_disabled(self):
+        """With auth off, session.auth needs no token and answers
+        {ok: true, auth_enabled: false}."""
+        daemon = await serve(self)
+        ws = await daemon.connect()
+        self.assertEqual(await ws.call("session.auth", {}), {"ok": True, "auth_enabled": False})
+        self.assertEqual(
+            await ws.call("session.auth", {"host_token": "anything"}), {"ok": True, "auth_enabled": False}
+        )
+        self.assertIsNone(daemon.only_session().role)
+
+    async def test_session_auth_still_binds_the_agent(self):
+        """With auth off, session.auth {agent_id} binds the session: runs go
+        to that agent and other agents' runs cannot be read."""
+        daemon = await serve(self)
+        other = await daemon.connect()
+        b_run = (await other.call("runs.start", {"agent_id": "agent-B", "intent": "b"}))["run_id"]
+        ws = await daemon.connect()
+        result = await ws.call("session.auth", {"agent_id": "agent-A", "token": "ignored"})
+        self.assertEqual(result, {"ok": True, "auth_enabled": False, "agent_id": "agent-A"})
+        self.assertEqual((await ws.call("runs.start", {"intent": "a"}))["agent_id"], "agent-A")
+        self.assertEqual(
+            await ws.call("runs.get_trace", {"run_id": b_run}), {"run_id": b_run, "not_found": True}
+        )
+        refused = await ws.call_raw("runs.list", {"agent_id": "agent-B"})
+        self.assertIn("error", refused)
+
+    async def test_unbound_session_reads_all_without_auth(self):
+        """With auth off, a session that never authenticated may call any
+        method and reads every agent's runs."""
+        daemon = await serve(self)
+        producer = await daemon.connect()
+        run_id = (await producer.call("runs.start", {"agent_id": "agent-B", "intent": "b"}))["run_id"]
+        reader = await daemon.connect()
+        listed = await reader.call("runs.list", {"agent_id": "agent-B"})
+        self.assertEqual([r["run_id"] for r in listed["runs"]], [run_id])
+        trace = await reader.call("runs.get_trace", {"run_id": run_id})
+        self.assertEqual(trace["agent_id"], "agent-B")
