@@ -5,8 +5,8 @@ before it acknowledges, the daemon's default store.
 Writes are validated and applied to the in-memory state at call time (so
 calls on a run take effect in call order), then queued for the disk. One
 batch at a time goes to a disk thread, which writes every queued record,
-fsyncs the touched files (in parallel) and the directories that gained
-entries, then appends the agents' index entries. Everything queued while a
+fsyncs the touched files and the directories that gained entries, then
+appends the agents' index entries. Everything queued while a
 batch is on disk forms the next batch: concurrent writers share flushes.
 See docs/storage.md.
 """
@@ -14,7 +14,6 @@ See docs/storage.md.
 import bisect
 import fcntl
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -41,9 +40,6 @@ from car_twisted.store.memory import parse_position_cursor
 log = Logger()
 
 DURABILITIES = ("fsync", "none")
-#: Threads that fsync one batch's files at once (the filesystem journal
-#: merges concurrent fsyncs).
-SYNC_THREADS = 8
 
 
 class AgentRuns:
@@ -137,7 +133,6 @@ class FileRunStore:
         self._lock_fd = None
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="car-file-store")
         self._pool.start()
-        self._syncers = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="car-file-store-sync")
 
     @classmethod
     def open(cls, reactor, data_dir: str, durability: str = "fsync") -> Deferred:
@@ -313,47 +308,63 @@ class FileRunStore:
 
     def _write_batch(self, batch):
         """
-        On a disk thread: write a batch, make it durable, index it.
+        On a disk thread: write a batch, make it durable, index it. Every
+        file is written before any is fsynced, so the first fsync commits
+        the whole batch to the journal and the others find little left to
+        do; then each directory that gained entries is fsynced once.
 
         @return: the error of each write (None when durable), and notes.
         """
         files = {}  # path -> fd
         broken = {}  # path -> the error that broke the file
         directories = set()
-        notes = []
-        for write in batch:
-            path = write.run.path
-            if path in broken:
-                continue
-            try:
-                if write.agent is not None:
-                    self._prepare(write.agent, directories)
-                    files[path] = layout.create_file(path)
-                    directories.add(write.agent.directory)
-                elif path not in files:
-                    files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-                layout.write_all(files[path], write.data)
-            except OSError as e:
-                broken[path] = e
         try:
+            for write in batch:
+                path = write.run.path
+                if path in broken:
+                    continue
+                try:
+                    if write.agent is not None:
+                        self._prepare(write.agent, directories)
+                        files[path] = layout.create_file(path)
+                        directories.add(write.agent.directory)
+                    elif path not in files:
+                        files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                    layout.write_all(files[path], write.data)
+                except OSError as e:
+                    broken[path] = e
             if self._sync:
-                for path, error in self._sync_all(files, directories).items():
-                    broken.setdefault(path, error)
+                for path, fd in files.items():
+                    try:
+                        os.fsync(fd)
+                    except OSError as e:
+                        broken.setdefault(path, e)
+                for directory in directories:
+                    try:
+                        layout.sync_directory(directory)
+                    except OSError as e:
+                        for path in files:
+                            if os.path.dirname(path) == directory:
+                                broken.setdefault(path, e)
         finally:
             for fd in files.values():
                 os.close(fd)
         errors = [broken.get(write.run.path) for write in batch]
+        return errors, self._index(batch, errors)
+
+    def _index(self, batch, errors) -> list:
+        """Append the index entries of the durable writes; notes on failures."""
         entries = {}
         for write, error in zip(batch, errors):
             if error is None and write.index_entry is not None:
-                directory = os.path.dirname(write.run.path)
-                entries.setdefault(directory, []).append(write.index_entry)
+                entries.setdefault(os.path.dirname(write.run.path), []).append(write.index_entry)
+        notes = []
         for directory, lines in entries.items():
             try:
                 layout.append_to_index(directory, b"".join(lines))
             except OSError as e:
                 notes.append(f"{directory}: index not updated ({e}); rebuilt at next start")
-        return errors, notes
+        return notes
 
     def _prepare(self, agent: AgentRuns, directories: set) -> None:
         """Create an agent's directory and index, unless done already."""
@@ -368,27 +379,6 @@ class FileRunStore:
             layout.write_all(fd, layout.encode_line({"agent_id": agent.agent_id}))
         finally:
             os.close(fd)
-
-    def _sync_all(self, files: dict, directories: set) -> dict:
-        """fsync files, then directories, in parallel; the paths that failed."""
-        failed = {}
-
-        def sync_file(item):
-            path, fd = item
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                failed[path] = e
-
-        list(self._syncers.map(sync_file, files.items()))
-        for directory in directories:
-            try:
-                layout.sync_directory(directory)
-            except OSError as e:
-                for path in files:
-                    if os.path.dirname(path) == directory:
-                        failed.setdefault(path, e)
-        return failed
 
     # Reads
 
@@ -447,7 +437,6 @@ class FileRunStore:
         return d
 
     def _stop_threads(self) -> None:
-        self._syncers.shutdown()
         self._pool.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
