@@ -175,6 +175,35 @@ class RunRegistry:
         d.addErrback(lambda f: f.trap(RunTerminal))
         d.addErrback(lambda f: log.failure("a run store write failed", f))
 
+    async def recover(self) -> int:
+        """
+        End every run the store holds open with an C{incomplete} record
+        (reason C{"daemon restarted"}): before this daemon serves anyone, an
+        open run can only be one whose producer died with the last daemon.
+        Call it once, before listening. The ends are issued together so a
+        store can share flushes among them.
+
+        @return: how many runs were ended.
+        """
+        stale = [s for s in await self.store.open_runs() if s.run_id not in self._live]
+        results = await DeferredList(
+            [
+                self.store.end_run(
+                    summary.run_id, ended_record("incomplete", reason="daemon restarted")
+                )
+                for summary in stale
+            ],
+            consumeErrors=True,
+        )
+        ended = 0
+        for summary, (ok, result) in zip(stale, results):
+            if ok:
+                ended += 1
+                log.info("run {run_id} ended incomplete: the daemon restarted", run_id=summary.run_id)
+            elif not result.check(RunTerminal, RunNotFound):
+                log.failure("run {run_id} could not be ended", result, run_id=summary.run_id)
+        return ended
+
     def stop(self):
         """
         Stop ending runs: open runs stay open for the store's restart

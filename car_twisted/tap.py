@@ -5,7 +5,7 @@
 import os
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -19,16 +19,21 @@ from car_twisted.auth import (
 )
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
+from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 
 log = Logger()
 
 DEFAULT_LISTEN = "tcp:9100:interface=127.0.0.1"
 
-#: --store name -> f(data_dir) building the store.
+#: --store name -> f(reactor, options) returning the store, or a Deferred of it.
 STORES = {
-    "memory": lambda data_dir: MemoryRunStore(),
+    "file": lambda reactor, options: FileRunStore.open(
+        reactor, options["data-dir"], options["durability"]
+    ),
+    "memory": lambda reactor, options: MemoryRunStore(),
 }
+DEFAULT_STORE = "file"
 
 
 def default_data_dir(environ=os.environ) -> str:
@@ -36,7 +41,10 @@ def default_data_dir(environ=os.environ) -> str:
 
 
 class Options(usage.Options):
-    synopsis = "[--listen ENDPOINT]... [--store memory] [--data-dir DIR] [--grace SECONDS] [--no-auth]"
+    synopsis = (
+        "[--listen ENDPOINT]... [--store file|memory] [--durability fsync|none] "
+        "[--data-dir DIR] [--grace SECONDS] [--no-auth]"
+    )
     longdesc = "Serve the CAR agent-run-tracing protocol (JSON-RPC 2.0 over WebSocket)."
 
     optFlags = [
@@ -44,7 +52,8 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["data-dir", None, None, "Where runs and tokens are kept [default: $CAR_HOME or ~/.car]."],
-        ["store", None, "memory", "Run store: " + ", ".join(sorted(STORES)) + "."],
+        ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
+        ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
     ]
 
@@ -60,6 +69,10 @@ class Options(usage.Options):
         if self["store"] not in STORES:
             raise usage.UsageError(
                 f"--store must be one of {', '.join(sorted(STORES))}, not {self['store']!r}"
+            )
+        if self["durability"] not in DURABILITIES:
+            raise usage.UsageError(
+                f"--durability must be one of {', '.join(DURABILITIES)}, not {self['durability']!r}"
             )
         if self["grace"] < 0:
             raise usage.UsageError("--grace must be zero or more seconds")
@@ -78,8 +91,9 @@ class Options(usage.Options):
 
 class DaemonService(Service):
     """
-    Loads the auth secrets, opens the store, then listens on every endpoint;
-    undoes it on stop. C{environ} is where C{CAR_AUTH_TOKEN} is looked up.
+    Loads the auth secrets, opens the store, ends the runs the last daemon
+    left open, then listens on every endpoint; undoes it on stop. C{environ}
+    is where C{CAR_AUTH_TOKEN} is looked up.
     """
 
     def __init__(self, options, reactor, environ=os.environ):
@@ -98,7 +112,7 @@ class DaemonService(Service):
     async def _start(self):
         options = self._options
         authenticator = self._authenticator()
-        store = STORES[options["store"]](options["data-dir"])
+        store = await maybeDeferred(STORES[options["store"]], self._reactor, options)
         self.registry = RunRegistry(
             store, self._reactor, options["grace"], authenticator=authenticator
         )
@@ -109,6 +123,8 @@ class DaemonService(Service):
             data_dir=options["data-dir"],
             auth="off" if options["no-auth"] else "on",
         )
+        recovered = await self.registry.recover()
+        log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
         for description, endpoint in zip(options["listen"], options["endpoints"]):
             port = await endpoint.listen(factory)
             self._ports.append(port)

@@ -1,0 +1,132 @@
+"""
+Crash safety of a store, on the real daemon process: SIGKILL in the middle
+of a stream of acknowledged starts, restart on the same data directory,
+and every acknowledged run is there, the open ones ended incomplete.
+
+The scenario is a mixin over the store's ``--store`` name, so every
+durable store runs it: subclass L{CrashRecovery} and set C{store}.
+"""
+
+from twisted.internet.defer import Deferred, gatherResults, race
+from twisted.trial import unittest
+
+from tests.daemon_process import DaemonProcess
+from tests.support import SUCCESS_OUTCOME, RPCClient
+
+CLIENTS = 5
+#: Acknowledged starts to see (across clients) before the kill.
+STARTS_BEFORE_KILL = 120
+
+
+class Stream:
+    """One client starting runs back to back (completing every third)
+    until its connection dies, noting what the daemon acknowledged."""
+
+    def __init__(self, client: RPCClient, agent_id: str):
+        self.client = client
+        self.agent_id = agent_id
+        self.started = []
+        self.completed = set()
+
+    async def _call(self, method, params):
+        """The result, or None once the connection is gone."""
+        self.client.request(method, params)
+        index, response = await race([self.client.receive(), self._closed()])
+        if index == 1:
+            return None
+        assert "error" not in response, response
+        return response["result"]
+
+    def _closed(self):
+        """A Deferred firing when the connection is gone (cancelling it is harmless)."""
+        d = Deferred()
+        self.client.protocol.closed.addBoth(lambda result: (d.called or d.callback(None), result)[1])
+        return d
+
+    async def run(self, progress):
+        while True:
+            result = await self._call("runs.start", {"agent_id": self.agent_id, "intent": "crash me"})
+            if result is None:
+                return
+            run_id = result["run_id"]
+            self.started.append(run_id)
+            progress()
+            if len(self.started) % 3 == 0:
+                result = await self._call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+                if result is None:
+                    return
+                self.completed.add(run_id)
+
+
+class CrashRecovery:
+    #: The --store name under test.
+    store = None
+
+    async def start_daemon(self, data_dir):
+        daemon = DaemonProcess(self.store, data_dir)
+        self.addCleanup(daemon.kill)
+        await daemon.start()
+        return daemon
+
+    async def test_acknowledged_runs_survive_sigkill(self):
+        """After SIGKILL mid-stream and a restart, every acknowledged start
+        is listed and readable, acknowledged completions kept their
+        outcome, and no run is left open: the others ended incomplete with
+        reason "daemon restarted"."""
+        data_dir = self.mktemp()
+        daemon = await self.start_daemon(data_dir)
+        streams = []
+        for n in range(CLIENTS):
+            client = await RPCClient.connect(daemon.port)
+            streams.append(Stream(client, f"crash-agent-{n % 2}"))
+        acknowledged = 0
+
+        def progress():
+            nonlocal acknowledged
+            acknowledged += 1
+            if acknowledged == STARTS_BEFORE_KILL:
+                daemon.kill("KILL")
+
+        await gatherResults([Deferred.fromCoroutine(s.run(progress)) for s in streams])
+        await daemon.ended
+
+        daemon = await self.start_daemon(data_dir)
+        reader = await RPCClient.connect(daemon.port)
+        self.addCleanup(reader.close)
+        listed = {}
+        for agent_id in {s.agent_id for s in streams}:
+            cursor = None
+            while True:
+                page = await reader.call(
+                    "runs.list", {"agent_id": agent_id, "limit": 50, "cursor": cursor}
+                )
+                listed.update((r["run_id"], r) for r in page["runs"])
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    break
+        self.assertEqual([r for r in listed.values() if r["status"] == "in_progress"], [])
+        acknowledged_runs = [run_id for s in streams for run_id in s.started]
+        self.assertGreaterEqual(len(acknowledged_runs), STARTS_BEFORE_KILL)
+        for stream in streams:
+            for run_id in stream.started:
+                self.assertIn(run_id, listed)
+                self.assertEqual(listed[run_id]["agent_id"], stream.agent_id)
+                trace = await reader.call("runs.get_trace", {"run_id": run_id})
+                self.assertEqual(trace["records"][0]["record"], "started")
+                ended = trace["records"][-1]
+                if run_id in stream.completed:
+                    self.assertEqual(ended["termination"], "outcome")
+                elif ended["termination"] != "outcome":
+                    self.assertEqual(
+                        (ended["termination"], ended["reason"]), ("incomplete", "daemon restarted")
+                    )
+        self.assertTrue(
+            any(r["status"] == "incomplete" for r in listed.values()),
+            "the kill left no open run to recover",
+        )
+        await reader.close()
+        await daemon.kill("TERM")
+
+
+class FileStoreCrashTests(CrashRecovery, unittest.TestCase):
+    store = "file"

@@ -1,0 +1,332 @@
+"""
+The file store: the IRunStore conformance suite, plus what only a disk
+shows: restart, torn and damaged files, the index, modes, path escapes,
+fsync before acknowledging, and restart recovery.
+"""
+
+import json
+import os
+import re
+import stat
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from car_twisted.records import ended_record
+from car_twisted.registry import RunRegistry
+from car_twisted.store import layout
+from car_twisted.store.file import FileRunStore
+from tests.store_conformance import HOSTILE_IDS, RunStoreConformance, started, turn
+
+OUTCOME = {"status": "success", "summary": "", "evidence": [], "metrics": {}, "timestamp": "t"}
+
+
+class FileRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
+    async def make_store(self):
+        store = await FileRunStore.open(reactor, self.mktemp())
+        self.addCleanup(store.close)
+        return store
+
+
+class FileRunStoreTests(unittest.TestCase):
+    def setUp(self):
+        self.data_dir = self.mktemp()
+
+    async def open(self, **kwargs):
+        store = await FileRunStore.open(reactor, self.data_dir, **kwargs)
+        self.addCleanup(store.close)
+        return store
+
+    async def reopen(self, store, **kwargs):
+        await store.close()
+        return await self.open(**kwargs)
+
+    async def fill(self, store, agent_id="agent-a"):
+        """Three runs: ended with two turns, open with one turn, open bare."""
+        ended, open_, bare = (started(agent_id=agent_id) for _ in range(3))
+        await store.start_run(ended)
+        await store.append_turns(ended["run_id"], [turn("1"), turn("2")], 10)
+        await store.end_run(ended["run_id"], ended_record("outcome", outcome=OUTCOME))
+        await store.start_run(open_)
+        await store.append_turns(open_["run_id"], [turn("3")], 10)
+        await store.start_run(bare)
+        return [r["run_id"] for r in (ended, open_, bare)]
+
+    def run_path(self, agent_id, run_id):
+        return os.path.join(
+            self.data_dir, "runs", layout.encode_name(agent_id), layout.encode_name(run_id) + ".jsonl"
+        )
+
+    def index_path(self, agent_id="agent-a"):
+        return os.path.join(self.data_dir, "runs", layout.encode_name(agent_id), ".index")
+
+    async def snapshot(self, store, run_ids, agent_id="agent-a"):
+        """What a reader sees: summaries, records, and the listing."""
+        return (
+            [await store.get_run(r) for r in run_ids],
+            [await store.read_records(r, 0, 100) for r in run_ids],
+            await store.list_runs(agent_id, None, 100, None),
+        )
+
+    async def test_restart_serves_reads_from_disk(self):
+        """A new store on the same directory serves the same summaries,
+        records and listing as the store that wrote them."""
+        store = await self.open()
+        run_ids = await self.fill(store)
+        before = await self.snapshot(store, run_ids)
+        store = await self.reopen(store)
+        self.assertEqual(await self.snapshot(store, run_ids), before)
+        self.assertEqual([s.run_id for s in before[2][0]], run_ids[::-1])
+        self.assertEqual(before[0][0].turn_count, 2)
+
+    async def test_restarted_store_continues_open_runs(self):
+        """An open run loaded from disk takes more turns on its index
+        sequence and its end, which survive another restart."""
+        store = await self.open()
+        _, open_id, _ = await self.fill(store)
+        store = await self.reopen(store)
+        self.assertEqual(await store.append_turns(open_id, [turn("4")], 10), 1)
+        await store.end_run(open_id, ended_record("incomplete", reason="x"))
+        store = await self.reopen(store)
+        summary = await store.get_run(open_id)
+        self.assertEqual((summary.status, summary.turn_count), ("incomplete", 2))
+
+    async def test_reads_wait_for_earlier_writes(self):
+        """read_records issued right after writes, without waiting, sees them."""
+        store = await self.open()
+        record = started()
+        store.start_run(record)
+        store.append_turns(record["run_id"], [turn("a")], 10)
+        records, cursor = await store.read_records(record["run_id"], 0, 10)
+        self.assertEqual([r["record"] for r in records], ["started", "turn"])
+
+    async def test_torn_last_line_is_cut_off(self):
+        """A half-written last line is cut from the file at start; the run
+        keeps its complete records and takes new ones on clean lines."""
+        store = await self.open()
+        _, open_id, _ = await self.fill(store)
+        await store.close()
+        path = self.run_path("agent-a", open_id)
+        intact = os.path.getsize(path)
+        with open(path, "ab") as f:
+            f.write(b'{"record":"turn","prompt":"half')
+        store = await self.open()
+        self.assertEqual(os.path.getsize(path), intact)
+        await store.append_turns(open_id, [turn("after")], 10)
+        records, _ = await store.read_records(open_id, 0, 10)
+        self.assertEqual([r.get("prompt") for r in records[1:]], ["3", "after"])
+        with open(path, "rb") as f:
+            self.assertEqual([json.loads(line)["record"] for line in f], ["started", "turn", "turn"])
+        self.assertEqual(store.corrupt_runs, set())
+
+    async def test_damaged_line_marks_run_corrupt(self):
+        """A damaged line inside a run file marks the run corrupt; its
+        readable records are still served and the store still starts."""
+        store = await self.open()
+        ended_id, open_id, _ = await self.fill(store)
+        await store.close()
+        for run_id in (ended_id, open_id):
+            path = self.run_path("agent-a", run_id)
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
+            lines[1] = b"\x00garbage{"
+            with open(path, "wb") as f:
+                f.write(b"\n".join(lines))
+        store = await self.open()
+        self.assertEqual(store.corrupt_runs, {open_id})
+        records, _ = await store.read_records(ended_id, 0, 10)
+        self.assertEqual([r.get("prompt") for r in records], [None, "2", None])
+        self.assertEqual(records[-1]["termination"], "outcome")
+        self.assertEqual(store.corrupt_runs, {open_id, ended_id})
+        records, _ = await store.read_records(open_id, 0, 10)
+        self.assertEqual([r["record"] for r in records], ["started"])
+
+    async def test_bad_files_never_stop_the_start(self):
+        """Unreadable run files, stray files and a damaged index are
+        skipped or repaired; every good run is still served."""
+        store = await self.open()
+        run_ids = await self.fill(store)
+        await store.close()
+        agent_dir = os.path.dirname(self.index_path())
+        with open(os.path.join(agent_dir, "nothing-readable.jsonl"), "wb") as f:
+            f.write(b"not json\n")
+        with open(os.path.join(self.data_dir, "runs", "stray-file"), "wb") as f:
+            f.write(b"x")
+        os.mkdir(os.path.join(self.data_dir, "runs", "empty-agent"))
+        with open(self.index_path(), "ab") as f:
+            f.write(b"{broken\n")
+        store = await self.open()
+        page, _ = await store.list_runs("agent-a", None, 10, None)
+        self.assertEqual([s.run_id for s in page], run_ids[::-1])
+
+    async def test_missing_index_is_rebuilt(self):
+        """Without its index an agent's runs are listed in the same order,
+        with the same summaries, and the index is written again."""
+        store = await self.open()
+        run_ids = await self.fill(store)
+        await store.end_run(run_ids[2], ended_record("cancelled", reason_digest="00"))
+        listing = await store.list_runs("agent-a", None, 10, None)
+        await store.close()
+        os.unlink(self.index_path())
+        store = await self.open()
+        self.assertEqual(await store.list_runs("agent-a", None, 10, None), listing)
+        self.assertTrue(os.path.exists(self.index_path()))
+        store = await self.reopen(store)
+        self.assertEqual(await store.list_runs("agent-a", None, 10, None), listing)
+
+    async def test_stale_index_is_caught_up(self):
+        """An index behind its run files (entries lost in a crash) is
+        caught up from the files: lost starts and lost ends alike, and the
+        index is written back."""
+        store = await self.open()
+        run_ids = await self.fill(store)
+        with open(self.index_path(), "rb") as f:
+            early = f.read()
+        later = started()
+        await store.start_run(later)
+        await store.end_run(run_ids[1], ended_record("incomplete", reason="x"))
+        listing = await store.list_runs("agent-a", None, 10, None)
+        await store.close()
+        with open(self.index_path(), "wb") as f:
+            f.write(early)
+        store = await self.open()
+        self.assertEqual(await store.list_runs("agent-a", None, 10, None), listing)
+        await store.close()
+        with open(self.index_path(), "rb") as f:
+            entries = [json.loads(line) for line in f]
+        with open(self.index_path(), "wb") as f:
+            f.write(b"".join(layout.encode_line(e) for e in entries if e.get("end") != run_ids[1]))
+        store = await self.open()
+        self.assertEqual((await store.get_run(run_ids[1])).status, "incomplete")
+        self.assertEqual(await store.list_runs("agent-a", None, 10, None), listing)
+        with open(self.index_path(), "rb") as f:
+            self.assertIn(run_ids[1], [json.loads(line).get("end") for line in f])
+
+    async def test_files_and_directories_are_private(self):
+        """Even under a permissive umask, directories are 0700 and files 0600."""
+        self.addCleanup(os.umask, os.umask(0))
+        store = await self.open()
+        await self.fill(store)
+        await store.start_run(started(agent_id="x" * 600, run_id="y" * 600))
+        modes = {}
+        for root, dirs, files in os.walk(self.data_dir):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                modes[path] = stat.S_IMODE(os.lstat(path).st_mode)
+        self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
+        self.assertGreater(len(modes), 8)
+        for path, mode in modes.items():
+            expected = 0o700 if os.path.isdir(path) else 0o600
+            self.assertEqual(mode, expected, path)
+
+    async def test_hostile_ids_stay_inside_runs(self):
+        """No agent or run id creates anything outside runs/ or deeper than
+        runs/<agent-dir>/<run-file>, and every name is of the safe alphabet."""
+        sandbox = self.mktemp()
+        os.mkdir(sandbox)
+        self.data_dir = os.path.join(sandbox, "data")
+        store = await self.open()
+        for n, hostile in enumerate(HOSTILE_IDS):
+            await store.start_run(started(run_id=hostile, agent_id=hostile))
+            await store.start_run(started(run_id=f"{hostile}-{n}", agent_id="agent-a"))
+        self.assertEqual(os.listdir(sandbox), ["data"])
+        self.assertEqual(os.listdir(self.data_dir), ["runs"])
+        runs = os.path.join(self.data_dir, "runs")
+        agent_dirs = [n for n in os.listdir(runs) if not n.startswith(".")]
+        self.assertEqual(len(agent_dirs), len(HOSTILE_IDS) + 1)
+        for agent_dir in agent_dirs:
+            self.assertRegex(agent_dir, r"^[a-z0-9_%~-]{1,120}$")
+            self.assertTrue(os.path.isdir(os.path.join(runs, agent_dir)))
+            for name in os.listdir(os.path.join(runs, agent_dir)):
+                self.assertRegex(name, r"^([a-z0-9_%~-]{1,120}\.jsonl|\.index)$")
+                self.assertTrue(os.path.isfile(os.path.join(runs, agent_dir, name)))
+        store = await self.reopen(store)
+        for hostile in HOSTILE_IDS:
+            page, _ = await store.list_runs(hostile, None, 10, None)
+            self.assertEqual([s.run_id for s in page], [hostile])
+
+    def test_names_decode_back_to_their_ids(self):
+        """Plain names decode to exactly their id; long ids get a hashed name
+        that decodes to nothing (the id is kept inside) and stays short."""
+        for identifier in HOSTILE_IDS + ["", "\ud800", "%41", "a~b"]:
+            name = layout.encode_name(identifier)
+            self.assertTrue(re.fullmatch(r"[a-z0-9_%~-]{1,120}", name), name)
+            if len(identifier) < 40:
+                self.assertEqual(layout.decode_name(name), identifier)
+        self.assertIsNone(layout.decode_name(layout.encode_name("x" * 600)))
+        self.assertNotEqual(layout.encode_name("x" * 600), layout.encode_name("x" * 601))
+        self.assertNotEqual(layout.encode_name("AGENT"), layout.encode_name("agent"))
+        for foreign in ["..", "A", "%4", "%61", "%zz", "é"]:
+            self.assertIsNone(layout.decode_name(foreign), foreign)
+
+    async def test_acknowledged_only_after_fsync(self):
+        """A start is acknowledged after its file and its directory were
+        fsynced; a turn after its file was. --durability none syncs nothing."""
+        synced = []
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real_fsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        store = await self.open()
+        record = started()
+        path = os.path.realpath(self.run_path("agent-a", record["run_id"]))
+        d = store.start_run(record)
+        d.addCallback(lambda _: list(synced))
+        synced_at_ack = await d
+        self.assertIn(path, synced_at_ack)
+        self.assertIn(os.path.dirname(path), synced_at_ack)
+        del synced[:]
+        d = store.append_turns(record["run_id"], [turn()], 10)
+        d.addCallback(lambda _: list(synced))
+        self.assertEqual(await d, [path])
+        store = await self.reopen(store, durability="none")
+        del synced[:]
+        await self.fill(store, agent_id="agent-b")
+        self.assertEqual(synced, [])
+
+    async def test_concurrent_writes_share_flushes(self):
+        """Starts issued together are committed in a few batches, one
+        directory fsync each, not one per start."""
+        directory_syncs = []
+        real_sync = layout.sync_directory
+        self.patch(layout, "sync_directory", lambda p: (directory_syncs.append(p), real_sync(p)))
+        store = await self.open()
+        await store.start_run(started())
+        del directory_syncs[:]
+        await gatherResults([store.start_run(started()) for _ in range(40)])
+        self.assertLessEqual(len(directory_syncs), 2)
+        page, _ = await store.list_runs("agent-a", None, 100, None)
+        self.assertEqual(len(page), 41)
+
+    async def test_second_daemon_on_the_same_directory_is_refused(self):
+        """Two stores never write the same directory at once."""
+        await self.open()
+        with self.assertRaises(RuntimeError):
+            await FileRunStore.open(reactor, self.data_dir)
+
+    async def test_registry_recovery_ends_open_runs(self):
+        """RunRegistry.recover() ends every run a crashed daemon left open
+        with reason "daemon restarted", leaves ended runs alone, and the
+        ends are durable."""
+        store = await self.open()
+        ended_id, open_id, bare_id = await self.fill(store)
+        store = await self.reopen(store)
+        clock = Clock()
+        registry = RunRegistry(store, clock, environ={})
+        self.assertEqual(await registry.recover(), 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        store = await self.reopen(store)
+        self.assertEqual(await store.open_runs(), [])
+        self.assertEqual((await store.get_run(ended_id)).status, "completed")
+        for run_id in (open_id, bare_id):
+            records, _ = await store.read_records(run_id, 0, 10)
+            self.assertEqual(
+                (records[-1]["termination"], records[-1]["reason"]),
+                ("incomplete", "daemon restarted"),
+            )
+        self.assertEqual(await RunRegistry(store, clock, environ={}).recover(), 0)
