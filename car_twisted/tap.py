@@ -13,6 +13,7 @@ from twisted.python import usage
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
 from car_twisted.store.memory import MemoryRunStore
+from car_twisted.store.sqlite import SQLiteRunStore
 
 log = Logger()
 
@@ -21,6 +22,7 @@ DEFAULT_LISTEN = "tcp:9100:interface=127.0.0.1"
 #: --store name -> f(data_dir) building the store.
 STORES = {
     "memory": lambda data_dir: MemoryRunStore(),
+    "sqlite": SQLiteRunStore,
 }
 
 
