@@ -146,7 +146,8 @@ class SQLiteRunStoreTests(unittest.TestCase):
             ]
         outcomes = await gatherResults(
             [d.addErrback(lambda f: f.trap(RunExists, RunNotFound, RunTerminal, TurnLimitReached))
-             for d in writes]
+             for d in writes],
+            consumeErrors=True,
         )
         self.assertEqual(
             outcomes,
@@ -158,6 +159,53 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.assertEqual(records[0]["intent"], "do it")
         self.assertEqual((await store.get_run("a")).turn_count, 2)
         self.assertIsNotNone(await store.get_run("b"))
+
+    async def test_write_broken_partway_leaves_no_trace(self):
+        """A write that fails after it began writing (here: an ended record
+        without its timestamp) fails alone and leaves nothing behind; the
+        writes batched with it, before and after, still commit."""
+        store = self.open()
+        await store.start_run(started(run_id="seed"))
+        commits = store.commits
+        malformed = {"record": "ended", "termination": "incomplete", "reason": "x"}
+        with store._wake:
+            writes = [
+                store.start_run(started(run_id="a")),
+                store.end_run("a", malformed),
+                store.append_turns("a", [turn()], 10),
+                store.start_run(started(run_id="a")),
+                store.start_run(started(run_id="b")),
+            ]
+        outcomes = await gatherResults(
+            [d.addErrback(lambda f: f.trap(KeyError, RunExists)) for d in writes],
+            consumeErrors=True,
+        )
+        self.assertEqual(outcomes, [None, KeyError, 0, RunExists, None])
+        self.assertEqual(store.commits, commits + 1)
+        records, _ = await store.read_records("a", 0, 10)
+        self.assertEqual([r["record"] for r in records], ["started", "turn"])
+        self.assertEqual((await store.get_run("a")).status, "in_progress")
+        self.assertIsNotNone(await store.get_run("b"))
+        self.assertEqual(await store.end_run("a", ended_record("incomplete", reason="y")), None)
+
+    async def test_database_refusing_writes(self):
+        """When the database refuses every write, each write fails with the
+        database's error instead of hanging, reads still work, and writing
+        resumes once the database accepts writes again."""
+        store = self.open()
+        await store.start_run(started(run_id="a"))
+        with store._wake:
+            store._writer.execute("PRAGMA query_only = ON")
+            writes = [store.start_run(started(run_id="b")), store.append_turns("a", [turn()], 5)]
+        for write in writes:
+            with self.assertRaises(sqlite3.OperationalError):
+                await write
+        self.assertEqual((await store.get_run("a")).turn_count, 0)
+        self.assertIsNone(await store.get_run("b"))
+        with store._wake:
+            store._writer.execute("PRAGMA query_only = OFF")
+        await store.start_run(started(run_id="b"))
+        self.assertEqual(await store.append_turns("a", [turn()], 5), 0)
 
     async def test_many_concurrent_writers(self):
         """Hundreds of concurrent starts and appends are all acknowledged

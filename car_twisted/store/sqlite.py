@@ -4,8 +4,9 @@ per second or keep millions of them.
 
 One writer thread owns the write connection and commits in batches (group
 commit): every write that arrives while a commit is in flight joins the next
-transaction, each inside its own savepoint so a refused write fails only its
-caller. Reads run on a small thread pool with their own connections. The
+transaction. A refused write fails only its caller: each write checks before
+it writes, and a write that breaks partway has its batch replayed with a
+savepoint per write. Reads run on a small thread pool with their own connections. The
 database is in WAL mode with C{synchronous=FULL}: a write's Deferred fires
 after the commit holding it is on stable storage.
 """
@@ -25,6 +26,7 @@ from car_twisted.interfaces import (
     IRunStore,
     RunExists,
     RunNotFound,
+    RunStoreError,
     RunSummary,
     RunTerminal,
     TurnLimitReached,
@@ -196,6 +198,10 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
         raise RunDatabaseError(f"cannot open the run database {path}: {e}") from e
 
 
+class _WriteBroke(Exception):
+    """A write failed partway through; its batch must be replayed isolated."""
+
+
 class _Write:
     """One write operation waiting for (or past) the commit that holds it."""
 
@@ -290,19 +296,19 @@ class SQLiteRunStore:
         started = dict(started)
 
         def apply(db):
-            try:
-                seq = db.execute(
-                    "INSERT INTO runs (run_id, agent_id, intent, started_at, status,"
-                    " turn_count, record_count) VALUES (?, ?, ?, ?, 'in_progress', 0, 1)",
-                    (
-                        _blob(started["run_id"]),
-                        _blob(started["agent_id"]),
-                        _blob(started["intent"]),
-                        _blob(started["started_at"]),
-                    ),
-                ).lastrowid
-            except sqlite3.IntegrityError:
+            run_id = _blob(started["run_id"])
+            if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
                 raise RunExists(started["run_id"])
+            seq = db.execute(
+                "INSERT INTO runs (run_id, agent_id, intent, started_at, status,"
+                " turn_count, record_count) VALUES (?, ?, ?, ?, 'in_progress', 0, 1)",
+                (
+                    run_id,
+                    _blob(started["agent_id"]),
+                    _blob(started["intent"]),
+                    _blob(started["started_at"]),
+                ),
+            ).lastrowid
             db.execute(
                 "INSERT INTO records (run, position, body) VALUES (?, 0, ?)",
                 (seq, _encode(started)),
@@ -381,25 +387,61 @@ class SQLiteRunStore:
 
     def _commit(self, batch) -> list:
         """Apply a batch in one transaction; one result or Failure per write."""
+        try:
+            try:
+                outcomes = self._transaction(batch, isolated=False)
+            except _WriteBroke:
+                outcomes = self._transaction(batch, isolated=True)
+        except Exception:
+            # The writer thread must outlive whatever one batch does.
+            outcomes = Failure()
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+        if not isinstance(outcomes, list):
+            return [outcomes] * len(batch)
+        self.commits += 1
+        return outcomes
+
+    def _transaction(self, batch, isolated: bool):
+        """
+        Apply every write of C{batch}, then commit.
+
+        A write refused with a L{RunStoreError} has written nothing (each
+        checks before it writes), so it fails alone. Any other error may
+        have left part of a write behind: unless C{isolated} (each write in
+        its own savepoint), the transaction is rolled back and
+        L{_WriteBroke} raised so the batch can be replayed isolated.
+
+        @return: the outcomes, or a Failure if the commit itself failed.
+        """
         db = self._writer
         outcomes = []
         try:
             db.execute("BEGIN IMMEDIATE")
             for write in batch:
-                db.execute("SAVEPOINT write")
+                if isolated:
+                    db.execute("SAVEPOINT write")
                 try:
                     outcomes.append(write.apply(db))
+                except RunStoreError:
+                    outcomes.append(Failure())
                 except Exception:
+                    if not isolated:
+                        raise _WriteBroke()
                     outcomes.append(Failure())
                     db.execute("ROLLBACK TO write")
-                db.execute("RELEASE write")
+                if isolated:
+                    db.execute("RELEASE write")
             db.execute("COMMIT")
+        except _WriteBroke:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         except sqlite3.Error:
             failure = Failure()
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            return [failure] * len(batch)
-        self.commits += 1
+            return failure
         return outcomes
 
     @staticmethod
