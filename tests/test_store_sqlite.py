@@ -1,8 +1,10 @@
 """The SQLite store: the IRunStore conformance suite, then what is its own."""
 
 import os
+import shutil
 import sqlite3
 import stat
+import tempfile
 import threading
 
 from twisted.internet import reactor
@@ -16,9 +18,16 @@ from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
 from tests.store_conformance import RunStoreConformance, started, turn
 
 
+def fresh_data_dir(case: unittest.TestCase) -> str:
+    """A data dir path that does not exist yet, removed after the test."""
+    parent = tempfile.mkdtemp(prefix="car-sqlite-test-")
+    case.addCleanup(shutil.rmtree, parent)
+    return os.path.join(parent, "data")
+
+
 class SQLiteRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
     def make_store(self):
-        store = SQLiteRunStore(self.mktemp(), reactor)
+        store = SQLiteRunStore(fresh_data_dir(self), reactor)
         self.addCleanup(store.close)
         return store
 
@@ -30,7 +39,7 @@ def store_threads():
 
 class SQLiteRunStoreTests(unittest.TestCase):
     def setUp(self):
-        self.data_dir = self.mktemp()
+        self.data_dir = fresh_data_dir(self)
         self.path = os.path.join(self.data_dir, "runs.sqlite3")
 
     def open(self):
