@@ -21,6 +21,7 @@ from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
+from car_twisted.store.sqlite import SQLiteRunStore
 
 log = Logger()
 
@@ -32,6 +33,7 @@ STORES = {
         reactor, options["data-dir"], options["durability"]
     ),
     "memory": lambda reactor, options: MemoryRunStore(),
+    "sqlite": lambda reactor, options: SQLiteRunStore(options["data-dir"], reactor),
 }
 DEFAULT_STORE = "file"
 

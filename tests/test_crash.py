@@ -130,3 +130,7 @@ class CrashRecovery:
 
 class FileStoreCrashTests(CrashRecovery, unittest.TestCase):
     store = "file"
+
+
+class SQLiteStoreCrashTests(CrashRecovery, unittest.TestCase):
+    store = "sqlite"

@@ -1,0 +1,568 @@
+"""
+A run store in one SQLite database, for deployments that record many runs
+per second or keep millions of them.
+
+One writer thread owns the write connection and commits in batches (group
+commit): every write that arrives while a commit is in flight joins the next
+transaction. A refused write fails only its caller: each write checks before
+it writes, and a write that breaks partway has its batch replayed with a
+savepoint per write. Reads run on a small thread pool with their own connections. The
+database is in WAL mode with C{synchronous=FULL}: a write's Deferred fires
+after the commit holding it is on stable storage.
+"""
+
+import json
+import os
+import sqlite3
+import threading
+
+from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from car_twisted.interfaces import (
+    IRunStore,
+    RunExists,
+    RunNotFound,
+    RunStoreError,
+    RunSummary,
+    RunTerminal,
+    TurnLimitReached,
+    status_of,
+)
+
+DATABASE_NAME = "runs.sqlite3"
+
+#: The schema version this code writes and understands (C{PRAGMA user_version}).
+SCHEMA_VERSION = 1
+
+# Ids and texts come from the network and may hold lone surrogates, which
+# UTF-8 cannot encode: they are kept as BLOBs of their surrogate-passing
+# UTF-8, a one-to-one mapping of every Python string.
+SCHEMA = """
+CREATE TABLE runs (
+    seq INTEGER PRIMARY KEY,
+    run_id BLOB NOT NULL UNIQUE,
+    agent_id BLOB NOT NULL,
+    intent BLOB NOT NULL,
+    started_at BLOB NOT NULL,
+    ended_at BLOB,
+    status TEXT NOT NULL,
+    outcome_status TEXT,
+    turn_count INTEGER NOT NULL,
+    record_count INTEGER NOT NULL
+);
+CREATE INDEX runs_by_agent ON runs (agent_id, seq);
+CREATE INDEX runs_by_agent_status ON runs (agent_id, status, seq);
+CREATE INDEX runs_open ON runs (seq) WHERE status = 'in_progress';
+CREATE TABLE records (
+    run INTEGER NOT NULL REFERENCES runs (seq),
+    position INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (run, position)
+) WITHOUT ROWID;
+"""
+
+_SUMMARY_COLUMNS = (
+    "run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turn_count"
+)
+LIST_RUNS = f"""
+    SELECT seq, {_SUMMARY_COLUMNS} FROM runs
+    WHERE agent_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?
+"""
+LIST_RUNS_WITH_STATUS = f"""
+    SELECT seq, {_SUMMARY_COLUMNS} FROM runs
+    WHERE agent_id = ? AND status = ? AND seq < ? ORDER BY seq DESC LIMIT ?
+"""
+OPEN_RUNS = f"SELECT {_SUMMARY_COLUMNS} FROM runs WHERE status = 'in_progress'"
+READ_RECORDS = """
+    SELECT body FROM records WHERE run = ? AND position >= ? ORDER BY position LIMIT ?
+"""
+
+_MAX_SEQ = 2**63 - 1
+_READERS = 2
+
+
+class RunDatabaseError(Exception):
+    """The run database cannot be used; the message names the file and why."""
+
+
+def _blob(text):
+    return None if text is None else text.encode("utf-8", "surrogatepass")
+
+
+def _text(blob):
+    return None if blob is None else bytes(blob).decode("utf-8", "surrogatepass")
+
+
+def _summary(row) -> RunSummary:
+    run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turns = row
+    return RunSummary(
+        run_id=_text(run_id),
+        agent_id=_text(agent_id),
+        intent=_text(intent),
+        started_at=_text(started_at),
+        ended_at=_text(ended_at),
+        status=status,
+        outcome_status=outcome_status,
+        turn_count=turns,
+    )
+
+
+def _encode(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _parse_cursor(cursor) -> int:
+    """A C{list_runs} cursor: the start sequence the next page starts below."""
+    if cursor is None:
+        return _MAX_SEQ
+    if isinstance(cursor, str) and cursor.isascii() and cursor.isdigit():
+        seq = int(cursor)
+        if 0 < seq <= _MAX_SEQ:
+            return seq
+    raise ValueError(f"unreadable cursor {cursor!r}")
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    # isolation_level=None: this module issues BEGIN / COMMIT itself.
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA busy_timeout = 10000")
+    return connection
+
+
+def open_database(path: str) -> sqlite3.Connection:
+    """
+    Open (creating it, mode 0600, if absent) the run database at C{path} for
+    writing, and bring a fresh one to the current schema.
+
+    @raise RunDatabaseError: the file is not a run database this code can
+        use, or cannot be opened.
+    """
+    try:
+        _create(path)
+        connection = _connect(path)
+    except (OSError, sqlite3.Error) as e:
+        raise RunDatabaseError(f"cannot open the run database {path}: {e}") from e
+    try:
+        _prepare(connection, path)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _create(path: str) -> None:
+    """Create the database file private from the start, its entry durable."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _prepare(connection: sqlite3.Connection, path: str) -> None:
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise RunDatabaseError(
+                    f"{path} is an SQLite database but not a car-twisted run "
+                    "database (it has tables and no schema version); move it "
+                    "away or choose another --data-dir"
+                )
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version > SCHEMA_VERSION:
+            raise RunDatabaseError(
+                f"the run database {path} has schema version {version}, newer "
+                f"than the {SCHEMA_VERSION} this car-twisted understands: it was "
+                "written by a newer release; run that release or upgrade"
+            )
+        connection.execute("COMMIT")
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise RunDatabaseError(f"the run database {path} cannot use WAL mode ({mode})")
+        connection.execute("PRAGMA synchronous = FULL")
+    except sqlite3.Error as e:
+        raise RunDatabaseError(f"cannot open the run database {path}: {e}") from e
+
+
+class _WriteBroke(Exception):
+    """A write failed partway through; its batch must be replayed isolated."""
+
+
+class _Write:
+    """One write operation waiting for (or past) the commit that holds it."""
+
+    def __init__(self, apply):
+        self.apply = apply  # f(connection) -> result, on the writer thread
+        self.deferred = Deferred()
+        self.settled = False
+        self.waiters = []  # Deferreds of reads issued after this write
+
+    def settle(self, outcome) -> None:
+        self.settled = True
+        for waiter in self.waiters:
+            waiter.callback(None)
+        self.waiters = []
+        if isinstance(outcome, Failure):
+            self.deferred.errback(outcome)
+        else:
+            self.deferred.callback(outcome)
+
+    def wait(self) -> Deferred:
+        """A Deferred that fires (with None) once this write is settled."""
+        waiter = Deferred()
+        if self.settled:
+            waiter.callback(None)
+        else:
+            self.waiters.append(waiter)
+        return waiter
+
+
+@implementer(IRunStore)
+class SQLiteRunStore:
+    """
+    Runs in C{<data_dir>/runs.sqlite3}.
+
+    Opening happens in the constructor, before the daemon accepts
+    connections: a database that cannot be used raises L{RunDatabaseError}.
+
+    @param reactor: where results are delivered.
+    @ivar commits: transactions the writer has committed (one per batch).
+    """
+
+    def __init__(self, data_dir: str, reactor):
+        self._reactor = reactor
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self.path = os.path.join(data_dir, DATABASE_NAME)
+        self._writer = open_database(self.path)
+        self.commits = 0
+        # Writes issued on the reactor thread, taken in batches by the writer.
+        self._pending = []
+        self._wake = threading.Condition(threading.RLock())
+        self._stopping = False
+        self._stopped = Deferred()
+        self._thread = threading.Thread(
+            target=self._write_loop, name=f"car-sqlite-writer {self.path}", daemon=True
+        )
+        self._thread.start()
+        self._readers = ThreadPool(0, _READERS, name=f"car-sqlite-reader {self.path}")
+        self._readers.start()
+        self._reader_local = threading.local()
+        self._reader_connections = []
+        self._reader_lock = threading.Lock()
+        self._reads = set()  # Deferreds of reads in flight
+        self._last_write = {}  # run_id -> newest _Write issued on that run
+        self._newest_write = None
+        self._closing = None
+
+    # Writes
+
+    def _submit(self, run_id: str, apply) -> Deferred:
+        if self._closing is not None:
+            return fail(RuntimeError(f"the run store {self.path} is closed"))
+        write = _Write(apply)
+        self._last_write[run_id] = write
+        self._newest_write = write
+
+        def forget(result):
+            if self._last_write.get(run_id) is write:
+                del self._last_write[run_id]
+            if self._newest_write is write:
+                self._newest_write = None
+            return result
+
+        write.deferred.addBoth(forget)
+        with self._wake:
+            self._pending.append(write)
+            self._wake.notify()
+        return write.deferred
+
+    def start_run(self, started):
+        started = dict(started)
+
+        def apply(db):
+            run_id = _blob(started["run_id"])
+            if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
+                raise RunExists(started["run_id"])
+            seq = db.execute(
+                "INSERT INTO runs (run_id, agent_id, intent, started_at, status,"
+                " turn_count, record_count) VALUES (?, ?, ?, ?, 'in_progress', 0, 1)",
+                (
+                    run_id,
+                    _blob(started["agent_id"]),
+                    _blob(started["intent"]),
+                    _blob(started["started_at"]),
+                ),
+            ).lastrowid
+            db.execute(
+                "INSERT INTO records (run, position, body) VALUES (?, 0, ?)",
+                (seq, _encode(started)),
+            )
+
+        return self._submit(started["run_id"], apply)
+
+    @staticmethod
+    def _open_run(db, run_id):
+        """The C{(seq, turn_count, record_count)} of an open run."""
+        row = db.execute(
+            "SELECT seq, status, turn_count, record_count FROM runs WHERE run_id = ?",
+            (_blob(run_id),),
+        ).fetchone()
+        if row is None:
+            raise RunNotFound(run_id)
+        seq, status, turn_count, record_count = row
+        if status != "in_progress":
+            raise RunTerminal(run_id)
+        return seq, turn_count, record_count
+
+    def append_turns(self, run_id, turns, max_turns):
+        turns = [dict(t) for t in turns]
+
+        def apply(db):
+            seq, base, position = self._open_run(db, run_id)
+            if base + len(turns) > max_turns:
+                raise TurnLimitReached(run_id)
+            db.executemany(
+                "INSERT INTO records (run, position, body) VALUES (?, ?, ?)",
+                [
+                    (seq, position + i, _encode(dict(t, index=base + i)))
+                    for i, t in enumerate(turns)
+                ],
+            )
+            db.execute(
+                "UPDATE runs SET turn_count = ?, record_count = ? WHERE seq = ?",
+                (base + len(turns), position + len(turns), seq),
+            )
+            return base
+
+        return self._submit(run_id, apply)
+
+    def end_run(self, run_id, ended):
+        ended = dict(ended)
+        status = status_of(ended)
+        outcome_status = ended["outcome"]["status"] if status == "completed" else None
+
+        def apply(db):
+            seq, _, position = self._open_run(db, run_id)
+            db.execute(
+                "INSERT INTO records (run, position, body) VALUES (?, ?, ?)",
+                (seq, position, _encode(ended)),
+            )
+            db.execute(
+                "UPDATE runs SET status = ?, outcome_status = ?, ended_at = ?,"
+                " record_count = ? WHERE seq = ?",
+                (status, outcome_status, _blob(ended["ended_at"]), position + 1, seq),
+            )
+
+        return self._submit(run_id, apply)
+
+    def _write_loop(self) -> None:
+        """The writer thread: commit whatever is pending, one batch at a time."""
+        while True:
+            with self._wake:
+                while not self._pending and not self._stopping:
+                    self._wake.wait()
+                batch, self._pending = self._pending, []
+            if not batch:
+                break
+            outcomes = self._commit(batch)
+            self._reactor.callFromThread(self._settle, batch, outcomes)
+        self._writer.close()
+        self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _commit(self, batch) -> list:
+        """Apply a batch in one transaction; one result or Failure per write."""
+        try:
+            try:
+                outcomes = self._transaction(batch, isolated=False)
+            except _WriteBroke:
+                outcomes = self._transaction(batch, isolated=True)
+        except Exception:
+            # The writer thread must outlive whatever one batch does.
+            outcomes = Failure()
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+        if not isinstance(outcomes, list):
+            return [outcomes] * len(batch)
+        self.commits += 1
+        return outcomes
+
+    def _transaction(self, batch, isolated: bool):
+        """
+        Apply every write of C{batch}, then commit.
+
+        A write refused with a L{RunStoreError} has written nothing (each
+        checks before it writes), so it fails alone. Any other error may
+        have left part of a write behind: unless C{isolated} (each write in
+        its own savepoint), the transaction is rolled back and
+        L{_WriteBroke} raised so the batch can be replayed isolated.
+
+        @return: the outcomes, or a Failure if the commit itself failed.
+        """
+        db = self._writer
+        outcomes = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                if isolated:
+                    db.execute("SAVEPOINT write")
+                try:
+                    outcomes.append(write.apply(db))
+                except RunStoreError:
+                    outcomes.append(Failure())
+                except Exception:
+                    if not isolated:
+                        raise _WriteBroke()
+                    outcomes.append(Failure())
+                    db.execute("ROLLBACK TO write")
+                if isolated:
+                    db.execute("RELEASE write")
+            db.execute("COMMIT")
+        except _WriteBroke:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        except sqlite3.Error:
+            failure = Failure()
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            return failure
+        return outcomes
+
+    @staticmethod
+    def _settle(batch, outcomes) -> None:
+        for write, outcome in zip(batch, outcomes):
+            write.settle(outcome)
+
+    # Reads
+
+    def _read(self, after, query, *args) -> Deferred:
+        """
+        Run C{query(connection, *args)} on a reader thread once the write
+        C{after} (if any) is settled, so reads see the writes issued before
+        them.
+        """
+        if self._closing is not None:
+            return fail(RuntimeError(f"the run store {self.path} is closed"))
+
+        async def read():
+            if after is not None:
+                await after.wait()
+            return await deferToThreadPool(
+                self._reactor, self._readers, self._in_read_transaction, query, args
+            )
+
+        d = Deferred.fromCoroutine(read())
+        self._reads.add(d)
+
+        def done(result):
+            self._reads.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    def _in_read_transaction(self, query, args):
+        connection = getattr(self._reader_local, "connection", None)
+        if connection is None:
+            connection = _connect(self.path)
+            connection.execute("PRAGMA query_only = ON")
+            with self._reader_lock:
+                self._reader_connections.append(connection)
+            self._reader_local.connection = connection
+        connection.execute("BEGIN")
+        try:
+            return query(connection, *args)
+        finally:
+            connection.execute("COMMIT")
+
+    def get_run(self, run_id):
+        return self._read(self._last_write.get(run_id), self._get_run, run_id)
+
+    @staticmethod
+    def _get_run(db, run_id):
+        row = db.execute(
+            f"SELECT {_SUMMARY_COLUMNS} FROM runs WHERE run_id = ?", (_blob(run_id),)
+        ).fetchone()
+        return None if row is None else _summary(row)
+
+    def read_records(self, run_id, cursor, limit):
+        return self._read(
+            self._last_write.get(run_id), self._read_records, run_id, cursor, limit
+        )
+
+    @staticmethod
+    def _read_records(db, run_id, cursor, limit):
+        row = db.execute("SELECT seq FROM runs WHERE run_id = ?", (_blob(run_id),)).fetchone()
+        if row is None:
+            raise RunNotFound(run_id)
+        records = [
+            json.loads(body)
+            for (body,) in db.execute(READ_RECORDS, (row[0], cursor, limit))
+        ]
+        return records, cursor + len(records)
+
+    def list_runs(self, agent_id, cursor, limit, status):
+        try:
+            below = _parse_cursor(cursor)
+        except ValueError as e:
+            return fail(e)
+        return self._read(
+            self._newest_write, self._list_runs, _blob(agent_id), below, limit, status
+        )
+
+    @staticmethod
+    def _list_runs(db, agent, below, limit, status):
+        if status is None:
+            rows = db.execute(LIST_RUNS, (agent, below, limit + 1)).fetchall()
+        else:
+            rows = db.execute(LIST_RUNS_WITH_STATUS, (agent, status, below, limit + 1)).fetchall()
+        page = [_summary(row[1:]) for row in rows[:limit]]
+        next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
+        return page, next_cursor
+
+    def open_runs(self):
+        return self._read(self._newest_write, self._open_runs)
+
+    @staticmethod
+    def _open_runs(db):
+        return [_summary(row) for row in db.execute(OPEN_RUNS)]
+
+    # Closing
+
+    def close(self):
+        if self._closing is None:
+            self._closing = Deferred.fromCoroutine(self._close())
+        closed = Deferred()
+
+        def share(result):
+            closed.callback(result)
+
+        self._closing.addBoth(share)
+        return closed
+
+    async def _close(self):
+        await DeferredList(list(self._reads))
+        # The readers are idle now, so joining their threads is immediate.
+        self._readers.stop()
+        with self._reader_lock:
+            for connection in self._reader_connections:
+                connection.close()
+            self._reader_connections = []
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        await self._stopped
+        self._thread.join()

@@ -1,0 +1,334 @@
+"""The SQLite store: the IRunStore conformance suite, then what is its own."""
+
+import os
+import shutil
+import sqlite3
+import stat
+import tempfile
+import threading
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.trial import unittest
+
+from car_twisted.interfaces import RunExists, RunNotFound, RunTerminal, TurnLimitReached
+from car_twisted.records import ended_record
+from car_twisted.store import sqlite as sqlite_store
+from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
+from tests.store_conformance import RunStoreConformance, started, turn
+
+
+def fresh_data_dir(case: unittest.TestCase) -> str:
+    """A data dir path that does not exist yet, removed after the test."""
+    parent = tempfile.mkdtemp(prefix="car-sqlite-test-")
+    case.addCleanup(shutil.rmtree, parent)
+    return os.path.join(parent, "data")
+
+
+class SQLiteRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
+    def make_store(self):
+        store = SQLiteRunStore(fresh_data_dir(self), reactor)
+        self.addCleanup(store.close)
+        return store
+
+
+def store_threads():
+    """The running threads of SQLite stores: the writer and the reader pool."""
+    return {t for t in threading.enumerate() if "car-sqlite-" in t.name}
+
+
+class SQLiteRunStoreTests(unittest.TestCase):
+    def setUp(self):
+        self.data_dir = fresh_data_dir(self)
+        self.path = os.path.join(self.data_dir, "runs.sqlite3")
+
+    def open(self):
+        store = SQLiteRunStore(self.data_dir, reactor)
+        self.addCleanup(store.close)
+        return store
+
+    async def test_reopen_serves_reads(self):
+        """A store reopened on the same data dir serves every record, summary,
+        listing and open run the first one acknowledged."""
+        store = self.open()
+        finished, still_open = started(intent="finished"), started(intent="open")
+        await store.start_run(finished)
+        await store.append_turns(finished["run_id"], [turn("1"), turn("2")], 10)
+        outcome = {"status": "give_up", "summary": "", "evidence": [], "metrics": {}, "timestamp": "t"}
+        await store.end_run(finished["run_id"], ended_record("outcome", outcome=outcome))
+        await store.start_run(still_open)
+        before = await store.read_records(finished["run_id"], 0, 10)
+        await store.close()
+
+        store = self.open()
+        self.assertEqual(await store.read_records(finished["run_id"], 0, 10), before)
+        summary = await store.get_run(finished["run_id"])
+        self.assertEqual(
+            (summary.status, summary.outcome_status, summary.turn_count),
+            ("completed", "give_up", 2),
+        )
+        page, _ = await store.list_runs("agent-a", None, 10, None)
+        self.assertEqual([s.intent for s in page], ["open", "finished"])
+        self.assertEqual([s.run_id for s in await store.open_runs()], [still_open["run_id"]])
+
+    async def test_newer_schema_refused(self):
+        """A database written by a newer schema version is refused with a
+        message naming the file and both versions, and left untouched."""
+        await self.open().close()
+        with sqlite3.connect(self.path) as db:
+            db.execute(f"PRAGMA user_version = {sqlite_store.SCHEMA_VERSION + 1}")
+        with self.assertRaises(RunDatabaseError) as caught:
+            SQLiteRunStore(self.data_dir, reactor)
+        message = str(caught.exception)
+        self.assertIn(self.path, message)
+        self.assertIn(f"schema version {sqlite_store.SCHEMA_VERSION + 1}", message)
+        with sqlite3.connect(self.path) as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        self.assertEqual(version, sqlite_store.SCHEMA_VERSION + 1)
+
+    def test_garbage_file_refused(self):
+        """A file that is not an SQLite database is a clear error naming it,
+        and is left as it was (never replaced by an empty store)."""
+        os.makedirs(self.data_dir)
+        garbage = b"these are not the runs you are looking for\n" * 200
+        with open(self.path, "wb") as f:
+            f.write(garbage)
+        with self.assertRaises(RunDatabaseError) as caught:
+            SQLiteRunStore(self.data_dir, reactor)
+        self.assertIn(self.path, str(caught.exception))
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), garbage)
+
+    def test_foreign_database_refused(self):
+        """An SQLite database of some other program is refused, not adopted."""
+        os.makedirs(self.data_dir)
+        with sqlite3.connect(self.path) as db:
+            db.execute("CREATE TABLE accounts (name TEXT)")
+        with self.assertRaises(RunDatabaseError) as caught:
+            SQLiteRunStore(self.data_dir, reactor)
+        self.assertIn("not a car-twisted run database", str(caught.exception))
+
+    def test_unopenable_path_refused(self):
+        """A directory where the database file should be is a clear error
+        naming the path."""
+        os.makedirs(self.path)
+        with self.assertRaises(RunDatabaseError) as caught:
+            SQLiteRunStore(self.data_dir, reactor)
+        self.assertIn(self.path, str(caught.exception))
+
+    async def test_private_files(self):
+        """The data dir is created 0700 and the database and its WAL 0600."""
+        store = self.open()
+        await store.start_run(started())
+        self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
+        for name in ["runs.sqlite3", "runs.sqlite3-wal"]:
+            mode = os.stat(os.path.join(self.data_dir, name)).st_mode
+            self.assertEqual(stat.S_IMODE(mode), 0o600, name)
+
+    async def test_durability_settings(self):
+        """The database is in WAL mode, and the writer syncs every commit."""
+        store = self.open()
+        await store.start_run(started())
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(
+            store._writer.execute("PRAGMA synchronous").fetchone()[0], 2  # FULL
+        )
+
+    async def test_refused_writes_fail_alone_in_a_batch(self):
+        """Writes refused inside one group commit fail only their own caller;
+        the rest of the batch commits."""
+        store = self.open()
+        await store.start_run(started(run_id="seed"))
+        commits = store.commits
+        # Holding the writer's lock makes every write below join one batch.
+        with store._wake:
+            writes = [
+                store.start_run(started(run_id="a")),
+                store.start_run(started(run_id="a", intent="again")),
+                store.append_turns("ghost", [turn()], 10),
+                store.append_turns("a", [turn("1"), turn("2")], 10),
+                store.append_turns("a", [turn()] * 9, 10),
+                store.end_run("a", ended_record("incomplete", reason="x")),
+                store.append_turns("a", [turn()], 10),
+                store.start_run(started(run_id="b")),
+            ]
+        outcomes = await gatherResults(
+            [d.addErrback(lambda f: f.trap(RunExists, RunNotFound, RunTerminal, TurnLimitReached))
+             for d in writes],
+            consumeErrors=True,
+        )
+        self.assertEqual(
+            outcomes,
+            [None, RunExists, RunNotFound, 0, TurnLimitReached, None, RunTerminal, None],
+        )
+        self.assertEqual(store.commits, commits + 1)
+        records, _ = await store.read_records("a", 0, 10)
+        self.assertEqual([r["record"] for r in records], ["started", "turn", "turn", "ended"])
+        self.assertEqual(records[0]["intent"], "do it")
+        self.assertEqual((await store.get_run("a")).turn_count, 2)
+        self.assertIsNotNone(await store.get_run("b"))
+
+    async def test_write_broken_partway_leaves_no_trace(self):
+        """A write that fails after it began writing (here: an ended record
+        without its timestamp) fails alone and leaves nothing behind; the
+        writes batched with it, before and after, still commit."""
+        store = self.open()
+        await store.start_run(started(run_id="seed"))
+        commits = store.commits
+        malformed = {"record": "ended", "termination": "incomplete", "reason": "x"}
+        with store._wake:
+            writes = [
+                store.start_run(started(run_id="a")),
+                store.end_run("a", malformed),
+                store.append_turns("a", [turn()], 10),
+                store.start_run(started(run_id="a")),
+                store.start_run(started(run_id="b")),
+            ]
+        outcomes = await gatherResults(
+            [d.addErrback(lambda f: f.trap(KeyError, RunExists)) for d in writes],
+            consumeErrors=True,
+        )
+        self.assertEqual(outcomes, [None, KeyError, 0, RunExists, None])
+        self.assertEqual(store.commits, commits + 1)
+        records, _ = await store.read_records("a", 0, 10)
+        self.assertEqual([r["record"] for r in records], ["started", "turn"])
+        self.assertEqual((await store.get_run("a")).status, "in_progress")
+        self.assertIsNotNone(await store.get_run("b"))
+        self.assertEqual(await store.end_run("a", ended_record("incomplete", reason="y")), None)
+
+    async def test_database_refusing_writes(self):
+        """When the database refuses every write, each write fails with the
+        database's error instead of hanging, reads still work, and writing
+        resumes once the database accepts writes again."""
+        store = self.open()
+        await store.start_run(started(run_id="a"))
+        with store._wake:
+            store._writer.execute("PRAGMA query_only = ON")
+            writes = [store.start_run(started(run_id="b")), store.append_turns("a", [turn()], 5)]
+        for write in writes:
+            with self.assertRaises(sqlite3.OperationalError):
+                await write
+        self.assertEqual((await store.get_run("a")).turn_count, 0)
+        self.assertIsNone(await store.get_run("b"))
+        with store._wake:
+            store._writer.execute("PRAGMA query_only = OFF")
+        await store.start_run(started(run_id="b"))
+        self.assertEqual(await store.append_turns("a", [turn()], 5), 0)
+
+    async def test_many_concurrent_writers(self):
+        """Hundreds of concurrent starts and appends are all acknowledged
+        and all present, each run with its own turns in order."""
+        store = self.open()
+        records = [started(intent=str(i)) for i in range(300)]
+        acks = []
+        for record in records:
+            acks.append(store.start_run(record))
+            acks.append(store.append_turns(record["run_id"], [turn(record["intent"])], 5))
+            acks.append(store.append_turns(record["run_id"], [turn("second")], 5))
+        self.assertEqual(await gatherResults(acks), [None, 0, 1] * 300)
+        seen, cursor = [], None
+        while True:
+            page, cursor = await store.list_runs("agent-a", cursor, 500, None)
+            seen.extend(page)
+            if cursor is None:
+                break
+        self.assertEqual([s.run_id for s in seen], [r["run_id"] for r in reversed(records)])
+        self.assertEqual({s.turn_count for s in seen}, {2})
+        trace, _ = await store.read_records(records[123]["run_id"], 0, 10)
+        self.assertEqual([r.get("prompt") for r in trace[1:]], ["123", "second"])
+
+    async def test_reads_see_earlier_writes(self):
+        """A read issued right after a write it does not wait for still sees
+        that write: calls take effect in call order."""
+        store = self.open()
+        record = started()
+        store.start_run(record)
+        store.append_turns(record["run_id"], [turn()], 5)
+        summary = await store.get_run(record["run_id"])
+        self.assertEqual(summary.turn_count, 1)
+        other = started()
+        store.start_run(other)
+        page, _ = await store.list_runs("agent-a", None, 10, None)
+        self.assertEqual(page[0].run_id, other["run_id"])
+        store.end_run(other["run_id"], ended_record("incomplete", reason="x"))
+        self.assertEqual([s.run_id for s in await store.open_runs()], [record["run_id"]])
+
+    async def test_newest_first_by_start_not_by_id(self):
+        """Runs list in start order even when their ids (idempotency keys)
+        sort the other way."""
+        store = self.open()
+        for run_id in ["zzz", "mmm", "aaa"]:
+            await store.start_run(started(run_id=run_id))
+        page, _ = await store.list_runs("agent-a", None, 10, None)
+        self.assertEqual([s.run_id for s in page], ["aaa", "mmm", "zzz"])
+
+    async def test_cursor_is_stable_under_new_runs(self):
+        """Runs started between two pages neither shift nor repeat the next
+        page: the cursor is a position in start order, not an offset."""
+        store = self.open()
+        ids = []
+        for _ in range(4):
+            record = started()
+            await store.start_run(record)
+            ids.append(record["run_id"])
+        first, cursor = await store.list_runs("agent-a", None, 2, None)
+        await store.start_run(started())
+        second, cursor = await store.list_runs("agent-a", cursor, 2, None)
+        self.assertEqual([s.run_id for s in first + second], ids[::-1])
+        self.assertIsNone(cursor)
+
+    async def test_unencodable_ids_round_trip(self):
+        """Ids and texts with lone surrogates (valid JSON escapes, invalid
+        UTF-8) are stored and found under exactly their own value."""
+        store = self.open()
+        record = started(run_id="run-\ud800", agent_id="agent-\udfff", intent="\udc80")
+        await store.start_run(record)
+        await store.append_turns(record["run_id"], [turn("\ud83d")], 5)
+        page, _ = await store.list_runs("agent-\udfff", None, 10, None)
+        self.assertEqual([(s.run_id, s.intent) for s in page], [("run-\ud800", "\udc80")])
+        records, _ = await store.read_records("run-\ud800", 0, 10)
+        self.assertEqual(records[1]["prompt"], "\ud83d")
+        self.assertIsNone(await store.get_run("run-\udc00"))
+
+    def test_queries_use_indexes(self):
+        """Listing (with and without a status), open-run discovery and trace
+        reads each search their own index, in index order, so they stay fast
+        at millions of runs."""
+        store = SQLiteRunStore(self.data_dir, reactor)
+        self.addCleanup(store.close)
+        for query, args, index in [
+            (sqlite_store.LIST_RUNS, (b"a", 10, 5), "INDEX runs_by_agent (agent_id=? AND seq<?)"),
+            (
+                sqlite_store.LIST_RUNS_WITH_STATUS,
+                (b"a", "completed", 10, 5),
+                "INDEX runs_by_agent_status (agent_id=? AND status=? AND seq<?)",
+            ),
+            (sqlite_store.OPEN_RUNS, (), "INDEX runs_open"),
+            (sqlite_store.READ_RECORDS, (1, 0, 5), "PRIMARY KEY (run=? AND position>?)"),
+        ]:
+            plan = [row[-1] for row in store._writer.execute("EXPLAIN QUERY PLAN " + query, args)]
+            self.assertEqual(len(plan), 1, plan)
+            self.assertTrue(plan[0].endswith("USING " + index), plan)
+
+    async def test_close_drains_and_leaves_no_threads(self):
+        """close acknowledges every pending write, then leaves no store
+        thread running; later calls fail instead of hanging."""
+        before = store_threads()
+        store = SQLiteRunStore(self.data_dir, reactor)
+        await store.get_run("start a reader thread")
+        self.assertEqual(
+            sorted(t.name.split()[0] for t in store_threads() - before),
+            ["PoolThread-car-sqlite-reader", "car-sqlite-writer"],
+        )
+        pending = [store.start_run(started()) for _ in range(20)]
+        await store.close()
+        self.assertEqual(await gatherResults(pending), [None] * 20)
+        self.assertEqual(store_threads() - before, set())
+        with self.assertRaises(RuntimeError):
+            await store.get_run("x")
+        with self.assertRaises(RuntimeError):
+            await store.start_run(started())
+        store = self.open()
+        page, _ = await store.list_runs("agent-a", None, 50, None)
+        self.assertEqual(len(page), 20)
