@@ -6,7 +6,7 @@ import hashlib
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial import unittest
 
-from tests.support import SUCCESS_OUTCOME, serve
+from tests.support import SUCCESS_OUTCOME, AuthDaemon, serve, wait_for
 
 START = {"agent_id": "agent-a", "intent": "do it"}
 
@@ -145,3 +145,44 @@ class ResumeTests(unittest.TestCase):
         ws, _ = await self.claimant(daemon, "agent-b")
         refused = await ws.call_raw("runs.resume", {"run_id": run_id})
         self.assertEqual(refused["error"]["message"], f"unknown run {run_id!r}")
+
+
+class NegotiatedOverTheWireTests(unittest.TestCase):
+    """The same features reached as a harness does: session.auth, then
+    server.handshake, on a daemon with auth on."""
+
+    async def negotiated(self, auth, agent_id, *capabilities):
+        ws = await auth.agent(agent_id)
+        answer = await ws.call(
+            "server.handshake",
+            {"protocol_version": 3, "client_version": "harness/1", "optional_capabilities": list(capabilities)},
+        )
+        self.assertEqual(answer["negotiated_capabilities"], sorted(capabilities))
+        return ws
+
+    async def test_resume_after_drop_then_complete(self):
+        """An agent negotiates resume, drops mid-run, reconnects, resumes
+        within the lease and completes: the run ends success."""
+        auth = await AuthDaemon.serve(self)
+        first = await self.negotiated(auth, "agent-A", "runs.resume.v1")
+        run_id = (await first.call("runs.start", {"intent": "long job"}))["run_id"]
+        await first.drop()
+        await wait_for(lambda: not auth.daemon.registry.sessions, "the drop")
+        auth.daemon.clock.advance(5)
+        second = await self.negotiated(auth, "agent-A", "runs.resume.v1")
+        resumed = await second.call("runs.resume", {"run_id": run_id})
+        self.assertEqual(resumed["run_id"], run_id)
+        await second.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+        self.assertEqual((await auth.daemon.store.get_run(run_id)).status, "completed")
+
+    async def test_host_cancels_after_handshake(self):
+        """The host, having negotiated runs.cancel.v1, cancels an agent's
+        open run; the agent's next turns are dropped as run_terminal."""
+        auth = await AuthDaemon.serve(self)
+        ws, run_id = await auth.start_run("agent-A")
+        host = await auth.host()
+        await host.call("server.handshake", {"protocol_version": 3, "required_capabilities": ["runs.cancel.v1"]})
+        answer = await host.call("runs.cancel", {"run_id": run_id, "idempotency_key": "stop-1", "reason": "operator"})
+        self.assertEqual(answer["status"], "cancelled_confirmed")
+        dropped = await ws.call("runs.record_turns", {"run_id": run_id, "turns": [{}]})
+        self.assertEqual(dropped["dropped"], "run_terminal")
