@@ -307,9 +307,11 @@ class RunRegistry:
         summary = await self._visible_run(session, run_id)
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
-        if summary.status != "in_progress":
-            raise RunRefused(f"run {run_id} already ended ({summary.status})")
-        raise RunRefused(f"run {run_id} is being recorded by another session")
+        if run_id in self._live:
+            raise RunRefused(f"run {run_id} is being recorded by another session")
+        # Not live: ended, or its terminal record is being written.
+        status = "" if summary.status == "in_progress" else f" ({summary.status})"
+        raise RunRefused(f"run {run_id} already ended{status}")
 
     async def complete(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)
@@ -343,8 +345,7 @@ class RunRegistry:
         """Append turn records; a run that cannot take them says why."""
         live = self._writable(session, run_id)
         if live is None:
-            summary = await self._visible_run(session, run_id)
-            ended = summary is not None and summary.status != "in_progress"
+            ended = run_id not in self._live and await self._visible_run(session, run_id)
             return _dropped(run_id, "run_terminal" if ended else "run_not_found")
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
@@ -390,10 +391,14 @@ class RunRegistry:
         summary = await self._visible_run(session, run_id)
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
-        if summary.status == "in_progress":
-            raise RunRefused(f"run {run_id} is being recorded by another session")
-        (ended,), _ = await self.store.read_records(run_id, summary.turn_count + 1, 1)
-        repeated = ended.get("idempotency_key") == key and ended.get("reason_digest") == digest
+        if run_id in self._live:
+            raise RunRefused(
+                f"run {run_id} may be cancelled only by its producer, its agent or the host"
+            )
+        ended, _ = await self.store.read_records(run_id, summary.turn_count + 1, 1)
+        repeated = any(
+            r.get("idempotency_key") == key and r.get("reason_digest") == digest for r in ended
+        )
         return {**answer, "status": "cancelled_confirmed" if repeated else "already_terminal"}
 
     async def resume(self, session: Session, params: dict) -> dict:

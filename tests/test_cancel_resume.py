@@ -67,7 +67,7 @@ class CancelTests(unittest.TestCase):
 
     async def test_stranger_cannot_cancel(self):
         """A session that neither produces the run nor is bound to its agent
-        cannot cancel it; a host can."""
+        cannot cancel it (one that may read it is told why); a host can."""
         daemon, ws, run_id = await self.setup_run()
         stranger = await daemon.connect()
         session = newest_session(daemon)
@@ -76,7 +76,10 @@ class CancelTests(unittest.TestCase):
         params = {"run_id": run_id, "idempotency_key": "k"}
         refused = await stranger.call_raw("runs.cancel", params)
         self.assertEqual(refused["error"]["message"], f"unknown run {run_id!r}")
-        session.agent_id, session.role = None, "host"
+        session.agent_id = None
+        reader = await stranger.call_raw("runs.cancel", params)
+        self.assertIn("only by its producer, its agent or the host", reader["error"]["message"])
+        session.role = "host"
         self.assertEqual((await stranger.call("runs.cancel", params))["status"], "cancelled_confirmed")
 
 

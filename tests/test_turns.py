@@ -3,7 +3,8 @@
 from twisted.trial import unittest
 
 from car_twisted.records import MAX_TEXT, TRUNCATION_MARKER
-from tests.support import SUCCESS_OUTCOME, serve
+from car_twisted.store.memory import MemoryRunStore
+from tests.support import SUCCESS_OUTCOME, HeldStore, serve
 
 START = {"agent_id": "agent-a", "intent": "do it"}
 
@@ -60,6 +61,19 @@ class RecordTurnsTests(unittest.TestCase):
         ended = await ws.call("runs.record_turns", {"run_id": run_id, "turns": [{}]})
         self.assertEqual(ended["dropped"], "run_terminal")
         self.assertEqual((await daemon.store.get_run(run_id)).turn_count, 0)
+
+    async def test_turns_sent_after_complete_are_run_terminal(self):
+        """Turns that arrive after the run's runs.complete, while its terminal
+        record is still being written, are dropped as run_terminal."""
+        store = HeldStore(MemoryRunStore(), "end_run")
+        daemon = await serve(self, store=store)
+        ws = await daemon.connect()
+        run_id = (await ws.call("runs.start", START))["run_id"]
+        complete_id = ws.request("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+        late = await ws.call("runs.record_turns", {"run_id": run_id, "turns": [{}]})
+        self.assertEqual(late["dropped"], "run_terminal")
+        store.release()
+        self.assertEqual((await ws.receive())["id"], complete_id)
 
     async def test_turn_limit_per_run(self):
         """Past 2000 turns a run answers run_turn_limit; the turns before
