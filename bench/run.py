@@ -15,7 +15,7 @@ Sections:
   throughput  runs.start/s, memory store against the echo server:
               50 connections x 1 in flight, 1 connection x 100 pipelined
   latency     p50/p99 of sequential round trips, memory store and echo
-  stores      durable runs.start/s of file and sqlite against memory:
+  stores      durable runs.start/s of each of --stores (file, sqlite) against memory:
               1 and 50 connections x 1, 1 connection x 100 pipelined
   sessions    RSS per idle session at --sessions connections, daemon and echo
   storm       --sessions sessions with an open run drop at once: time until
@@ -162,7 +162,7 @@ class Suite:
         result = load(
             "throughput", server.port, timeout=args.warmup + args.seconds + 60,
             connections=connections, depth=depth, seconds=args.seconds, warmup=args.warmup,
-            server_pid=server.pid,
+            agents=args.agents, server_pid=server.pid,
         )  # fmt: skip
         print(
             f"  {server.name:>7} {connections:>3} conn x {depth:>3}: {result['per_second']:>9,.0f}/s"
@@ -184,13 +184,7 @@ class Suite:
                     rounds.setdefault((server.name, connections, depth), []).append(
                         self.rate(server, connections, depth)
                     )
-        return {
-            key: {
-                field: statistics.median(r[field] for r in results)
-                for field in ("per_second", "client_cpu", "server_cpu")
-            }
-            for key, results in rounds.items()
-        }
+        return {key: Rate(results) for key, results in rounds.items()}
 
     # Sections
 
@@ -202,15 +196,15 @@ class Suite:
             e, m = medians["echo", connections, depth], medians["memory", connections, depth]
             self.figure(
                 f"runs.start {connections} conn x {depth}, memory store",
-                f"{m['per_second']:,.0f}/s (echo {e['per_second']:,.0f}/s)",
+                f"{m} (echo {e})",
                 ">= 0.85x echo",
-                f"{m['per_second'] / e['per_second']:.2f}x echo",
+                f"{m.per_second / e.per_second:.2f}x echo",
             )
             self.figure(
-                f"  CPU at {connections} conn x {depth} (of one core)",
-                f"daemon {m['server_cpu']:.2f}, echo {e['server_cpu']:.2f}",
+                f"  CPU at {connections} conn x {depth}, of one core",
+                f"daemon {m.server_cpu:.2f}, echo {e.server_cpu:.2f}",
                 "-",
-                f"load gen {m['client_cpu']:.2f} / {e['client_cpu']:.2f}",
+                f"load gen {m.client_cpu:.2f} / {e.client_cpu:.2f}",
             )
 
     def latency(self) -> None:
@@ -232,20 +226,20 @@ class Suite:
             )
 
     def stores(self) -> None:
-        names = ["memory", "file", "sqlite"]
+        names = ["memory", *self.args.stores.split(",")]
         servers = [self.server(name, name) for name in names]
         shapes = [(1, 1), (50, 1), (1, 100)]
         medians = self.rates(servers, shapes)
         goals = {("file", 50, 1): ">= 0.5x memory", ("sqlite", 50, 1): ">= 0.7x memory"}
         for connections, depth in shapes:
-            base = medians["memory", connections, depth]["per_second"]
+            base = medians["memory", connections, depth]
             for name in names[1:]:
                 value = medians[name, connections, depth]
                 self.figure(
                     f"durable runs.start {connections} conn x {depth}, {name}",
-                    f"{value['per_second']:,.0f}/s (memory {base:,.0f}/s)",
+                    f"{value} (memory {base})",
                     goals.get((name, connections, depth), "-"),
-                    f"{value['per_second'] / base:.2f}x memory",
+                    f"{value.per_second / base.per_second:.2f}x memory",
                 )
 
     def sessions(self) -> None:
@@ -311,6 +305,21 @@ class Suite:
 
     def auth(self) -> None:
         subprocess.run([sys.executable, os.path.join(BENCH, "auth_sessions.py")], check=True, timeout=600)
+
+
+class Rate:
+    """The median of throughput rounds, and the range they spanned."""
+
+    def __init__(self, results: list):
+        rates = [r["per_second"] for r in results]
+        self.per_second = statistics.median(rates)
+        self.low, self.high = min(rates), max(rates)
+        self.client_cpu = statistics.median(r["client_cpu"] for r in results)
+        self.server_cpu = statistics.median(r["server_cpu"] for r in results)
+
+    def __str__(self):
+        spread = f" [{self.low:,.0f}-{self.high:,.0f}]" if self.low != self.high else ""
+        return f"{self.per_second:,.0f}/s{spread}"
 
 
 class Holder:
@@ -421,6 +430,8 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per throughput round")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each round")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per server and shape (median counts)")
+    parser.add_argument("--stores", default="file,sqlite", help="durable stores measured against memory")
+    parser.add_argument("--agents", type=int, default=0, help="distinct agent ids per round (0: one per connection)")
     parser.add_argument("--count", type=int, default=5000, help="sequential round trips (latency)")
     parser.add_argument("--sessions", type=int, default=5000, help="sessions (sessions, storm)")
     parser.add_argument("--grace", type=float, default=None, help="--grace of the sessions/storm daemon")
@@ -429,7 +440,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="every default section, tiny and short")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seconds, args.warmup, args.repeat, args.count, args.sessions = 0.3, 0.1, 1, 50, 20
+        args.seconds, args.warmup, args.repeat, args.count, args.sessions = 0.2, 0.1, 1, 50, 20
     sections = args.sections.split(",")
     unknown = set(sections) - set(DEFAULT_SECTIONS + EXTRA_SECTIONS)
     if unknown:
