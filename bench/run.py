@@ -48,6 +48,7 @@ import wsload  # noqa: E402
 
 DEFAULT_SECTIONS = ["throughput", "latency", "stores", "sessions", "storm"]
 EXTRA_SECTIONS = ["list", "auth"]
+SECTION_METHODS = {"list": "sqlite_list"}
 LISTEN = "tcp:0:interface=127.0.0.1:backlog=1024"
 _PORT = re.compile(rb"(?:car-twisted listening on .*port=|echo listening on port )(\d+)")
 
@@ -299,7 +300,7 @@ class Suite:
     def _grace(self):
         return [] if self.args.grace is None else ["--grace", str(self.args.grace)]
 
-    def list(self) -> None:
+    def sqlite_list(self) -> None:
         script = os.path.join(BENCH, "bench_sqlite_list.py")
         subprocess.run([sys.executable, script, "--runs", str(self.args.list_runs)], check=True, timeout=1800)
 
@@ -452,7 +453,7 @@ def main(argv=None):
     try:
         for section in sections:
             print(f"[{section}]", flush=True)
-            getattr(suite, section)()
+            getattr(suite, SECTION_METHODS.get(section, section))()
     finally:
         suite.stop()
         shutil.rmtree(workdir)
