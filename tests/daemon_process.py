@@ -1,7 +1,6 @@
 """
 The real daemon (``twistd -n car``) in a child process, for tests that kill
-it and for the benchmark. Any ``--store`` name works: the same harness runs
-every store.
+it. Any ``--store`` name works: the same harness runs every store.
 """
 
 import os

@@ -1,0 +1,466 @@
+"""
+The benchmark suite: one command, every figure with its goal and ratio.
+
+    .venv/bin/python bench/run.py                       # everything, about 3 minutes
+    .venv/bin/python bench/run.py --sections stores     # one section
+    .venv/bin/python bench/run.py --smoke               # every section, tiny (seconds)
+
+Each server (the daemon with a given store, or the plain Autobahn echo
+server it is measured against) runs in its own process on an ephemeral
+port of 127.0.0.1; the load comes from other processes (bench/wsload.py).
+Everything is bounded in time and count; servers are stopped and their data
+removed at the end. Not a test: it prints figures, nothing passes or fails.
+
+Sections:
+  throughput  runs.start/s, memory store against the echo server:
+              50 connections x 1 in flight, 1 connection x 100 pipelined
+  latency     p50/p99 of sequential round trips, memory store and echo
+  stores      durable runs.start/s of each of --stores (file, sqlite) against memory:
+              1 and 50 connections x 1, 1 connection x 100 pipelined
+  sessions    RSS per idle session at --sessions connections, daemon and echo
+  storm       --sessions sessions with an open run drop at once: time until
+              all are ended incomplete, and the daemon's delayed calls left
+  list        (not in the default run) SQLite list_runs at 100 vs --list-runs
+              runs, via bench/bench_sqlite_list.py
+  auth        (not in the default run) bench/auth_sessions.py
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+
+import wsload  # noqa: E402
+
+DEFAULT_SECTIONS = ["throughput", "latency", "stores", "sessions", "storm"]
+EXTRA_SECTIONS = ["list", "auth"]
+SECTION_METHODS = {"list": "sqlite_list"}
+LISTEN = "tcp:0:interface=127.0.0.1:backlog=1024"
+_PORT = re.compile(rb"(?:car-twisted listening on .*port=|echo listening on port )(\d+)")
+
+
+class Server:
+    """A server process on 127.0.0.1 (the daemon, or the echo server)."""
+
+    def __init__(self, name: str, command: list, workdir: str):
+        self.name = name
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )  # fmt: skip
+        self.pid = self.process.pid
+        self.port = self._wait_for_port()
+
+    @classmethod
+    def daemon(cls, name, store, workdir, extra=()):
+        data_dir = os.path.join(workdir, f"{name}-data")
+        command = [
+            sys.executable, os.path.join(BENCH, "daemon_probe.py"), "-n", "--pidfile=",
+            "car", "--no-auth", "--store", store, "--data-dir", data_dir, "--listen", LISTEN, *extra,
+        ]  # fmt: skip
+        return cls(name, command, workdir)
+
+    @classmethod
+    def echo(cls, workdir):
+        return cls("echo", [sys.executable, os.path.join(BENCH, "echo_server.py")], workdir)
+
+    def log(self) -> bytes:
+        with open(self.log_path, "rb") as f:
+            return f.read()
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            match = _PORT.search(self.log())
+            if match:
+                return int(match.group(1))
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start:\n{self.log().decode(errors='replace')}")
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
+
+    def delayed_calls(self):
+        """(count, {what: how many}) of the daemon's pending delayed calls."""
+        seen = self.log().count(b"bench-probe delayed-calls")
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            lines = re.findall(rb"bench-probe delayed-calls (\d+) (.*)", self.log())
+            if len(lines) > seen:
+                count, names = lines[-1]
+                return int(count), json.loads(names)
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.name} did not report its delayed calls")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def load(mode: str, port: int, timeout: float, **options) -> dict:
+    """Run bench/wsload.py in its own process; its last JSON line."""
+    command = [sys.executable, os.path.join(BENCH, "wsload.py"), mode, "--port", str(port)]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        raise RuntimeError(f"load generator failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class Suite:
+    def __init__(self, args, workdir):
+        self.args = args
+        self.workdir = workdir
+        self.servers = {}
+        self.figures = []  # (name, measured, goal, ratio)
+
+    def server(self, name: str, store: str = None, extra=()) -> Server:
+        """The named server, started on first use."""
+        if name not in self.servers:
+            if store is None:
+                self.servers[name] = Server.echo(self.workdir)
+            else:
+                self.servers[name] = Server.daemon(name, store, self.workdir, [*extra, *self.args.daemon_arg])
+        return self.servers[name]
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+    def figure(self, name, measured, goal="-", ratio="-") -> None:
+        self.figures.append((name, measured, goal, ratio))
+
+    def rate(self, server: Server, connections: int, depth: int) -> dict:
+        args = self.args
+        result = load(
+            "throughput", server.port, timeout=args.warmup + args.seconds + 60,
+            connections=connections, depth=depth, seconds=args.seconds, warmup=args.warmup,
+            agents=args.agents, server_pid=server.pid,
+        )  # fmt: skip
+        print(
+            f"  {server.name:>7} {connections:>3} conn x {depth:>3}: {result['per_second']:>9,.0f}/s"
+            f"  errors {result['errors']}, CPU: server {result['server_cpu']:.2f}, load generator"
+            f" {result['client_cpu']:.2f} of a core",
+            flush=True,
+        )
+        return result
+
+    def rates(self, servers: list, shapes: list) -> dict:
+        """
+        Median answers/s per (server name, shape); servers take turns round
+        after round, so load from elsewhere on the machine falls on all alike.
+        """
+        rounds = {}
+        for connections, depth in shapes:
+            for _ in range(self.args.repeat):
+                for server in servers:
+                    rounds.setdefault((server.name, connections, depth), []).append(
+                        self.rate(server, connections, depth)
+                    )
+        return {key: Rate(results) for key, results in rounds.items()}
+
+    # Sections
+
+    def throughput(self) -> None:
+        echo, memory = self.server("echo"), self.server("memory", "memory")
+        shapes = [(50, 1), (1, 100)]
+        medians = self.rates([echo, memory], shapes)
+        for connections, depth in shapes:
+            e, m = medians["echo", connections, depth], medians["memory", connections, depth]
+            self.figure(
+                f"runs.start {connections} conn x {depth}, memory store",
+                f"{m} (echo {e})",
+                ">= 0.85x echo",
+                f"{m.per_second / e.per_second:.2f}x echo",
+            )
+            self.figure(
+                f"  CPU at {connections} conn x {depth}, of one core",
+                f"daemon {m.server_cpu:.2f}, echo {e.server_cpu:.2f}",
+                "-",
+                f"load gen {m.client_cpu:.2f} / {e.client_cpu:.2f}",
+            )
+
+    def latency(self) -> None:
+        results = {}
+        for server in (self.server("echo"), self.server("memory", "memory")):
+            results[server.name] = result = load(
+                "latency", server.port, timeout=120, count=self.args.count,
+                warmup_count=min(200, self.args.count),
+            )  # fmt: skip
+            print(f"  {server.name:>7}: p50 {result['p50_us']:.0f} us, p99 {result['p99_us']:.0f} us,"
+                  f" max {result['max_us']:.0f} us over {result['count']} round trips", flush=True)
+        e, m = results["echo"], results["memory"]
+        for p in ("p50", "p99"):
+            self.figure(
+                f"sequential runs.start round trip {p}, memory",
+                f"{m[p + '_us']:.0f} us (echo {e[p + '_us']:.0f} us)",
+                "-",
+                f"{m[p + '_us'] / e[p + '_us']:.2f}x echo",
+            )
+
+    def stores(self) -> None:
+        names = ["memory", *self.args.stores.split(",")]
+        servers = [self.server(name, name) for name in names]
+        shapes = [(1, 1), (50, 1), (1, 100)]
+        medians = self.rates(servers, shapes)
+        goals = {("file", 50, 1): ">= 0.5x memory", ("sqlite", 50, 1): ">= 0.7x memory"}
+        for connections, depth in shapes:
+            base = medians["memory", connections, depth]
+            for name in names[1:]:
+                value = medians[name, connections, depth]
+                self.figure(
+                    f"durable runs.start {connections} conn x {depth}, {name}",
+                    f"{value} (memory {base})",
+                    goals.get((name, connections, depth), "-"),
+                    f"{value.per_second / base.per_second:.2f}x memory",
+                )
+
+    def sessions(self) -> None:
+        floor = None
+        for server in (self.server("echo"), self.server("sessions", "memory", self._grace())):
+            per_session = self._rss_per_session(server)
+            if server.name == "echo":
+                floor = per_session
+                self.figure(f"RSS per idle session, echo ({self.args.sessions:,})",
+                            f"{per_session:.1f} KiB", "(the Autobahn floor)")  # fmt: skip
+            else:
+                self.figure(
+                    f"RSS per idle session, daemon ({self.args.sessions:,})", f"{per_session:.1f} KiB",
+                    "<= 12 KiB", f"{per_session / floor:.2f}x echo, {per_session / 12:.2f}x goal",
+                )  # fmt: skip
+
+    def _rss_per_session(self, server: Server) -> float:
+        count = self.args.sessions
+        # Warm up first, so allocations done once per process are not counted.
+        with Holder(server.port, max(50, count // 10)):
+            pass
+        before = server.rss_kib()
+        with Holder(server.port, count):
+            time.sleep(1.0)
+            after = server.rss_kib()
+        print(f"  {server.name:>8}: RSS {before:,} KiB -> {after:,} KiB with {count:,} idle sessions", flush=True)
+        return (after - before) / count
+
+    def storm(self) -> None:
+        daemon = self.server("sessions", "memory", self._grace())
+        grace = self.args.grace if self.args.grace is not None else 0.25
+        count = self.args.sessions
+        agent = f"storm-{os.getpid()}-{time.monotonic_ns()}"
+        holder = Holder(daemon.port, count, start=agent).__enter__()
+        calls_before, _ = daemon.delayed_calls()
+        dropped_at, dropped_wall = time.monotonic(), time.time()
+        holder.kill()
+        report = asyncio.run(_watch_storm(daemon.port, agent, count, dropped_at))
+        calls_after, names = daemon.delayed_calls()
+        last_end = report["last_ended_at"] - dropped_wall
+        print(
+            f"  {count:,} sessions dropped: all ended {report['all_ended']:.2f} s later"
+            f" (last ended_at {last_end:.2f} s after the drop); runs: {report['statuses']},"
+            f" traces ending incomplete/'connection closed': {report['traces_ok']}"
+            f"; delayed calls before {calls_before}, after {calls_after} {names}",
+            flush=True,
+        )
+        extra = report["all_ended"] - grace
+        self.figure(
+            f"drop storm, {count:,} open runs: all ended incomplete",
+            f"grace + {extra:.2f} s ({report['statuses'].get('incomplete', 0):,} incomplete)",
+            "grace + 2 s",
+            f"{extra / 2:.2f}x allowance",
+        )
+        self.figure("  delayed calls left after the storm", f"{calls_after} (before the drop: {calls_before})", "0")
+
+    def _grace(self):
+        return [] if self.args.grace is None else ["--grace", str(self.args.grace)]
+
+    def sqlite_list(self) -> None:
+        script = os.path.join(BENCH, "bench_sqlite_list.py")
+        subprocess.run([sys.executable, script, "--runs", str(self.args.list_runs)], check=True, timeout=1800)
+
+    def auth(self) -> None:
+        subprocess.run([sys.executable, os.path.join(BENCH, "auth_sessions.py")], check=True, timeout=600)
+
+
+class Rate:
+    """The median of throughput rounds, and the range they spanned."""
+
+    def __init__(self, results: list):
+        rates = [r["per_second"] for r in results]
+        self.per_second = statistics.median(rates)
+        self.low, self.high = min(rates), max(rates)
+        self.client_cpu = statistics.median(r["client_cpu"] for r in results)
+        self.server_cpu = statistics.median(r["server_cpu"] for r in results)
+
+    def __str__(self):
+        spread = f" [{self.low:,.0f}-{self.high:,.0f}]" if self.low != self.high else ""
+        return f"{self.per_second:,.0f}/s{spread}"
+
+
+class Holder:
+    """A wsload ``hold`` process: C{count} open sessions until left or killed."""
+
+    def __init__(self, port: int, count: int, start: str = None):
+        command = [sys.executable, os.path.join(BENCH, "wsload.py"), "hold", "--port", str(port),
+                   "--connections", str(count)]  # fmt: skip
+        if start:
+            command += ["--start", start]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __enter__(self):
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(timeout=30)
+            raise RuntimeError("the session holder failed before its sessions were open")
+        return self
+
+    def __exit__(self, *exc):
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+    def kill(self) -> None:
+        """Drop every session at once: the kernel closes all its sockets."""
+        self.process.kill()
+        self.process.wait()
+        self.process.stdin.close()
+
+
+async def _watch_storm(port: int, agent: str, count: int, dropped_at: float, limit: float = 120) -> dict:
+    """Poll until no run of C{agent} is open, then read every run and trace."""
+    watcher = await wsload.Connection.open(port)
+    try:
+        while True:
+            page = await watcher.call("runs.list", {"agent_id": agent, "status": "in_progress", "limit": 1})
+            if not page["runs"]:
+                all_ended = time.monotonic() - dropped_at
+                break
+            if time.monotonic() - dropped_at > limit:
+                raise RuntimeError(f"runs still open {limit} s after the drop")
+            await asyncio.sleep(0.01)
+        runs, cursor = [], None
+        while True:
+            params = {"agent_id": agent, "limit": 500, **({"cursor": cursor} if cursor else {})}
+            page = await watcher.call("runs.list", params)
+            runs += page["runs"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        statuses = {}
+        for run in runs:
+            statuses[run["status"]] = statuses.get(run["status"], 0) + 1
+        traces_ok, last_ended = 0, 0.0
+        for chunk in range(0, len(runs), 500):
+            traces = await asyncio.gather(
+                *(watcher.call("runs.get_trace", {"run_id": r["run_id"]}) for r in runs[chunk : chunk + 500])
+            )
+            for trace in traces:
+                ended = trace["records"][-1]
+                if ended.get("termination") == "incomplete" and ended.get("reason") == "connection closed":
+                    traces_ok += 1
+                    stamp = datetime.fromisoformat(ended["ended_at"].replace("Z", "+00:00")).timestamp()
+                    last_ended = max(last_ended, stamp)
+        if len(runs) != count:
+            raise RuntimeError(f"{count} runs were started, runs.list shows {len(runs)}")
+        return {"all_ended": all_ended, "statuses": statuses, "traces_ok": traces_ok, "last_ended_at": last_ended}
+    finally:
+        watcher.close()
+        await asyncio.wait_for(watcher.closed, 10)
+
+
+def machine() -> str:
+    import autobahn
+    import twisted
+
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{os.cpu_count()} cores, {model}, Linux {platform.release()}; Python {platform.python_version()},"
+        f" Twisted {twisted.__version__}, Autobahn {autobahn.__version__}"
+        f" (NVX {'on' if _nvx() else 'off'}); load generator: bench/wsload.py on asyncio"
+    )
+
+
+def _nvx() -> bool:
+    from autobahn.websocket import USES_NVX
+
+    return USES_NVX
+
+
+def print_figures(figures: list) -> None:
+    widths = [max(len(str(row[i])) for row in figures) for i in range(4)]
+    header = ("figure", "measured", "goal", "ratio")
+    widths = [max(w, len(h)) for w, h in zip(widths, header)]
+    for row in [header, *figures]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                        help="comma-separated, from: " + ", ".join(DEFAULT_SECTIONS + EXTRA_SECTIONS))  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per throughput round")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each round")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds per server and shape (median counts)")
+    parser.add_argument("--stores", default="file,sqlite", help="durable stores measured against memory")
+    parser.add_argument("--agents", type=int, default=0, help="distinct agent ids per round (0: one per connection)")
+    parser.add_argument("--count", type=int, default=5000, help="sequential round trips (latency)")
+    parser.add_argument("--sessions", type=int, default=5000, help="sessions (sessions, storm)")
+    parser.add_argument("--grace", type=float, default=None, help="--grace of the sessions/storm daemon")
+    parser.add_argument("--list-runs", type=int, default=1_000_000, help="runs of the large agent (list)")
+    parser.add_argument("--daemon-arg", action="append", default=[], help="extra daemon option (repeatable)")
+    parser.add_argument("--smoke", action="store_true", help="every default section, tiny and short")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.warmup, args.repeat, args.count, args.sessions = 0.2, 0.1, 1, 50, 20
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(DEFAULT_SECTIONS + EXTRA_SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    wsload.raise_fd_limit()  # the servers inherit it: thousands of sessions
+    print(f"machine: {machine()}", flush=True)
+    workdir = tempfile.mkdtemp(prefix="car-bench-")
+    suite = Suite(args, workdir)
+    try:
+        for section in sections:
+            print(f"[{section}]", flush=True)
+            getattr(suite, SECTION_METHODS.get(section, section))()
+    finally:
+        suite.stop()
+        shutil.rmtree(workdir)
+    if suite.figures:
+        print()
+        print_figures(suite.figures)
+
+
+if __name__ == "__main__":
+    main()
