@@ -10,8 +10,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from car_twisted import __version__
 from car_twisted.jsonrpc import Dispatcher, encode, error_response, notification
+from car_twisted.limits import WireLimits
 
 log = Logger()
 
@@ -121,6 +121,16 @@ class RunTracingProtocol(WebSocketServerProtocol):
             encode(error_response(None, -32603, "internal error: the frame could not be answered"))
         )
 
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        if code == 503:
+            log.warn(
+                "refused a connection from {peer}: {count} connections are open, the limit is {limit}",
+                peer=self.peer,
+                count=self.factory.countConnections - 1,
+                limit=self.factory.limits.max_connections,
+            )
+        super().failHandshake(reason, code, responseHeaders)
+
     def onClose(self, wasClean, code, reason):
         # Also called for connections that never finished the handshake,
         # which have no session.
@@ -134,12 +144,16 @@ class RunTracingFactory(WebSocketServerFactory):
     Serves a L{RunRegistry} over WebSocket.
 
     Listen with any stream endpoint: C{endpoint.listen(RunTracingFactory(registry))}.
+    C{limits} are the L{WireLimits} it enforces (the defaults when omitted).
     """
 
     protocol = RunTracingProtocol
 
-    def __init__(self, registry, url=None):
-        super().__init__(url, server=f"car-twisted/{__version__}")
+    def __init__(self, registry, limits: WireLimits = WireLimits(), url=None):
+        # The Server header names the software, never its version.
+        super().__init__(url, server="car-twisted")
+        self.setProtocolOptions(**limits.autobahn_options())
         self.noisy = False
+        self.limits = limits
         self.registry = registry
         self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit)
