@@ -156,4 +156,4 @@ class RunTracingFactory(WebSocketServerFactory):
         self.noisy = False
         self.limits = limits
         self.registry = registry
-        self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit)
+        self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit, limits)

@@ -189,7 +189,9 @@ class LoopbackDaemon:
         self.factory = factory = RunTracingFactory(self.registry, self.limits)
         if self.extra_methods:
             factory.dispatcher = Dispatcher(
-                {**self.registry.methods(), **self.extra_methods}, self.registry.authenticator.admit
+                {**self.registry.methods(), **self.extra_methods},
+                self.registry.authenticator.admit,
+                self.limits,
             )
         self.port = await endpoint.listen(factory)
         return self
