@@ -100,6 +100,7 @@ class RunRegistry:
         self._environ = environ
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
+        self._stopped = False
 
     def methods(self) -> dict:
         """The JSON-RPC methods, by wire name."""
@@ -136,7 +137,8 @@ class RunRegistry:
         for run_id in session.producing:
             live = self._live[run_id]
             live.producer = None
-            live.expiry = self._clock.callLater(window, self._expire, live)
+            if not self._stopped:
+                live.expiry = self._clock.callLater(window, self._expire, live)
         session.producing = set()
 
     def _expire(self, live: LiveRun) -> None:
@@ -207,8 +209,10 @@ class RunRegistry:
     def stop(self):
         """
         Stop ending runs: open runs stay open for the store's restart
-        recovery. Fires once every pending write is done and the store closed.
+        recovery, even those of sessions that close later. Fires once every
+        pending write is done and the store closed.
         """
+        self._stopped = True
         for live in self._live.values():
             if live.expiry is not None:
                 live.expiry.cancel()

@@ -139,6 +139,7 @@ class DaemonService(Service):
         self._environ = environ
         self._ports = []
         self.registry = None
+        self.factory = None
         self.ready = None
 
     def startService(self):
@@ -153,7 +154,7 @@ class DaemonService(Service):
         self.registry = RunRegistry(
             store, self._reactor, options["grace"], authenticator=authenticator
         )
-        factory = RunTracingFactory(self.registry, options["limits"])
+        self.factory = factory = RunTracingFactory(self.registry, options["limits"])
         log.info(
             "car-twisted: {store} store, data in {data_dir}, auth {auth}",
             store=options["store"],
@@ -196,12 +197,29 @@ class DaemonService(Service):
         self._reactor.stop()
 
     def stopService(self):
+        """
+        Graceful stop (SIGTERM): stop accepting connections, answer every
+        request in flight, close the connections, then flush and close the
+        store. Runs still open stay open; the next start ends them
+        incomplete.
+        """
         super().stopService()
-        stopping = [port.stopListening() for port in self._ports]
-        self._ports = []
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        if self.ready is not None:
+            await self.ready
+        ports, self._ports = self._ports, []
+        await gatherResults([port.stopListening() for port in ports])
+        if self.factory is not None:
+            log.info(
+                "car-twisted stopping: answering the requests in flight on {count} connections",
+                count=len(self.factory.connections),
+            )
+            await self.factory.stop_serving()
         if self.registry is not None:
-            stopping.append(self.registry.stop())
-        return gatherResults(stopping)
+            await self.registry.stop()
+        log.info("car-twisted stopped: the store is closed")
 
 
 def makeService(options):
