@@ -183,3 +183,45 @@ class CodecTests(unittest.TestCase):
         """Integers orjson cannot write are written exactly, as JSON."""
         value = {"big": 2**70, "small": -(2**65), "text": "é"}
         self.assertEqual(json.loads(encode(value)), value)
+
+
+class PageSizeTests(unittest.TestCase):
+    def setUp(self):
+        self.store = MemoryRunStore()
+        self.registry = RunRegistry(self.store, Clock(), environ={})
+        self.session = self.registry.open_session("test", lambda *a: None)
+        self.dispatcher = Dispatcher(self.registry.methods())
+
+    def call(self, method, params):
+        payload = json.dumps(request(1, method, params)).encode()
+        frame = self.successResultOf(self.dispatcher.dispatch(self.session, payload)).frame
+        self.assertLessEqual(len(frame), WireLimits().max_message_size)
+        return json.loads(frame)
+
+    def test_trace_pages_are_cut_to_fit_a_message(self):
+        """runs.get_trace pages hold as many records as fit in a message;
+        following the cursor reads every record exactly once."""
+        run_id = self.call("runs.start", START)["result"]["run_id"]
+        blob = "b" * 200_000
+        for n in range(5):
+            recorded = self.call("runs.record_turns", {"run_id": run_id, "turns": [{"tool": str(n), "parameters": {"blob": blob}}]})
+            self.assertTrue(recorded["result"]["ok"], recorded)
+        cursor, seen, pages = 0, [], 0
+        while True:
+            page = self.call("runs.get_trace", {"run_id": run_id, "cursor": cursor})["result"]
+            if not page["records"]:
+                break
+            pages += 1
+            seen += page["records"]
+            cursor = page["cursor"]
+        self.assertEqual([r["record"] for r in seen], ["started"] + ["turn"] * 5)
+        self.assertEqual([r["tool"] for r in seen[1:]], ["0", "1", "2", "3", "4"])
+        self.assertGreater(pages, 1)
+
+    def test_outcome_too_large_is_refused(self):
+        """An outcome over 256 KiB encoded is -32602 and the run stays open."""
+        run_id = self.call("runs.start", START)["result"]["run_id"]
+        outcome = {"status": "success", "evidence": ["e" * 1000] * 300}
+        answer = self.call("runs.complete", {"run_id": run_id, "outcome": outcome})
+        self.assertEqual(answer["error"]["code"], -32602)
+        self.assertEqual(self.successResultOf(self.store.get_run(run_id)).status, "in_progress")
