@@ -211,6 +211,11 @@ class RunTracingProtocol(WebSocketServerProtocol):
         super().failHandshake(reason, code, responseHeaders)
 
     def onClose(self, wasClean, code, reason):
+        # Autobahn leaves its close-handshake timer pending when the TCP
+        # connection goes before the peer's close frame comes.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         # Also called for connections that never finished the handshake,
         # which have no session.
         if self.session is not None:
