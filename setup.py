@@ -12,6 +12,7 @@ setup(
     install_requires=[
         "twisted>=24.7",
         "autobahn>=24.4",
+        "orjson>=3.9",
         "txaio>=23.1",
         "zope.interface>=6.0",
     ],

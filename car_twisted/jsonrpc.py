@@ -6,36 +6,53 @@ L{Reply}: the frame to send back (or None when nothing is owed) and whether
 the connection must then be closed. Methods are called synchronously, in the
 order their requests appear, so their effects keep arrival order; their
 answers arrive whenever their Deferreds fire.
+
+It enforces the JSON-RPC input limits of its L{WireLimits} (batch length,
+nesting depth) and never answers with a frame larger than their message
+size. This module is the daemon's one JSON codec for the wire.
 """
 
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
+import orjson
 from twisted.internet.defer import gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from car_twisted.errors import InvalidParams, InvalidRequest, MethodNotFound, RPCError
+from car_twisted.limits import WireLimits
 
 log = Logger()
 
 PARSE_ERROR = -32700
 INTERNAL_ERROR = -32603
+#: Longest string id the daemon reads; a longer one is answered with id null.
+MAX_ID_CHARS = 256
 
 _NO_ID = object()
 
 
 def encode(message) -> bytes:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON")
+    """
+    A message as compact UTF-8 JSON. Integers beyond 64 bits (which only
+    records an older codec stored can hold) are written exactly by the
+    standard library instead.
+    """
+    try:
+        return orjson.dumps(message)
+    except TypeError:
+        return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
 
 def decode(payload: bytes):
-    """Parse a frame; NaN and Infinity are not JSON and are refused."""
-    return json.loads(payload, parse_constant=_reject_constant)
+    """
+    Parse a frame. Refused as not JSON (ValueError): invalid UTF-8, lone
+    surrogates, NaN and Infinity, numbers that overflow to infinity, and
+    nesting past 1024 levels. Integers beyond 64 bits are read as
+    floating-point numbers, as RFC 8259 (section 6) allows.
+    """
+    return orjson.loads(payload)
 
 
 def notification(method: str, params: dict) -> bytes:
@@ -72,15 +89,31 @@ class Dispatcher:
     @param admit: C{f(session, method_name)}, called before each request
         (known method or not); it raises L{RPCError} to refuse it. An error
         with a C{close_code} also closes the connection.
+    @param limits: the batch length, nesting depth and message size it
+        enforces.
     """
 
     def __init__(
         self,
         methods: Mapping[str, Callable[[Any, dict], Any]],
         admit: Callable[[Any, str], None] = _admit_all,
+        limits: WireLimits = WireLimits(),
     ):
         self._methods = methods
         self._admit = admit
+        self._max_batch = limits.max_batch
+        self._max_depth = limits.max_depth
+        self._max_frame = limits.max_message_size
+        self._parse_error = _error_reply(PARSE_ERROR, "parse error: not valid JSON")
+        self._empty_batch = _error_reply(InvalidRequest.code, "invalid request: empty batch")
+        self._long_batch = _error_reply(
+            InvalidRequest.code,
+            f"invalid request: a batch holds at most {limits.max_batch} requests; "
+            "send the rest in another batch",
+        )
+        self._too_deep = (
+            f"invalid request: arrays and objects nest deeper than {limits.max_depth} levels"
+        )
 
     def dispatch(self, session, payload: bytes):
         """
@@ -90,22 +123,63 @@ class Dispatcher:
         """
         try:
             message = decode(payload)
-        except (ValueError, RecursionError):
-            return succeed(Reply(encode(error_response(None, PARSE_ERROR, "parse error: not valid JSON"))))
+        except ValueError:
+            return succeed(self._parse_error)
+        # A frame with few brackets cannot nest deeply: most frames skip the walk.
+        if payload.count(b"[") + payload.count(b"{") > self._max_depth and _deeper_than(
+            message, self._max_depth
+        ):
+            id_ = _request_id(message)
+            if id_ is _NO_ID:
+                return succeed(Reply(None))
+            return succeed(Reply(encode(error_response(id_, InvalidRequest.code, self._too_deep))))
         closing = []  # the errors of this frame that close the connection
         if isinstance(message, list):
             if not message:
-                return succeed(
-                    Reply(encode(error_response(None, InvalidRequest.code, "invalid request: empty batch")))
-                )
+                return succeed(self._empty_batch)
+            if len(message) > self._max_batch:
+                return succeed(self._long_batch)
             answers = [self._handle(session, m, closing) for m in message]
             d = gatherResults(answers)
-            d.addCallback(lambda rs: [r for r in rs if r is not None])
-            d.addCallback(lambda rs: _reply(encode(rs) if rs else None, closing))
+            d.addCallback(lambda rs: _reply(self._batch_frame(rs), closing))
             return d
         d = self._handle(session, message, closing)
-        d.addCallback(lambda r: _reply(None if r is None else encode(r), closing))
+        d.addCallback(lambda r: _reply(None if r is None else self._frame(r), closing))
         return d
+
+    def _frame(self, response: dict) -> bytes:
+        """A response's frame, or an error in its place if it is too large."""
+        frame = encode(response)
+        if len(frame) > self._max_frame:
+            return encode(self._too_large(response))
+        return frame
+
+    def _batch_frame(self, responses: list) -> Optional[bytes]:
+        """
+        A batch's answer; if it would be larger than a message, its largest
+        responses are replaced by errors until it fits.
+        """
+        frames = [(encode(r), r) for r in responses if r is not None]
+        if not frames:
+            return None
+        size = sum(len(f) for f, _ in frames) + len(frames) + 1
+        if size > self._max_frame:
+            for n in sorted(range(len(frames)), key=lambda n: -len(frames[n][0])):
+                frame, response = frames[n]
+                replacement = encode(self._too_large(response))
+                frames[n] = (replacement, response)
+                size -= len(frame) - len(replacement)
+                if size <= self._max_frame:
+                    break
+        return b"[" + b",".join(f for f, _ in frames) + b"]"
+
+    def _too_large(self, response: dict) -> dict:
+        return error_response(
+            response["id"],
+            INTERNAL_ERROR,
+            f"the answer would be larger than the {self._max_frame}-byte message limit; "
+            "ask for less (a smaller limit, or one request per frame)",
+        )
 
     def _handle(self, session, request, closing: list):
         """One request of a frame: a Deferred of its response dict, or None."""
@@ -145,6 +219,25 @@ class Dispatcher:
             log.failure("notification failed", failure)
 
 
+def _error_reply(code: int, message: str) -> Reply:
+    return Reply(encode(error_response(None, code, message)))
+
+
+def _deeper_than(value, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than C{limit} in C{value}."""
+    if not isinstance(value, (dict, list)):
+        return False
+    stack = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in container.values() if isinstance(container, dict) else container:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
 def _note_closing(failure, closing: list):
     if failure.check(RPCError) and failure.value.close_code is not None:
         closing.append(failure.value)
@@ -167,7 +260,7 @@ def _request_id(request) -> Optional[object]:
     if "id" not in request:
         return _NO_ID
     id_ = request["id"]
-    if isinstance(id_, str) or (type(id_) is int):
+    if (isinstance(id_, str) and len(id_) <= MAX_ID_CHARS) or type(id_) is int:
         return id_
     return None
 
@@ -177,7 +270,10 @@ def _parse(request, id_):
     if not isinstance(request, dict):
         raise InvalidRequest("invalid request: expected a JSON-RPC request object")
     if id_ is None and request.get("id") is not None:
-        raise InvalidRequest("invalid request: id must be a string, an integer or null")
+        raise InvalidRequest(
+            f"invalid request: id must be a string of at most {MAX_ID_CHARS} characters, "
+            "an integer or null"
+        )
     if request.get("jsonrpc") != "2.0":
         raise InvalidRequest('invalid request: "jsonrpc" must be exactly "2.0"')
     name = request.get("method")

@@ -6,12 +6,13 @@ frame to the JSON-RPC dispatcher and sending back what it answers.
 from collections import deque
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from car_twisted import __version__
 from car_twisted.jsonrpc import Dispatcher, encode, error_response, notification
+from car_twisted.limits import WireLimits
 
 log = Logger()
 
@@ -21,6 +22,8 @@ _BINARY_REFUSED = encode(
     )
 )
 
+
+SHUTDOWN_REASON = "the daemon is shutting down"
 
 #: Notification bytes a session may have waiting while its client does not
 #: read; past it, the oldest waiting events are dropped, so the client gets
@@ -70,18 +73,35 @@ class EventOutbox:
 
 
 class RunTracingProtocol(WebSocketServerProtocol):
-    """One client connection: a session of the run registry."""
+    """
+    One client connection: a session of the run registry.
+
+    At most C{max_in_flight} of its frames are being handled at once; the
+    frames read past that wait here, in order, and the socket is not read
+    until they are all handed on, so one client cannot monopolise the
+    daemon.
+    """
 
     session = None
     outbox = None
     #: Set once the daemon decided to close: later frames are not handled.
     closing = False
+    #: Frames being handled (dispatched, not yet answered).
+    in_flight = 0
 
     def onOpen(self):
+        self._waiting = deque()
+        self._reading_paused = False
+        self._handing_on = False
+        self._idle = []
         self.outbox = EventOutbox(self._send)
         self.registerProducer(self.outbox, True)
         self.session = self.factory.registry.open_session(self.peer, self._notify)
+        self.factory.connections.add(self)
         log.debug("session {client_id} opened from {peer}", client_id=self.session.client_id, peer=self.peer)
+        if self.factory.stopping:
+            self.stop_handling()
+            self.going_away()
 
     def _send(self, frame):
         # Answers can be ready after the client has gone; they are dropped.
@@ -89,7 +109,12 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self.sendMessage(frame)
 
     def _notify(self, method, params):
-        self.outbox.push(notification(method, params))
+        frame = notification(method, params)
+        if len(frame) > self.factory.limits.max_message_size:
+            # Cannot be sent: counted as dropped, so the cursor jumps.
+            self.outbox.dropped += 1
+            return
+        self.outbox.push(frame)
 
     def onMessage(self, payload, isBinary):
         if self.closing:
@@ -97,13 +122,67 @@ class RunTracingProtocol(WebSocketServerProtocol):
         if isBinary:
             self._send(_BINARY_REFUSED)
             return
+        if self.in_flight >= self.factory.limits.max_in_flight:
+            self._waiting.append(payload)
+            if not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pauseProducing()
+            return
+        self._dispatch(payload)
+
+    def _dispatch(self, payload):
+        self.in_flight += 1
         d = self.factory.dispatcher.dispatch(self.session, payload)
         d.addCallback(self._answer)
         d.addErrback(self._failed)
+        d.addBoth(self._settled)
+
+    def _settled(self, _):
+        """A frame is answered: hand on waiting frames, then read again."""
+        self.in_flight -= 1
+        if self._handing_on:
+            # A frame answered at once while the loop below hands on.
+            return
+        self._handing_on = True
+        try:
+            while self._waiting and self.in_flight < self.factory.limits.max_in_flight:
+                self._dispatch(self._waiting.popleft())
+        finally:
+            self._handing_on = False
+        if not self._waiting:
+            self._resume_reading()
+        if self.in_flight == 0:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def _resume_reading(self):
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def stop_handling(self):
+        """Handle no more frames: those waiting are dropped unanswered."""
+        self.closing = True
+        self._waiting.clear()
+        # Read on, to see the close handshake through.
+        self._resume_reading()
+
+    def going_away(self):
+        """Close with 1001, which Autobahn's C{sendClose} does not offer."""
+        self.sendCloseFrame(self.CLOSE_STATUS_CODE_GOING_AWAY, SHUTDOWN_REASON.encode(), isReply=False)
+
+    def settled(self) -> Deferred:
+        """Fires once no frame of this session is being handled."""
+        if self.in_flight == 0:
+            return succeed(None)
+        d = Deferred()
+        self._idle.append(d)
+        return d
 
     def _answer(self, reply):
         if reply.close_code is not None:
-            self.closing = True
+            self.stop_handling()
         if reply.frame is not None:
             self._send(reply.frame)
         if reply.close_code is not None and self.state == self.STATE_OPEN:
@@ -121,10 +200,27 @@ class RunTracingProtocol(WebSocketServerProtocol):
             encode(error_response(None, -32603, "internal error: the frame could not be answered"))
         )
 
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        if code == 503:
+            log.warn(
+                "refused a connection from {peer}: {count} connections are open, the limit is {limit}",
+                peer=self.peer,
+                count=self.factory.countConnections - 1,
+                limit=self.factory.limits.max_connections,
+            )
+        super().failHandshake(reason, code, responseHeaders)
+
     def onClose(self, wasClean, code, reason):
+        # Autobahn leaves its close-handshake timer pending when the TCP
+        # connection goes before the peer's close frame comes.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         # Also called for connections that never finished the handshake,
         # which have no session.
         if self.session is not None:
+            self._waiting.clear()
+            self.factory.connections.discard(self)
             self.factory.registry.close_session(self.session)
             log.debug("session {client_id} closed", client_id=self.session.client_id)
 
@@ -134,12 +230,39 @@ class RunTracingFactory(WebSocketServerFactory):
     Serves a L{RunRegistry} over WebSocket.
 
     Listen with any stream endpoint: C{endpoint.listen(RunTracingFactory(registry))}.
+    C{limits} are the L{WireLimits} it enforces (the defaults when omitted).
     """
 
     protocol = RunTracingProtocol
+    #: Set by L{stop_serving}: connections opened from now on are closed.
+    stopping = False
 
-    def __init__(self, registry, url=None):
-        super().__init__(url, server=f"car-twisted/{__version__}")
+    def __init__(self, registry, limits: WireLimits = WireLimits(), url=None):
+        # The Server header names the software, never its version.
+        super().__init__(url, server="car-twisted")
+        self.setProtocolOptions(**limits.autobahn_options())
         self.noisy = False
+        self.limits = limits
         self.registry = registry
-        self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit)
+        #: The open connections (their protocols).
+        self.connections = set()
+        self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit, limits)
+
+    def stop_serving(self) -> Deferred:
+        """
+        Handle no more frames, let every frame in flight be answered, then
+        close every connection with 1001 (going away). Fires once they are
+        closed (at most the close handshake timeout later). Stop listening
+        first so no connection is accepted meanwhile.
+        """
+        return Deferred.fromCoroutine(self._stop_serving())
+
+    async def _stop_serving(self):
+        self.stopping = True
+        connections = list(self.connections)
+        for connection in connections:
+            connection.stop_handling()
+        await gatherResults([c.settled() for c in connections])
+        for connection in connections:
+            connection.going_away()
+        await gatherResults([c.is_closed for c in connections])

@@ -248,6 +248,12 @@ def parse_model_turn(params: dict) -> dict:
     }
 
 
+def encoded_size(value) -> int:
+    """The bytes of C{value} as compact UTF-8 JSON (at most a few more than
+    the wire encoding)."""
+    return len(json.dumps(value, ensure_ascii=False).encode())
+
+
 def too_large(record: dict) -> bool:
-    """Whether a turn record is over L{MAX_TURN_BYTES} once encoded."""
-    return len(json.dumps(record, ensure_ascii=False).encode()) > MAX_TURN_BYTES
+    """Whether a record is over L{MAX_TURN_BYTES} once encoded."""
+    return encoded_size(record) > MAX_TURN_BYTES

@@ -33,7 +33,9 @@ from car_twisted.interfaces import (
 from car_twisted.records import (
     MAX_TURNS_PER_RUN,
     agent_slug,
+    MAX_TURN_BYTES,
     clip_text,
+    encoded_size,
     ended_record,
     id_param,
     int_param,
@@ -55,6 +57,10 @@ DEFAULT_GRACE = 0.25
 DEFAULT_RESUME_LEASE = 10.0
 #: How many runs one session may follow live at once.
 MAX_FOLLOWED = 100
+#: Record bytes in one runs.get_trace page or runs.subscribe snapshot: with
+#: its envelope it fits the smallest message limit (512 KiB), and every
+#: record (at most 256 KiB) fits in it.
+PAGE_BYTES = 384 * 1024
 
 
 @dataclass(eq=False)
@@ -100,6 +106,7 @@ class RunRegistry:
         self._environ = environ
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
+        self._stopped = False
 
     def methods(self) -> dict:
         """The JSON-RPC methods, by wire name."""
@@ -136,7 +143,8 @@ class RunRegistry:
         for run_id in session.producing:
             live = self._live[run_id]
             live.producer = None
-            live.expiry = self._clock.callLater(window, self._expire, live)
+            if not self._stopped:
+                live.expiry = self._clock.callLater(window, self._expire, live)
         session.producing = set()
 
     def _expire(self, live: LiveRun) -> None:
@@ -207,8 +215,10 @@ class RunRegistry:
     def stop(self):
         """
         Stop ending runs: open runs stay open for the store's restart
-        recovery. Fires once every pending write is done and the store closed.
+        recovery, even those of sessions that close later. Fires once every
+        pending write is done and the store closed.
         """
+        self._stopped = True
         for live in self._live.values():
             if live.expiry is not None:
                 live.expiry.cancel()
@@ -274,7 +284,6 @@ class RunRegistry:
                 existing = await self.store.get_run(run_id)
                 return self._restart(session, run_id, existing.agent_id, agent_id)
             raise
-        log.info("run {run_id} started by {agent_id}", run_id=run_id, agent_id=agent_id)
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
@@ -318,6 +327,10 @@ class RunRegistry:
         if "outcome" not in params:
             raise InvalidParams("invalid params: outcome is required")
         outcome = parse_outcome(params["outcome"])
+        if too_large(outcome):
+            raise InvalidParams(
+                f"invalid params: outcome is larger than {MAX_TURN_BYTES // 1024} KiB once encoded"
+            )
         live = self._writable(session, run_id)
         if live is None:
             await self._refuse_write(session, run_id)
@@ -328,9 +341,6 @@ class RunRegistry:
             await self._end(live, ended_record("outcome", outcome=outcome))
         except RunTerminal:
             raise RunRefused(f"run {run_id} already ended")
-        log.info(
-            "run {run_id} completed: {status}", run_id=run_id, status=outcome["status"]
-        )
         return {"ok": True, "run_id": run_id}
 
     async def record_turns(self, session: Session, params: dict) -> dict:
@@ -386,7 +396,7 @@ class RunRegistry:
             self._finish(live)
             ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
             await self._end(live, ended)
-            log.info("run {run_id} cancelled", run_id=run_id)
+            log.debug("run {run_id} cancelled", run_id=run_id)
             return {**answer, "status": "cancelled_confirmed"}
         summary = await self._visible_run(session, run_id)
         if summary is None:
@@ -419,7 +429,7 @@ class RunRegistry:
         live.producer = session
         session.producing.add(run_id)
         session.current_run_id = run_id
-        log.info("run {run_id} resumed by {client_id}", run_id=run_id, client_id=session.client_id)
+        log.debug("run {run_id} resumed by {client_id}", run_id=run_id, client_id=session.client_id)
         return {
             "run_id": run_id,
             "agent_id": live.agent_id,
@@ -450,6 +460,9 @@ class RunRegistry:
         if summary is None:
             return {"run_id": run_id, "not_found": True}
         records, next_cursor = await self.store.read_records(run_id, cursor, limit)
+        kept = _fitting(records)
+        if kept < len(records):
+            records, next_cursor = records[:kept], cursor + kept
         return {
             "run_id": run_id,
             "agent_id": summary.agent_id,
@@ -501,6 +514,12 @@ class RunRegistry:
             raise
         if run_id not in session.following:
             raise RunRefused("the session closed or unsubscribed while subscribing")
+        if _fitting(records) < len(records):
+            self._fanout.unfollow(session, run_id)
+            raise RunRefused(
+                f"the trace of run {run_id} is too large to send in one answer; "
+                "read it with runs.get_trace pages instead"
+            )
         cursor = self._fanout.snapshot_taken(session, run_id, records, cursor)
         status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
         if status != "in_progress":
@@ -516,6 +535,16 @@ class RunRegistry:
     def unsubscribe(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)
         return {"run_id": run_id, "removed": self._fanout.unfollow(session, run_id)}
+
+
+def _fitting(records: list) -> int:
+    """How many leading records fit in L{PAGE_BYTES} (at least one)."""
+    size = 0
+    for n, record in enumerate(records):
+        size += encoded_size(record) + 1
+        if n and size > PAGE_BYTES:
+            return n
+    return len(records)
 
 
 def _dropped(run_id: str, reason: str) -> dict:

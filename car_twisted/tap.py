@@ -17,6 +17,7 @@ from car_twisted.auth import (
     Authenticator,
     TokenFileError,
 )
+from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
 from car_twisted.store.file import DURABILITIES, FileRunStore
@@ -37,6 +38,27 @@ STORES = {
 }
 DEFAULT_STORE = "file"
 
+_DEFAULT_LIMITS = WireLimits()
+#: The smallest --max-message-size: a 256 KiB turn record and its envelope
+#: must fit in one answer.
+MIN_MESSAGE_SIZE = 512 * 1024
+#: The deepest --max-depth: what the daemon stores it must encode again
+#: inside a few more levels of envelope.
+MAX_DEPTH = 200
+
+#: Option name -> (WireLimits field, type, lowest value, description).
+LIMIT_OPTIONS = {
+    "max-message-size": ("max_message_size", int, MIN_MESSAGE_SIZE, "Largest WebSocket frame or message in bytes, either way; a bigger one from a client closes its connection with 1009."),
+    "ping-interval": ("auto_ping_interval", float, 0, "Seconds between keepalive pings (0: no pings)."),
+    "ping-timeout": ("auto_ping_timeout", float, 0, "Seconds a pinged peer may stay silent before it is dropped (its runs then get the grace window)."),
+    "open-handshake-timeout": ("open_handshake_timeout", float, 0, "Seconds a client has to complete the WebSocket upgrade."),
+    "close-handshake-timeout": ("close_handshake_timeout", float, 0, "Seconds to wait for the peer's close frame before dropping it."),
+    "max-connections": ("max_connections", int, 1, "Open connections past which new ones are refused with HTTP 503."),
+    "max-batch": ("max_batch", int, 1, "Requests in one JSON-RPC batch; a longer batch gets one -32600 error and nothing runs."),
+    "max-depth": ("max_depth", int, 2, f"Nesting of arrays and objects in one frame (at most {MAX_DEPTH}); deeper frames get -32600."),
+    "max-in-flight": ("max_in_flight", int, 1, "Frames of one session handled at once; past it the daemon stops reading that client until answers drain."),
+}
+
 
 def default_data_dir(environ=os.environ) -> str:
     return environ.get("CAR_HOME") or os.path.expanduser("~/.car")
@@ -44,8 +66,8 @@ def default_data_dir(environ=os.environ) -> str:
 
 class Options(usage.Options):
     synopsis = (
-        "[--listen ENDPOINT]... [--store file|memory] [--durability fsync|none] "
-        "[--data-dir DIR] [--grace SECONDS] [--no-auth]"
+        "[--listen ENDPOINT]... [--store file|memory|sqlite] [--durability fsync|none] "
+        "[--data-dir DIR] [--grace SECONDS] [--no-auth] [LIMIT OPTIONS]"
     )
     longdesc = "Serve the CAR agent-run-tracing protocol (JSON-RPC 2.0 over WebSocket)."
 
@@ -57,6 +79,9 @@ class Options(usage.Options):
         ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
+    ] + [
+        [name, None, getattr(_DEFAULT_LIMITS, field), description, kind]
+        for name, (field, kind, _, description) in LIMIT_OPTIONS.items()
     ]
 
     def __init__(self):
@@ -78,6 +103,7 @@ class Options(usage.Options):
             )
         if self["grace"] < 0:
             raise usage.UsageError("--grace must be zero or more seconds")
+        self["limits"] = self._limits()
         self["listen"] = self["listen"] or [DEFAULT_LISTEN]
         from twisted.internet import reactor
 
@@ -89,6 +115,15 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--listen {description!r} is not a server endpoint: {e}")
         self["endpoints"] = endpoints
         self["data-dir"] = os.path.abspath(self["data-dir"] or default_data_dir())
+
+
+    def _limits(self) -> WireLimits:
+        for name, (_, _, lowest, _) in LIMIT_OPTIONS.items():
+            if self[name] < lowest:
+                raise usage.UsageError(f"--{name} must be at least {lowest}, not {self[name]}")
+        if self["max-depth"] > MAX_DEPTH:
+            raise usage.UsageError(f"--max-depth must be at most {MAX_DEPTH}, not {self['max-depth']}")
+        return WireLimits(**{field: self[name] for name, (field, _, _, _) in LIMIT_OPTIONS.items()})
 
 
 class DaemonService(Service):
@@ -104,6 +139,7 @@ class DaemonService(Service):
         self._environ = environ
         self._ports = []
         self.registry = None
+        self.factory = None
         self.ready = None
 
     def startService(self):
@@ -118,7 +154,7 @@ class DaemonService(Service):
         self.registry = RunRegistry(
             store, self._reactor, options["grace"], authenticator=authenticator
         )
-        factory = RunTracingFactory(self.registry)
+        self.factory = factory = RunTracingFactory(self.registry, options["limits"])
         log.info(
             "car-twisted: {store} store, data in {data_dir}, auth {auth}",
             store=options["store"],
@@ -161,12 +197,29 @@ class DaemonService(Service):
         self._reactor.stop()
 
     def stopService(self):
+        """
+        Graceful stop (SIGTERM): stop accepting connections, answer every
+        request in flight, close the connections, then flush and close the
+        store. Runs still open stay open; the next start ends them
+        incomplete.
+        """
         super().stopService()
-        stopping = [port.stopListening() for port in self._ports]
-        self._ports = []
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        if self.ready is not None:
+            await self.ready
+        ports, self._ports = self._ports, []
+        await gatherResults([port.stopListening() for port in ports])
+        if self.factory is not None:
+            log.info(
+                "car-twisted stopping: answering the requests in flight on {count} connections",
+                count=len(self.factory.connections),
+            )
+            await self.factory.stop_serving()
         if self.registry is not None:
-            stopping.append(self.registry.stop())
-        return gatherResults(stopping)
+            await self.registry.stop()
+        log.info("car-twisted stopped: the store is closed")
 
 
 def makeService(options):

@@ -42,6 +42,10 @@ class DaemonProcess(ProcessProtocol):
         self.command = daemon_command(store, data_dir, *extra)
         self.output = b""
         self.port = None
+        #: The exit code once the process is gone (None if a signal ended it).
+        self.exit_code = None
+        #: The signal that ended the process, if one did.
+        self.exit_signal = None
         self.ended = Deferred()
         self._listening = Deferred()
 
@@ -62,6 +66,8 @@ class DaemonProcess(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason):
+        self.exit_code = reason.value.exitCode
+        self.exit_signal = getattr(reason.value, "signal", None)
         if not self._listening.called:
             self._listening.errback(
                 RuntimeError("the daemon exited before listening:\n" + self.output.decode(errors="replace"))

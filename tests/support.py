@@ -18,6 +18,7 @@ from twisted.internet.task import Clock, deferLater
 
 from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_token
 from car_twisted.jsonrpc import Dispatcher
+from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import RunRegistry
 from car_twisted.store.memory import MemoryRunStore
@@ -165,7 +166,9 @@ class LoopbackDaemon:
     registry does not have yet.
     """
 
-    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None):
+    def __init__(
+        self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None, limits=None
+    ):
         self.clock = Clock()
         self.store = store if store is not None else MemoryRunStore()
         self.registry = RunRegistry(
@@ -176,15 +179,19 @@ class LoopbackDaemon:
             authenticator=authenticator,
         )
         self.extra_methods = extra_methods or {}
+        self.limits = limits or WireLimits()
+        self.factory = None
         self.port = None
         self.clients = []
 
     async def start(self):
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        factory = RunTracingFactory(self.registry)
+        self.factory = factory = RunTracingFactory(self.registry, self.limits)
         if self.extra_methods:
             factory.dispatcher = Dispatcher(
-                {**self.registry.methods(), **self.extra_methods}, self.registry.authenticator.admit
+                {**self.registry.methods(), **self.extra_methods},
+                self.registry.authenticator.admit,
+                self.limits,
             )
         self.port = await endpoint.listen(factory)
         return self

@@ -8,6 +8,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
+from car_twisted.limits import WireLimits
 from car_twisted.tap import DEFAULT_LISTEN, DaemonService, Options, makeService
 from tests.support import RPCClient, private_dir
 
@@ -23,6 +24,24 @@ class OptionsTests(unittest.TestCase):
         options = self.parse("--data-dir", self.mktemp())
         self.assertEqual(options["listen"], [DEFAULT_LISTEN])
         self.assertEqual(options["grace"], 0.25)
+
+    def test_limits_default_and_set(self):
+        """Without limit options the wire limits are the defaults; each
+        limit option sets its field."""
+        self.assertEqual(self.parse("--data-dir", "d")["limits"], WireLimits())
+        options = self.parse(
+            "--data-dir", "d", "--max-message-size", "2097152", "--ping-interval", "10",
+            "--ping-timeout", "25", "--open-handshake-timeout", "3", "--close-handshake-timeout", "1.5",
+            "--max-connections", "20000", "--max-batch", "10", "--max-depth", "16", "--max-in-flight", "8",
+        )  # fmt: skip
+        self.assertEqual(
+            options["limits"],
+            WireLimits(
+                max_message_size=2097152, auto_ping_interval=10, auto_ping_timeout=25,
+                open_handshake_timeout=3, close_handshake_timeout=1.5, max_connections=20000,
+                max_batch=10, max_depth=16, max_in_flight=8,
+            ),
+        )  # fmt: skip
 
     def test_listen_is_repeatable(self):
         """Every --listen is kept, in order."""
@@ -42,6 +61,11 @@ class OptionsTests(unittest.TestCase):
             (["--grace", "-1"], "--grace"),
             (["--grace", "soon"], "could not convert"),
             (["--no-such-option"], "no-such-option"),
+            (["--max-message-size", "1000"], "--max-message-size"),
+            (["--max-depth", "1000"], "--max-depth"),
+            (["--max-batch", "0"], "--max-batch"),
+            (["--ping-timeout", "-1"], "--ping-timeout"),
+            (["--max-in-flight", "lots"], "invalid literal"),
         ]:
             with self.subTest(argv=argv):
                 error = self.assertRaises(usage.UsageError, self.parse, *argv)
