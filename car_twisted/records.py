@@ -11,7 +11,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 
 from car_twisted.errors import InvalidParams
@@ -64,7 +63,9 @@ class _RunIdMinter:
             ms, counter = self._last_ms, self._counter
         rand = int.from_bytes(os.urandom(8), "big") & (2**62 - 1)
         value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
-        return str(uuid.UUID(int=value))
+        # The canonical 8-4-4-4-12 form, without building a uuid.UUID.
+        h = f"{value:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 new_run_id = _RunIdMinter()

@@ -1,0 +1,31 @@
+"""Run ids and the other values records are made of."""
+
+import uuid
+
+from twisted.trial import unittest
+
+from car_twisted.records import agent_slug, new_run_id, now
+
+
+class RunIdTests(unittest.TestCase):
+    def test_uuid7_in_mint_order(self):
+        """Run ids are canonical UUIDv7 strings, distinct, and sort in the
+        order they were minted, even within one millisecond."""
+        ids = [new_run_id() for _ in range(5000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual(sorted(ids), ids)
+        parsed = uuid.UUID(ids[0])
+        self.assertEqual((str(parsed), parsed.version, parsed.variant), (ids[0], 7, uuid.RFC_4122))
+
+
+class ValueTests(unittest.TestCase):
+    def test_slug(self):
+        """agent_name slugs: lower case, runs of other characters become one
+        dash, trimmed; a name of nothing usable is empty."""
+        self.assertEqual(agent_slug("Bulldozer Agent"), "bulldozer-agent")
+        self.assertEqual(agent_slug("  ../Été__2 "), "t-2")
+        self.assertEqual(agent_slug("!!!"), "")
+
+    def test_now_is_rfc3339_utc_milliseconds(self):
+        """Timestamps look like 2026-11-23T21:15:04.123Z."""
+        self.assertRegex(now(), r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
