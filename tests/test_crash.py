@@ -58,6 +58,26 @@ class Stream:
                 self.completed.add(run_id)
 
 
+async def signal_mid_stream(daemon, agent_ids, after, signal_name):
+    """
+    Stream starts from one client per agent id and send the daemon
+    C{signal_name} once C{after} starts were acknowledged; fire with the
+    streams when every connection has ended and the daemon with it.
+    """
+    streams = [Stream(await RPCClient.connect(daemon.port), agent_id) for agent_id in agent_ids]
+    acknowledged = 0
+
+    def progress():
+        nonlocal acknowledged
+        acknowledged += 1
+        if acknowledged == after:
+            daemon.kill(signal_name)
+
+    await gatherResults([Deferred.fromCoroutine(s.run(progress)) for s in streams])
+    await daemon.ended
+    return streams
+
+
 class CrashRecovery:
     #: The --store name under test.
     store = None
@@ -75,20 +95,8 @@ class CrashRecovery:
         reason "daemon restarted"."""
         data_dir = self.mktemp()
         daemon = await self.start_daemon(data_dir)
-        streams = []
-        for n in range(CLIENTS):
-            client = await RPCClient.connect(daemon.port)
-            streams.append(Stream(client, f"crash-agent-{n % 2}"))
-        acknowledged = 0
-
-        def progress():
-            nonlocal acknowledged
-            acknowledged += 1
-            if acknowledged == STARTS_BEFORE_KILL:
-                daemon.kill("KILL")
-
-        await gatherResults([Deferred.fromCoroutine(s.run(progress)) for s in streams])
-        await daemon.ended
+        agents = [f"crash-agent-{n % 2}" for n in range(CLIENTS)]
+        streams = await signal_mid_stream(daemon, agents, STARTS_BEFORE_KILL, "KILL")
 
         daemon = await self.start_daemon(data_dir)
         reader = await RPCClient.connect(daemon.port)

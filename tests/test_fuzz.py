@@ -21,7 +21,7 @@ KNOWN_CODES = {-32700, -32600, -32601, -32602, -32603, -32001, -32006, -32008}
 json_values = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.integers(min_value=-(2**80), max_value=2**80)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4)

@@ -19,6 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.trial import unittest
 
 from tests.support import serve
+from tests.test_fuzz import json_values
 
 KNOWN_CODES = {-32700, -32600, -32601, -32602, -32603, -32001, -32006, -32008}
 
@@ -37,17 +38,6 @@ def draw(strategy, count: int) -> list:
     collect()
     return cases[:count]
 
-
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**80), max_value=2**80)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=20,
-)
 
 hostile_frames = st.one_of(
     st.binary(max_size=300),

@@ -5,12 +5,11 @@ requests, then a restart on the same data directory.
 
 import signal
 
-from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial import unittest
 
 from tests.daemon_process import DaemonProcess
 from tests.support import RPCClient
-from tests.test_crash import Stream
+from tests.test_crash import signal_mid_stream
 
 CLIENTS = 5
 STARTS_BEFORE_TERM = 60
@@ -31,19 +30,8 @@ class GracefulStopTests(unittest.TestCase):
         open are ended incomplete ("daemon restarted")."""
         data_dir = self.mktemp()
         daemon = await self.start_daemon(data_dir)
-        streams = []
-        for n in range(CLIENTS):
-            streams.append(Stream(await RPCClient.connect(daemon.port), f"term-agent-{n}"))
-        acknowledged = 0
-
-        def progress():
-            nonlocal acknowledged
-            acknowledged += 1
-            if acknowledged == STARTS_BEFORE_TERM:
-                daemon.kill("TERM")
-
-        await gatherResults([Deferred.fromCoroutine(s.run(progress)) for s in streams])
-        await daemon.ended
+        agents = [f"term-agent-{n}" for n in range(CLIENTS)]
+        streams = await signal_mid_stream(daemon, agents, STARTS_BEFORE_TERM, "TERM")
         self.assert_stopped_cleanly(daemon)
         self.assertEqual([s.client.protocol.close_code for s in streams], [1001] * CLIENTS)
 

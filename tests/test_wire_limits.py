@@ -11,7 +11,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from car_twisted.limits import MIB, WireLimits
-from tests.support import RPCClient, serve, wait_for
+from tests.support import serve, wait_for
 
 
 class RawHTTP(Protocol):
