@@ -165,21 +165,25 @@ def parse_outcome(value) -> dict:
 def _parse_metrics(value) -> dict:
     if not isinstance(value, dict):
         raise InvalidParams("invalid params: outcome.metrics must be an object")
-    metrics = {}
-    for name in _COUNT_METRICS:
-        count = value.get(name, 0)
-        if type(count) is not int or not 0 <= count <= _MAX_COUNT:
-            raise InvalidParams(
-                f"invalid params: outcome.metrics.{name} must be a non-negative integer"
-            )
-        metrics[name] = count
-    duration = value.get("duration_ms", 0.0)
-    if type(duration) not in (int, float) or not math.isfinite(duration) or duration < 0:
-        raise InvalidParams(
-            "invalid params: outcome.metrics.duration_ms must be a non-negative number"
-        )
-    metrics["duration_ms"] = float(duration)
+    metrics = {
+        name: _count(value.get(name, 0), f"outcome.metrics.{name}") for name in _COUNT_METRICS
+    }
+    metrics["duration_ms"] = _duration_ms(value.get("duration_ms", 0.0), "outcome.metrics.duration_ms")
     return metrics
+
+
+def _count(value, field: str) -> int:
+    """A non-negative 64-bit integer."""
+    if type(value) is not int or not 0 <= value <= _MAX_COUNT:
+        raise InvalidParams(f"invalid params: {field} must be a non-negative integer")
+    return value
+
+
+def _duration_ms(value, field: str) -> float:
+    """A non-negative, finite number of milliseconds."""
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise InvalidParams(f"invalid params: {field} must be a non-negative number")
+    return float(value)
 
 
 #: Limits on turns (SPEC.md section 3).
@@ -230,21 +234,15 @@ def parse_turns(value) -> list:
 def parse_model_turn(params: dict) -> dict:
     """Read ``runs.record_model_turn``'s params into a ``model_turn`` record."""
     duration = params.get("duration_ms")
-    if duration is not None and (
-        type(duration) not in (int, float) or not math.isfinite(duration) or duration < 0
-    ):
-        raise InvalidParams("invalid params: duration_ms must be a non-negative number")
     turn_index = params.get("turn_index")
-    if turn_index is not None and (type(turn_index) is not int or turn_index < 0):
-        raise InvalidParams("invalid params: turn_index must be a non-negative integer")
     return {
         "record": "model_turn",
-        "turn_index": turn_index,
+        "turn_index": None if turn_index is None else _count(turn_index, "turn_index"),
         "assistant_text": _optional_text(params.get("assistant_text"), "assistant_text"),
         "requested_tool_calls": _optional(params.get("requested_tool_calls"), list, "requested_tool_calls") or [],
         "model_id": _optional_text(params.get("model_id"), "model_id"),
         "token_usage": _optional(params.get("token_usage"), dict, "token_usage"),
-        "duration_ms": None if duration is None else float(duration),
+        "duration_ms": None if duration is None else _duration_ms(duration, "duration_ms"),
         "recorded_at": now(),
     }
 
