@@ -162,9 +162,7 @@ class RunRegistry:
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
         del self._live[live.run_id]
-        if live.expiry is not None:
-            live.expiry.cancel()
-            live.expiry = None
+        _cancel_expiry(live)
         producer = live.producer
         if producer is not None:
             producer.producing.discard(live.run_id)
@@ -220,9 +218,7 @@ class RunRegistry:
         """
         self._stopped = True
         for live in self._live.values():
-            if live.expiry is not None:
-                live.expiry.cancel()
-                live.expiry = None
+            _cancel_expiry(live)
         d = DeferredList(list(self._writes))
         d.addCallback(lambda _: self.store.close())
         return d
@@ -387,12 +383,10 @@ class RunRegistry:
         reason = text_param(params, "reason") or ""
         digest = hashlib.sha256(reason.encode()).hexdigest()
         answer = {"run_id": run_id, "idempotency_key": key, "reason_digest": digest}
-        live = self._live.get(run_id)
-        if live is not None and (
-            live.producer is session
-            or live.agent_id == session.agent_id
-            or session.role == "host"
-        ):
+        live = self._writable(session, run_id)
+        if live is None and session.role == "host":
+            live = self._live.get(run_id)
+        if live is not None:
             self._finish(live)
             ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
             await self._end(live, ended)
@@ -423,8 +417,7 @@ class RunRegistry:
             await self._refuse_write(session, run_id)
         if live.producer is not None:
             raise RunRefused(f"run {run_id} is being recorded by another session")
-        live.expiry.cancel()
-        live.expiry = None
+        _cancel_expiry(live)
         resumed_from, live.client_id = live.client_id, session.client_id
         live.producer = session
         session.producing.add(run_id)
@@ -535,6 +528,13 @@ class RunRegistry:
     def unsubscribe(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)
         return {"run_id": run_id, "removed": self._fanout.unfollow(session, run_id)}
+
+
+def _cancel_expiry(live: LiveRun) -> None:
+    """Cancel the run's grace or lease timer, if it has one."""
+    if live.expiry is not None:
+        live.expiry.cancel()
+        live.expiry = None
 
 
 def _fitting(records: list) -> int:
