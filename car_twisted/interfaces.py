@@ -101,9 +101,9 @@ class IRunStore(Interface):
 
     Every method returns a Deferred. Calls that concern one run take effect
     in the order they were made, even when the caller does not wait for one
-    to fire before making the next, and their Deferreds fire in that order. A Deferred that fires means the change
-    is as durable as the store promises (on stable storage, for the file
-    store).
+    to fire before making the next, and their Deferreds fire in that order.
+    A Deferred that fires means the change is as durable as the store
+    promises (on stable storage, for the file store).
     """
 
     def start_run(started):

@@ -93,14 +93,11 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def postOptions(self):
-        if self["store"] not in STORES:
-            raise usage.UsageError(
-                f"--store must be one of {', '.join(sorted(STORES))}, not {self['store']!r}"
-            )
-        if self["durability"] not in DURABILITIES:
-            raise usage.UsageError(
-                f"--durability must be one of {', '.join(DURABILITIES)}, not {self['durability']!r}"
-            )
+        for name, choices in (("store", sorted(STORES)), ("durability", DURABILITIES)):
+            if self[name] not in choices:
+                raise usage.UsageError(
+                    f"--{name} must be one of {', '.join(choices)}, not {self[name]!r}"
+                )
         if self["grace"] < 0:
             raise usage.UsageError("--grace must be zero or more seconds")
         self["limits"] = self._limits()
@@ -115,7 +112,6 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--listen {description!r} is not a server endpoint: {e}")
         self["endpoints"] = endpoints
         self["data-dir"] = os.path.abspath(self["data-dir"] or default_data_dir())
-
 
     def _limits(self) -> WireLimits:
         for name, (_, _, lowest, _) in LIMIT_OPTIONS.items():

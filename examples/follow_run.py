@@ -22,7 +22,8 @@ from twisted.internet.task import react
 
 from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, agent_token, read_token
 from car_twisted.cli import describe
-from car_twisted.client import DaemonClient
+from car_twisted.client import DEFAULT_URL, DaemonClient
+from car_twisted.tap import default_data_dir
 
 AGENT_ID = "demo-agent"
 STEPS = [("search", "find the report"), ("read", "read the report"), ("write", "write the summary")]
@@ -47,8 +48,8 @@ async def session(reactor, url, auth_params):
 
 async def main(reactor, *argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default=os.environ.get("CAR_DAEMON_URL", "ws://127.0.0.1:9100"))
-    parser.add_argument("--data-dir", default=os.environ.get("CAR_HOME") or os.path.expanduser("~/.car"))
+    parser.add_argument("--url", default=os.environ.get("CAR_DAEMON_URL", DEFAULT_URL))
+    parser.add_argument("--data-dir", default=default_data_dir())
     args = parser.parse_args(argv)
     secret = token_in(args.data_dir, SECRET_FILE, "CAR_AUTH_TOKEN")
     host_token = token_in(args.data_dir, HOST_TOKEN_FILE)
