@@ -13,6 +13,7 @@ setup(
         "twisted>=24.7",
         "autobahn>=24.4",
         "orjson>=3.9",
+        "psycopg[binary]>=3.1",
         "txaio>=23.1",
         "zope.interface>=6.0",
     ],

@@ -1,0 +1,564 @@
+"""
+A run store in PostgreSQL, shared by any number of daemons.
+
+Writes and reads go through a L{twisted.enterprise.adbapi.ConnectionPool} of
+psycopg 3 connections (each call is one transaction on a pool thread).
+Calls on one run are chained so they apply and fire in call order; calls on
+different runs run in parallel, and PostgreSQL's group commit shares flushes
+among them. What must be unique across daemons is unique in the database:
+run ids (so also idempotency keys, which become run ids), and one terminal
+record per run (each write locks its run's row; a partial unique index
+backs that up).
+
+Each store is one daemon process: it registers in C{car_daemons} under a
+fresh id, owns the runs it starts, and heartbeats on the injected clock.
+Every heartbeat also sweeps: the runs of a daemon whose lease expired are
+ended C{incomplete} ("daemon lost"). Each committed change to a run sends a
+NOTIFY on L{CHANNEL} whose payload points at it (run id, cursor, origin);
+see L{car_twisted.store.pg_listener}.
+"""
+
+import json
+import socket
+import uuid
+
+import psycopg
+from psycopg import errors
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from car_twisted.interfaces import (
+    IRunStore,
+    RunExists,
+    RunNotFound,
+    RunSummary,
+    RunTerminal,
+    TurnLimitReached,
+    status_of,
+)
+from car_twisted.records import ended_record
+
+log = Logger()
+
+#: The environment variable that holds the DSN when C{--dsn} is not given.
+DSN_ENV = "CAR_DATABASE_URL"
+#: The NOTIFY channel of run changes.
+CHANNEL = "car_runs"
+#: Seconds a daemon stays alive in its peers' eyes without a heartbeat.
+DEFAULT_LEASE = 10.0
+#: Connections in the pool (one thread each).
+POOL_SIZE = 8
+
+#: The schema, one entry per version: entry N-1 takes a database from
+#: version N-1 to version N.
+MIGRATIONS = [
+    """
+    CREATE TABLE car_schema (version integer NOT NULL);
+    INSERT INTO car_schema VALUES (0);
+    CREATE TABLE car_daemons (
+        daemon_id text PRIMARY KEY,
+        name text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now(),
+        lease interval NOT NULL
+    );
+    CREATE TABLE car_runs (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        run_id bytea NOT NULL UNIQUE,
+        agent_id bytea NOT NULL,
+        intent bytea NOT NULL,
+        started_at bytea NOT NULL,
+        ended_at bytea,
+        status text NOT NULL,
+        outcome_status text,
+        turn_count integer NOT NULL,
+        record_count integer NOT NULL,
+        owner text NOT NULL
+    );
+    CREATE INDEX car_runs_by_agent ON car_runs (agent_id, seq);
+    CREATE INDEX car_runs_by_agent_status ON car_runs (agent_id, status, seq);
+    CREATE INDEX car_runs_open ON car_runs (owner) WHERE status = 'in_progress';
+    CREATE TABLE car_records (
+        run bigint NOT NULL REFERENCES car_runs (seq),
+        position integer NOT NULL,
+        terminal boolean NOT NULL,
+        body text NOT NULL,
+        PRIMARY KEY (run, position)
+    );
+    CREATE UNIQUE INDEX car_records_one_terminal ON car_records (run) WHERE terminal;
+    """,
+]
+#: The schema version this code writes and understands.
+SCHEMA_VERSION = len(MIGRATIONS)
+# Any constant: daemons starting together migrate one at a time.
+_MIGRATION_LOCK = 0x6361725F7363
+
+_SUMMARY_COLUMNS = (
+    "run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turn_count"
+)
+_MAX_SEQ = 2**63 - 1
+
+
+class RunDatabaseError(Exception):
+    """The run database cannot be used; the message says why, on one line."""
+
+
+def redacted(dsn: str) -> str:
+    """C{dsn} without its password, fit for a log line."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(an unreadable DSN)"
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo(**params)
+
+
+# Ids and texts come from the network and may hold NUL and lone surrogates,
+# which PostgreSQL text cannot: they are kept as bytea of their
+# surrogate-passing UTF-8. Record bodies are ASCII JSON (every such
+# character escaped).
+def _bytes(text):
+    return None if text is None else text.encode("utf-8", "surrogatepass")
+
+
+def _text(data):
+    return None if data is None else bytes(data).decode("utf-8", "surrogatepass")
+
+
+def _encode(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _summary(row) -> RunSummary:
+    run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turns = row
+    return RunSummary(
+        run_id=_text(run_id),
+        agent_id=_text(agent_id),
+        intent=_text(intent),
+        started_at=_text(started_at),
+        ended_at=_text(ended_at),
+        status=status,
+        outcome_status=outcome_status,
+        turn_count=turns,
+    )
+
+
+def _parse_cursor(cursor) -> int:
+    """A C{list_runs} cursor: the sequence number the next page starts below."""
+    if cursor is None:
+        return _MAX_SEQ
+    if isinstance(cursor, str) and cursor.isascii() and cursor.isdigit():
+        seq = int(cursor)
+        if 0 < seq <= _MAX_SEQ:
+            return seq
+    raise ValueError(f"unreadable cursor {cursor!r}")
+
+
+def notice(run_id: str, cursor: int, origin: str) -> str:
+    """The NOTIFY payload for a run whose records now end at C{cursor}."""
+    return json.dumps([run_id, cursor, origin])
+
+
+def _migrate(txn) -> int:
+    """Bring the database to L{SCHEMA_VERSION}; the version found."""
+    txn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+    txn.execute("SELECT to_regclass('car_schema') IS NOT NULL")
+    version = 0
+    if txn.fetchone()[0]:
+        txn.execute("SELECT version FROM car_schema")
+        version = txn.fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RunDatabaseError(
+            f"the run database has schema version {version}, newer than the "
+            f"{SCHEMA_VERSION} this car-twisted understands: it was written by a "
+            "newer release; run that release or upgrade"
+        )
+    for step in MIGRATIONS[version:]:
+        txn.execute(step)
+    txn.execute("UPDATE car_schema SET version = %s", (SCHEMA_VERSION,))
+    return version
+
+
+class _Tail:
+    """The latest write issued on one run (or on any run): who waits for it."""
+
+    def __init__(self):
+        self.settled = False
+        self._waiters = []
+
+    def wait(self) -> Deferred:
+        waiter = Deferred()
+        if self.settled:
+            waiter.callback(None)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def settle(self) -> None:
+        self.settled = True
+        for waiter in self._waiters:
+            waiter.callback(None)
+        self._waiters = []
+
+
+@implementer(IRunStore)
+class PostgresRunStore:
+    """
+    Runs in a PostgreSQL database; open it with L{open}.
+
+    @ivar daemon_id: this daemon's id in C{car_daemons} (one per process start).
+    @ivar name: what stays the same across restarts of one daemon (host and
+        data directory): a starting daemon ends its predecessors' runs.
+    """
+
+    def __init__(self, pool, reactor, name: str, lease: float):
+        self._pool = pool
+        self._reactor = reactor
+        self.name = name
+        self.lease = lease
+        self.daemon_id = uuid.uuid4().hex
+        self._tails = {}  # run_id -> _Tail of the newest write on it
+        self._writes = set()  # _Tails of the writes in flight
+        self._reads = set()  # Deferreds of reads in flight
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = reactor
+        self._beating = None
+        self._closing = None
+
+    @classmethod
+    async def _open(cls, reactor, dsn, name, lease, pool_size):
+        pool = adbapi.ConnectionPool(
+            "psycopg",
+            conninfo=dsn,
+            cp_min=1,
+            cp_max=pool_size,
+            cp_reconnect=True,
+            cp_reactor=reactor,
+        )
+        pool.start()
+        store = cls(pool, reactor, name, lease)
+        try:
+            await pool.runInteraction(_migrate)
+            await pool.runInteraction(store._register)
+        except psycopg.Error as e:
+            pool.close()
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunDatabaseError(
+                f"cannot use the run database {redacted(dsn)}: {message}"
+            ) from e
+        except BaseException:
+            pool.close()
+            raise
+        return store
+
+    @classmethod
+    def open(cls, reactor, dsn, name=None, lease=DEFAULT_LEASE, pool_size=POOL_SIZE):
+        """
+        Connect, create or migrate the schema, and register this daemon.
+
+        @return: Deferred firing with the store; fails with
+            L{RunDatabaseError} (one line, no password) if the database
+            cannot be used.
+        """
+        name = name or socket.gethostname()
+        return Deferred.fromCoroutine(cls._open(reactor, dsn, name, lease, pool_size))
+
+    # Liveness
+
+    def _register(self, txn) -> None:
+        txn.execute(
+            "INSERT INTO car_daemons (daemon_id, name, lease) VALUES (%s, %s, make_interval(secs => %s))",
+            (self.daemon_id, self.name, self.lease),
+        )
+
+    def start_heartbeat(self, interval=None) -> None:
+        """
+        Heartbeat (and sweep) every C{interval} seconds on the store's clock:
+        by default a third of the lease, at most one second, so a dead peer
+        is noticed within lease + 1 s.
+        """
+        interval = interval if interval is not None else min(1.0, self.lease / 3)
+        self._beating = self._heartbeat.start(interval, now=False)
+        self._beating.addErrback(lambda f: log.failure("the heartbeat stopped", f))
+
+    def _beat(self) -> Deferred:
+        d = self.sweep()
+        d.addErrback(lambda f: log.failure("car-twisted: heartbeat failed (will retry)", f))
+        return d
+
+    def sweep(self) -> Deferred:
+        """
+        Renew this daemon's lease, forget expired daemons and end their open
+        runs C{incomplete} ("daemon lost").
+
+        @return: Deferred firing with the ids of the runs ended.
+        """
+        return self._pool.runInteraction(self._sweep)
+
+    def _sweep(self, txn) -> list:
+        txn.execute(
+            "UPDATE car_daemons SET heartbeat_at = now() WHERE daemon_id = %s",
+            (self.daemon_id,),
+        )
+        if txn.rowcount == 0:
+            log.error(
+                "car-twisted: this daemon's lease had expired and its peers ended its "
+                "open runs (a pause longer than --lease?); registering again"
+            )
+            self._register(txn)
+        txn.execute("DELETE FROM car_daemons WHERE heartbeat_at + lease < now()")
+        return self._end_orphans(txn, "daemon lost")
+
+    def recover(self) -> Deferred:
+        """
+        At start: end the open runs of this daemon's predecessors (same name)
+        C{incomplete} ("daemon restarted"), then sweep. A live peer's runs
+        are never touched.
+
+        @return: Deferred firing with how many runs were ended.
+        """
+
+        def recover(txn):
+            txn.execute(
+                "DELETE FROM car_daemons WHERE name = %s AND daemon_id <> %s",
+                (self.name, self.daemon_id),
+            )
+            return len(self._end_orphans(txn, "daemon restarted")) + len(self._sweep(txn))
+
+        return self._pool.runInteraction(recover)
+
+    def _end_orphans(self, txn, reason: str) -> list:
+        """End the open runs whose owner is no registered daemon."""
+        txn.execute(
+            "SELECT seq, run_id, record_count FROM car_runs r WHERE status = 'in_progress'"
+            " AND NOT EXISTS (SELECT 1 FROM car_daemons d WHERE d.daemon_id = r.owner)"
+            " FOR UPDATE SKIP LOCKED"
+        )
+        ended = []
+        for seq, run_id, position in txn.fetchall():
+            run_id = _text(run_id)
+            self._append_ended(txn, seq, run_id, position, ended_record("incomplete", reason=reason), "")
+            ended.append(run_id)
+            log.info("run {run_id} ended incomplete: {reason}", run_id=run_id, reason=reason)
+        return ended
+
+    # Writes
+
+    def _write(self, run_id: str, work, *args) -> Deferred:
+        """Run C{work(txn, *args)} in a transaction once earlier calls on C{run_id} settled."""
+        if self._closing is not None:
+            return fail(RuntimeError("the run store is closed"))
+        before = self._tails.get(run_id)
+        tail = _Tail()
+        self._tails[run_id] = tail
+        self._writes.add(tail)
+
+        async def write():
+            try:
+                if before is not None:
+                    await before.wait()
+                return await self._pool.runInteraction(work, *args)
+            finally:
+                if self._tails.get(run_id) is tail:
+                    del self._tails[run_id]
+                self._writes.discard(tail)
+                tail.settle()
+
+        return Deferred.fromCoroutine(write())
+
+    def start_run(self, started):
+        started = dict(started)
+        return self._write(started["run_id"], self._start_run, started)
+
+    def _start_run(self, txn, started):
+        txn.execute(
+            "INSERT INTO car_runs (run_id, agent_id, intent, started_at, status,"
+            " turn_count, record_count, owner) VALUES (%s, %s, %s, %s, 'in_progress', 0, 1, %s)"
+            " ON CONFLICT (run_id) DO NOTHING RETURNING seq",
+            (
+                _bytes(started["run_id"]),
+                _bytes(started["agent_id"]),
+                _bytes(started["intent"]),
+                _bytes(started["started_at"]),
+                self.daemon_id,
+            ),
+        )
+        row = txn.fetchone()
+        if row is None:
+            raise RunExists(started["run_id"])
+        txn.execute(
+            "INSERT INTO car_records (run, position, terminal, body) VALUES (%s, 0, false, %s)",
+            (row[0], _encode(started)),
+        )
+
+    @staticmethod
+    def _lock_open_run(txn, run_id):
+        """Lock an open run's row: its C{(seq, turn_count, record_count)}."""
+        txn.execute(
+            "SELECT seq, status, turn_count, record_count FROM car_runs"
+            " WHERE run_id = %s FOR UPDATE",
+            (_bytes(run_id),),
+        )
+        row = txn.fetchone()
+        if row is None:
+            raise RunNotFound(run_id)
+        seq, status, turn_count, record_count = row
+        if status != "in_progress":
+            raise RunTerminal(run_id)
+        return seq, turn_count, record_count
+
+    def append_turns(self, run_id, turns, max_turns):
+        turns = [dict(t) for t in turns]
+        return self._write(run_id, self._append_turns, run_id, turns, max_turns)
+
+    def _append_turns(self, txn, run_id, turns, max_turns):
+        seq, base, position = self._lock_open_run(txn, run_id)
+        if base + len(turns) > max_turns:
+            raise TurnLimitReached(run_id)
+        txn.executemany(
+            "INSERT INTO car_records (run, position, terminal, body) VALUES (%s, %s, false, %s)",
+            [
+                (seq, position + i, _encode(dict(t, index=base + i)))
+                for i, t in enumerate(turns)
+            ],
+        )
+        cursor = position + len(turns)
+        txn.execute(
+            "UPDATE car_runs SET turn_count = %s, record_count = %s WHERE seq = %s",
+            (base + len(turns), cursor, seq),
+        )
+        txn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice(run_id, cursor, self.daemon_id)))
+        return base
+
+    def end_run(self, run_id, ended):
+        return self._write(run_id, self._end_run, run_id, dict(ended))
+
+    def _end_run(self, txn, run_id, ended):
+        seq, _, position = self._lock_open_run(txn, run_id)
+        self._append_ended(txn, seq, run_id, position, ended, self.daemon_id)
+
+    @staticmethod
+    def _append_ended(txn, seq, run_id, position, ended, origin):
+        status = status_of(ended)
+        try:
+            txn.execute(
+                "INSERT INTO car_records (run, position, terminal, body) VALUES (%s, %s, true, %s)",
+                (seq, position, _encode(ended)),
+            )
+        except errors.UniqueViolation:
+            raise RunTerminal(run_id)
+        txn.execute(
+            "UPDATE car_runs SET status = %s, outcome_status = %s, ended_at = %s,"
+            " record_count = %s WHERE seq = %s",
+            (
+                status,
+                ended["outcome"]["status"] if status == "completed" else None,
+                _bytes(ended["ended_at"]),
+                position + 1,
+                seq,
+            ),
+        )
+        txn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice(run_id, position + 1, origin)))
+
+    # Reads
+
+    def _read(self, after, work, *args) -> Deferred:
+        """Run C{work(txn, *args)} once the writes in C{after} settled."""
+        if self._closing is not None:
+            return fail(RuntimeError("the run store is closed"))
+
+        async def read():
+            for tail in after:
+                await tail.wait()
+            return await self._pool.runInteraction(work, *args)
+
+        d = Deferred.fromCoroutine(read())
+        self._reads.add(d)
+        d.addBoth(lambda result: (self._reads.discard(d), result)[1])
+        return d
+
+    def _after_run(self, run_id) -> list:
+        tail = self._tails.get(run_id)
+        return [tail] if tail is not None else []
+
+    def get_run(self, run_id):
+        return self._read(self._after_run(run_id), self._get_run, run_id)
+
+    @staticmethod
+    def _get_run(txn, run_id):
+        txn.execute(f"SELECT {_SUMMARY_COLUMNS} FROM car_runs WHERE run_id = %s", (_bytes(run_id),))
+        row = txn.fetchone()
+        return None if row is None else _summary(row)
+
+    def read_records(self, run_id, cursor, limit):
+        return self._read(self._after_run(run_id), self._read_records, run_id, cursor, limit)
+
+    @staticmethod
+    def _read_records(txn, run_id, cursor, limit):
+        txn.execute("SELECT seq FROM car_runs WHERE run_id = %s", (_bytes(run_id),))
+        row = txn.fetchone()
+        if row is None:
+            raise RunNotFound(run_id)
+        txn.execute(
+            "SELECT body FROM car_records WHERE run = %s AND position >= %s"
+            " ORDER BY position LIMIT %s",
+            (row[0], cursor, limit),
+        )
+        records = [json.loads(body) for (body,) in txn.fetchall()]
+        return records, cursor + len(records)
+
+    def list_runs(self, agent_id, cursor, limit, status):
+        try:
+            below = _parse_cursor(cursor)
+        except ValueError as e:
+            return fail(e)
+        return self._read(list(self._writes), self._list_runs, agent_id, below, limit, status)
+
+    @staticmethod
+    def _list_runs(txn, agent_id, below, limit, status):
+        where = "agent_id = %s AND seq < %s"
+        args = [_bytes(agent_id), below]
+        if status is not None:
+            where += " AND status = %s"
+            args.append(status)
+        txn.execute(
+            f"SELECT seq, {_SUMMARY_COLUMNS} FROM car_runs WHERE {where}"
+            " ORDER BY seq DESC LIMIT %s",
+            (*args, limit + 1),
+        )
+        rows = txn.fetchall()
+        page = [_summary(row[1:]) for row in rows[:limit]]
+        next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
+        return page, next_cursor
+
+    def open_runs(self):
+        return self._read(list(self._writes), self._open_runs)
+
+    @staticmethod
+    def _open_runs(txn):
+        txn.execute(f"SELECT {_SUMMARY_COLUMNS} FROM car_runs WHERE status = 'in_progress'")
+        return [_summary(row) for row in txn.fetchall()]
+
+    # Closing
+
+    def close(self):
+        """
+        Stop heartbeating, finish pending calls and close the pool. The
+        daemon's row stays: its open runs are ended by its next start or,
+        once its lease expires, by a peer.
+        """
+        if self._closing is None:
+            self._closing = Deferred.fromCoroutine(self._close())
+        closed = Deferred()
+        self._closing.addBoth(lambda result: (closed.callback(result), result)[1])
+        return closed
+
+    async def _close(self):
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+            await self._beating
+        await DeferredList([tail.wait() for tail in self._writes] + list(self._reads))
+        self._pool.close()
