@@ -1,11 +1,22 @@
 """The PostgreSQL store: the IRunStore conformance suite, then what is its own."""
 
+import psycopg
 from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from car_twisted.store.postgresql import PostgresRunStore
+from car_twisted.interfaces import RunExists, RunTerminal
+from car_twisted.records import ended_record
+from car_twisted.store.postgresql import (
+    SCHEMA_VERSION,
+    PostgresRunStore,
+    RunDatabaseError,
+    redacted,
+)
 from tests.postgres_server import fresh_database
-from tests.store_conformance import RunStoreConformance
+from tests.store_conformance import RunStoreConformance, started
+from tests.support import wait_for
 
 
 class PostgresRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
@@ -13,3 +24,167 @@ class PostgresRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
         store = await PostgresRunStore.open(reactor, fresh_database(self))
         self.addCleanup(store.close)
         return store
+
+
+class PostgresRunStoreTests(unittest.TestCase):
+    def setUp(self):
+        self.dsn = fresh_database(self)
+
+    async def open(self, **kwargs):
+        store = await PostgresRunStore.open(reactor, self.dsn, **kwargs)
+        self.addCleanup(store.close)
+        return store
+
+    def sql(self, statement, *args):
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            cursor = connection.execute(statement, args)
+            return cursor.fetchall() if cursor.description else None
+
+    async def test_reopen_keeps_schema_and_runs(self):
+        """A second open on a migrated database keeps its version and runs."""
+        store = await self.open()
+        record = started()
+        await store.start_run(record)
+        await store.close()
+        store = await self.open()
+        self.assertEqual((await store.get_run(record["run_id"])).intent, "do it")
+        self.assertEqual(self.sql("SELECT version FROM car_schema"), [(SCHEMA_VERSION,)])
+
+    async def test_newer_schema_refused(self):
+        """A database of a newer schema version is refused in one line."""
+        await (await self.open()).close()
+        self.sql("UPDATE car_schema SET version = %s", SCHEMA_VERSION + 1)
+        with self.assertRaises(RunDatabaseError) as caught:
+            await PostgresRunStore.open(reactor, self.dsn)
+        message = str(caught.exception)
+        self.assertIn(f"schema version {SCHEMA_VERSION + 1}, newer than", message)
+        self.assertNotIn("\n", message)
+
+    async def test_unreachable_database_refused_without_password(self):
+        """A database that cannot be reached fails open with one line naming
+        it, its password left out."""
+        dsn = psycopg.conninfo.make_conninfo(
+            self.dsn, dbname="car_no_such_database", password="hunter2"
+        )
+        with self.assertRaises(RunDatabaseError) as caught:
+            await PostgresRunStore.open(reactor, dsn)
+        message = str(caught.exception)
+        self.assertIn("car_no_such_database", message)
+        self.assertNotIn("hunter2", message)
+        self.assertNotIn("\n", message)
+
+    def test_redacted(self):
+        """redacted() drops the password from key-value and URL DSNs."""
+        self.assertEqual(
+            psycopg.conninfo.conninfo_to_dict(redacted("host=db password=s3cret user=car")),
+            {"host": "db", "user": "car"},
+        )
+        self.assertNotIn("s3cret", redacted("postgresql://car:s3cret@db:5432/runs"))
+
+    async def test_two_daemons_start_the_same_run_id(self):
+        """Two daemons starting one run id at once: exactly one succeeds, the
+        other fails RunExists (registry answers it as an idempotent restart)."""
+        a, b = await self.open(), await self.open()
+        record = started(run_id="key-1")
+        results = await DeferredList(
+            [a.start_run(record), b.start_run(dict(record, intent="other"))],
+            consumeErrors=True,
+        )
+        outcomes = sorted(ok for ok, _ in results)
+        self.assertEqual(outcomes, [False, True])
+        loser = next(result for ok, result in results if not ok)
+        self.assertTrue(loser.check(RunExists))
+        self.assertEqual(self.sql("SELECT count(*) FROM car_runs"), [(1,)])
+
+    async def test_two_daemons_end_the_same_run(self):
+        """Two daemons ending one run at once (complete vs cancel, many times):
+        exactly one terminal record each time, the other fails RunTerminal."""
+        a, b = await self.open(), await self.open()
+        outcome = {"status": "success", "summary": "", "evidence": [], "metrics": {}, "timestamp": "t"}
+        for _ in range(20):
+            record = started()
+            run_id = record["run_id"]
+            await a.start_run(record)
+            results = await DeferredList(
+                [
+                    a.end_run(run_id, ended_record("outcome", outcome=outcome)),
+                    b.end_run(run_id, ended_record("cancelled", reason_digest="00")),
+                ],
+                consumeErrors=True,
+            )
+            self.assertEqual(sorted(ok for ok, _ in results), [False, True])
+            self.assertTrue(next(r for ok, r in results if not ok).check(RunTerminal))
+            records, _ = await b.read_records(run_id, 0, 10)
+            self.assertEqual([r["record"] for r in records], ["started", "ended"])
+
+    async def test_terminal_record_unique_in_the_database(self):
+        """The database itself refuses a second terminal record for a run."""
+        store = await self.open()
+        record = started()
+        await store.start_run(record)
+        await store.end_run(record["run_id"], ended_record("incomplete", reason="x"))
+        with self.assertRaises(psycopg.errors.UniqueViolation):
+            self.sql(
+                "INSERT INTO car_records (run, position, terminal, body)"
+                " SELECT seq, 5, true, '{}' FROM car_runs"
+            )
+
+    async def test_sweep_ends_only_expired_daemons_runs(self):
+        """A sweep ends the open runs of a daemon whose lease expired
+        (incomplete, "daemon lost"), and never a live peer's."""
+        survivor, lost, peer = await self.open(), await self.open(), await self.open()
+        mine, theirs, peers = started(), started(), started()
+        await survivor.start_run(mine)
+        await lost.start_run(theirs)
+        await peer.start_run(peers)
+        self.sql(
+            "UPDATE car_daemons SET heartbeat_at = now() - interval '1 hour' WHERE daemon_id = %s",
+            lost.daemon_id,
+        )
+        self.assertEqual(await survivor.sweep(), [theirs["run_id"]])
+        records, _ = await survivor.read_records(theirs["run_id"], 0, 10)
+        self.assertEqual(
+            (records[-1]["termination"], records[-1]["reason"]), ("incomplete", "daemon lost")
+        )
+        still_open = {s.run_id for s in await survivor.open_runs()}
+        self.assertEqual(still_open, {mine["run_id"], peers["run_id"]})
+
+    async def test_restart_ends_predecessors_runs_only(self):
+        """A daemon starting under the name of a previous one ends that
+        predecessor's open runs ("daemon restarted"), not a live peer's."""
+        before = await self.open(name="host-a")
+        peer = await self.open(name="host-b")
+        left_open, peers = started(), started()
+        await before.start_run(left_open)
+        await peer.start_run(peers)
+        await before.close()
+        after = await self.open(name="host-a")
+        self.assertEqual(await after.recover(), 1)
+        summary = await after.get_run(left_open["run_id"])
+        self.assertEqual(summary.status, "incomplete")
+        records, _ = await after.read_records(left_open["run_id"], 1, 1)
+        self.assertEqual(records[0]["reason"], "daemon restarted")
+        self.assertEqual((await after.get_run(peers["run_id"])).status, "in_progress")
+
+    async def test_expired_daemon_registers_again(self):
+        """A daemon whose peers declared it lost registers again at its next
+        heartbeat, so the runs it starts afterwards have a live owner."""
+        store = await self.open()
+        self.sql("DELETE FROM car_daemons")
+        await store.sweep()
+        self.assertEqual(
+            self.sql("SELECT daemon_id FROM car_daemons"), [(store.daemon_id,)]
+        )
+
+    async def test_heartbeat_on_the_clock(self):
+        """The heartbeat runs on the injected clock and renews the lease."""
+        clock = Clock()
+        store = await self.open(lease=3.0)
+        store._heartbeat.clock = clock
+        self.sql("UPDATE car_daemons SET heartbeat_at = now() - interval '2 seconds'")
+        store.start_heartbeat()
+        beat = store._heartbeat
+        clock.advance(1.0)
+        await wait_for(lambda: beat.call is not None, "the heartbeat to finish")
+        (age,) = self.sql("SELECT now() - heartbeat_at < interval '1 second' FROM car_daemons")[0]
+        self.assertTrue(age)
