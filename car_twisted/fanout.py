@@ -4,7 +4,9 @@ each newly durable record to them as a ``runs.trace.event`` notification.
 
 A follower that is still taking its snapshot buffers events; when the
 snapshot is read, the buffered events it does not already hold extend it,
-so the snapshot and the stream meet with no gap and no duplicate.
+so the snapshot and the stream meet with no gap and no duplicate. A live
+follower remembers the cursor it has been sent up to: a record at or before
+it (published twice, by this daemon and by a catch-up read) is not sent again.
 """
 
 from car_twisted.session import Session
@@ -12,7 +14,7 @@ from car_twisted.session import Session
 
 class TraceFanout:
     def __init__(self):
-        self._followers = {}  # run_id -> {Session: list (snapshotting) or None (live)}
+        self._followers = {}  # run_id -> {Session: list (snapshotting) or int (live: cursor sent)}
 
     def follow(self, session: Session, run_id: str) -> None:
         """Start following; events buffer until L{snapshot_taken}."""
@@ -30,8 +32,17 @@ class TraceFanout:
             if event_cursor > cursor:
                 records.append(record)
                 cursor = event_cursor
-        self._followers[run_id][session] = None
+        self._followers[run_id][session] = cursor
         return cursor
+
+    def sent(self, run_id: str):
+        """The lowest cursor the run's live followers were sent up to, or None."""
+        cursors = [c for c in self._followers.get(run_id, {}).values() if isinstance(c, int)]
+        return min(cursors, default=None)
+
+    def followed(self) -> list:
+        """The runs someone follows."""
+        return list(self._followers)
 
     def unfollow(self, session: Session, run_id: str) -> bool:
         followers = self._followers.get(run_id, {})
@@ -53,11 +64,12 @@ class TraceFanout:
             return
         event = {"run_id": run_id, "agent_id": agent_id, "record": record, "cursor": cursor, "status": status}
         for session, buffered in list(followers.items()):
-            if buffered is None:
-                session.notify("runs.trace.event", event)
-            else:
+            if isinstance(buffered, list):
                 buffered.append((record, cursor))
+            elif cursor > buffered:
+                followers[session] = cursor
+                session.notify("runs.trace.event", event)
         if status != "in_progress":
             for session in list(followers):
-                if followers.get(session) is None:
+                if isinstance(followers.get(session), int):
                     self.unfollow(session, run_id)

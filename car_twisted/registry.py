@@ -210,6 +210,38 @@ class RunRegistry:
                 log.failure("run {run_id} could not be ended", result, run_id=summary.run_id)
         return ended
 
+    # Runs changed through other daemons (a store shared by several daemons)
+
+    def run_changed(self, run_id: str) -> None:
+        """
+        Another daemon changed a run: send its new records to this daemon's
+        followers, and stop producing it here if it was ended elsewhere.
+        """
+        if self._stopped or (run_id not in self._live and self._fanout.sent(run_id) is None):
+            return
+        d = Deferred.fromCoroutine(self._catch_up(run_id))
+        self._writes.add(d)
+        d.addBoth(lambda result: (self._writes.discard(d), result)[1])
+        d.addErrback(lambda f: log.failure("catching up on run {run_id} failed", f, run_id=run_id))
+
+    def runs_changed(self) -> None:
+        """Changes by other daemons may have been missed: catch up on every run."""
+        for run_id in set(self._fanout.followed()) | set(self._live):
+            self.run_changed(run_id)
+
+    async def _catch_up(self, run_id: str) -> None:
+        summary = await self.store.get_run(run_id)
+        live = self._live.get(run_id)
+        if live is not None and summary.status != "in_progress":
+            self._finish(live)
+        sent = self._fanout.sent(run_id)
+        if sent is None:
+            return
+        records, _ = await self.store.read_records(run_id, sent, MAX_TURNS_PER_RUN + 2)
+        for cursor, record in enumerate(records, sent + 1):
+            status = status_of(record) if record["record"] == "ended" else "in_progress"
+            self._fanout.publish(run_id, summary.agent_id, record, cursor, status)
+
     def stop(self):
         """
         Stop ending runs: open runs stay open for the store's restart
@@ -399,11 +431,33 @@ class RunRegistry:
             raise RunRefused(
                 f"run {run_id} may be cancelled only by its producer, its agent or the host"
             )
+        if await self._cancel_elsewhere(session, summary, key, digest):
+            return {**answer, "status": "cancelled_confirmed"}
+        summary = await self.store.get_run(run_id)
         ended, _ = await self.store.read_records(run_id, summary.turn_count + 1, 1)
         repeated = any(
             r.get("idempotency_key") == key and r.get("reason_digest") == digest for r in ended
         )
         return {**answer, "status": "cancelled_confirmed" if repeated else "already_terminal"}
+
+    async def _cancel_elsewhere(self, session: Session, summary, key: str, digest: str) -> bool:
+        """
+        Cancel a run open in the store but not live here: one another
+        daemon produces (a shared store), or whose terminal record is on its
+        way (then the store refuses: the first terminal record wins).
+        """
+        if summary.status != "in_progress" or not (
+            session.role == "host" or session.agent_id == summary.agent_id
+        ):
+            return False
+        ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
+        try:
+            await self.store.end_run(summary.run_id, ended)
+        except RunTerminal:
+            return False
+        self.run_changed(summary.run_id)
+        log.debug("run {run_id} cancelled", run_id=summary.run_id)
+        return True
 
     async def resume(self, session: Session, params: dict) -> dict:
         self._require(session, "runs.resume.v1", "runs.resume")
@@ -517,6 +571,9 @@ class RunRegistry:
         status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
         if status != "in_progress":
             self._fanout.unfollow(session, run_id)
+        elif run_id not in self._live:
+            # Produced through another daemon: what it wrote since the read.
+            self.run_changed(run_id)
         return {
             "run_id": run_id,
             "agent_id": summary.agent_id,

@@ -3,6 +3,7 @@
 """
 
 import os
+import socket
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -22,6 +23,13 @@ from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
+from car_twisted.store.postgresql import (
+    DEFAULT_LEASE,
+    DSN_ENV,
+    PostgresRunStore,
+    RunDatabaseError,
+    redacted,
+)
 from car_twisted.store.sqlite import SQLiteRunStore
 
 log = Logger()
@@ -35,6 +43,12 @@ STORES = {
     ),
     "memory": lambda reactor, options: MemoryRunStore(),
     "sqlite": lambda reactor, options: SQLiteRunStore(options["data-dir"], reactor),
+    "postgresql": lambda reactor, options: PostgresRunStore.open(
+        reactor,
+        options["dsn"],
+        name=f"{socket.gethostname()}:{options['data-dir']}",
+        lease=options["lease"],
+    ),
 }
 DEFAULT_STORE = "file"
 
@@ -66,8 +80,8 @@ def default_data_dir(environ=os.environ) -> str:
 
 class Options(usage.Options):
     synopsis = (
-        "[--listen ENDPOINT]... [--store file|memory|sqlite] [--durability fsync|none] "
-        "[--data-dir DIR] [--grace SECONDS] [--no-auth] [LIMIT OPTIONS]"
+        "[--listen ENDPOINT]... [--store file|memory|sqlite|postgresql] [--durability fsync|none] "
+        "[--data-dir DIR] [--dsn DSN] [--lease SECONDS] [--grace SECONDS] [--no-auth] [LIMIT OPTIONS]"
     )
     longdesc = "Serve the CAR agent-run-tracing protocol (JSON-RPC 2.0 over WebSocket)."
 
@@ -78,6 +92,8 @@ class Options(usage.Options):
         ["data-dir", None, None, "Where runs and tokens are kept [default: $CAR_HOME or ~/.car]."],
         ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
+        ["dsn", None, None, f"The PostgreSQL database of --store postgresql (a libpq DSN or URL) [default: ${DSN_ENV}]."],
+        ["lease", None, DEFAULT_LEASE, "With --store postgresql: seconds a daemon that stopped heartbeating stays alive in its peers' eyes; then a peer ends its open runs incomplete.", float],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
     ] + [
         [name, None, getattr(_DEFAULT_LIMITS, field), description, kind]
@@ -100,6 +116,11 @@ class Options(usage.Options):
                 )
         if self["grace"] < 0:
             raise usage.UsageError("--grace must be zero or more seconds")
+        if self["lease"] <= 0:
+            raise usage.UsageError("--lease must be more than zero seconds")
+        self["dsn"] = self["dsn"] or os.environ.get(DSN_ENV)
+        if self["store"] == "postgresql" and not self["dsn"]:
+            raise usage.UsageError(f"--store postgresql needs --dsn DSN or ${DSN_ENV}")
         self["limits"] = self._limits()
         self["listen"] = self["listen"] or [DEFAULT_LISTEN]
         from twisted.internet import reactor
@@ -154,15 +175,33 @@ class DaemonService(Service):
         log.info(
             "car-twisted: {store} store, data in {data_dir}, auth {auth}",
             store=options["store"],
-            data_dir=options["data-dir"],
+            data_dir=redacted(options["dsn"]) if options["store"] == "postgresql" else options["data-dir"],
             auth="off" if options["no-auth"] else "on",
         )
-        recovered = await self.registry.recover()
+        if isinstance(store, PostgresRunStore):
+            recovered = await self._share(store)
+        else:
+            recovered = await self.registry.recover()
         log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
         for description, endpoint in zip(options["listen"], options["endpoints"]):
             port = await endpoint.listen(factory)
             self._ports.append(port)
             log.info("car-twisted listening on {endpoint} ({address})", endpoint=description, address=port.getHost())
+
+    async def _share(self, store: PostgresRunStore) -> int:
+        """
+        Join the daemons sharing the store: end only dead daemons' runs,
+        heartbeat, and follow the runs the others change.
+        """
+        recovered = await store.recover()
+        store.start_heartbeat()
+        await store.watch(self.registry.run_changed, self.registry.runs_changed)
+        log.info(
+            "car-twisted: daemon {daemon_id} joined the shared store (lease {lease} s)",
+            daemon_id=store.daemon_id,
+            lease=store.lease,
+        )
+        return recovered
 
     def _authenticator(self):
         """
@@ -186,7 +225,7 @@ class DaemonService(Service):
         return authenticator
 
     def _failed_to_start(self, failure):
-        if failure.check(TokenFileError):
+        if failure.check(TokenFileError, RunDatabaseError):
             log.critical("car-twisted could not start: {error}", error=failure.value)
         else:
             log.failure("car-twisted could not start", failure)

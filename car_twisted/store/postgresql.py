@@ -40,6 +40,7 @@ from car_twisted.interfaces import (
     status_of,
 )
 from car_twisted.records import ended_record
+from car_twisted.store.pg_listener import RunChangeListener
 
 log = Logger()
 
@@ -214,32 +215,36 @@ class PostgresRunStore:
         data directory): a starting daemon ends its predecessors' runs.
     """
 
-    def __init__(self, pool, reactor, name: str, lease: float):
+    def __init__(self, pool, reactor, dsn: str, daemon_id: str, name: str, lease: float):
         self._pool = pool
+        self._dsn = dsn
         self._reactor = reactor
         self.name = name
         self.lease = lease
-        self.daemon_id = uuid.uuid4().hex
+        self.daemon_id = daemon_id
         self._tails = {}  # run_id -> _Tail of the newest write on it
         self._writes = set()  # _Tails of the writes in flight
         self._reads = set()  # Deferreds of reads in flight
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self._beating = None
+        self._listener = None
         self._closing = None
 
     @classmethod
     async def _open(cls, reactor, dsn, name, lease, pool_size):
+        daemon_id = uuid.uuid4().hex
         pool = adbapi.ConnectionPool(
             "psycopg",
             conninfo=dsn,
+            application_name=f"car-twisted {daemon_id}",
             cp_min=1,
             cp_max=pool_size,
             cp_reconnect=True,
             cp_reactor=reactor,
         )
         pool.start()
-        store = cls(pool, reactor, name, lease)
+        store = cls(pool, reactor, dsn, daemon_id, name, lease)
         try:
             await pool.runInteraction(_migrate)
             await pool.runInteraction(store._register)
@@ -344,6 +349,29 @@ class PostgresRunStore:
             ended.append(run_id)
             log.info("run {run_id} ended incomplete: {reason}", run_id=run_id, reason=reason)
         return ended
+
+    def watch(self, on_change, on_reconnect) -> Deferred:
+        """
+        Listen for the run changes other daemons (and sweeps) commit:
+        C{on_change(run_id)} for each, C{on_reconnect()} after the listening
+        connection was lost and is back. Stops when the store closes.
+
+        @return: Deferred firing once listening.
+        """
+
+        def changed(run_id, cursor, origin):
+            if origin != self.daemon_id:
+                on_change(run_id)
+
+        self._listener = RunChangeListener(
+            self._reactor,
+            self._dsn,
+            CHANNEL,
+            f"car-twisted {self.daemon_id} listener",
+            changed,
+            on_reconnect,
+        )
+        return self._listener.start()
 
     # Writes
 
@@ -557,6 +585,8 @@ class PostgresRunStore:
         return closed
 
     async def _close(self):
+        if self._listener is not None:
+            self._listener.stop()
         if self._heartbeat.running:
             self._heartbeat.stop()
             await self._beating
