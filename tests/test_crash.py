@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, gatherResults, race
 from twisted.trial import unittest
 
 from tests.daemon_process import DaemonProcess
+from tests.postgres_server import fresh_database
 from tests.support import SUCCESS_OUTCOME, RPCClient
 
 CLIENTS = 5
@@ -142,3 +143,15 @@ class FileStoreCrashTests(CrashRecovery, unittest.TestCase):
 
 class SQLiteStoreCrashTests(CrashRecovery, unittest.TestCase):
     store = "sqlite"
+
+
+class PostgresStoreCrashTests(CrashRecovery, unittest.TestCase):
+    store = "postgresql"
+
+    async def start_daemon(self, data_dir):
+        if not hasattr(self, "dsn"):
+            self.dsn = fresh_database(self)
+        daemon = DaemonProcess(self.store, data_dir, "--dsn", self.dsn)
+        self.addCleanup(daemon.kill)
+        await daemon.start()
+        return daemon

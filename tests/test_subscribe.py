@@ -2,6 +2,8 @@
 
 from twisted.trial import unittest
 
+from car_twisted.fanout import TraceFanout
+from car_twisted.session import Session
 from car_twisted.store.memory import MemoryRunStore
 from tests.support import SUCCESS_OUTCOME, HeldStore, serve, wait_for
 
@@ -128,3 +130,19 @@ class SlowSubscriberTests(unittest.TestCase):
         self.assertEqual((cursors[-1], events[-1]["status"]), (2002, "completed"))
         self.assertLess(len(cursors), 2001)
         self.assertTrue(any(b - a > 1 for a, b in zip(cursors, cursors[1:])))
+
+
+class FanoutTests(unittest.TestCase):
+    def test_record_published_twice_is_sent_once(self):
+        """A live follower is sent each cursor once, whether a record is
+        published by its producer's daemon or again by a catch-up read."""
+        sent = []
+        session = Session(client_id="c", peer="p", notify=lambda method, params: sent.append(params))
+        fanout = TraceFanout()
+        fanout.follow(session, "r")
+        fanout.snapshot_taken(session, "r", [{"record": "started"}], 1)
+        self.assertEqual(fanout.sent("r"), 1)
+        for cursor in (2, 2, 3, 2, 3):
+            fanout.publish("r", "a", {"record": "turn", "index": cursor - 2}, cursor, "in_progress")
+        self.assertEqual([event["cursor"] for event in sent], [2, 3])
+        self.assertEqual(fanout.sent("r"), 3)

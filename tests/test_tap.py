@@ -53,6 +53,14 @@ class OptionsTests(unittest.TestCase):
         self.patch(os.environ, "get", {"CAR_HOME": "/srv/car"}.get)
         self.assertEqual(self.parse()["data-dir"], "/srv/car")
 
+    def test_dsn_from_environment(self):
+        """--store postgresql takes its DSN from $CAR_DATABASE_URL unless --dsn is given."""
+        self.patch(os.environ, "get", {"CAR_DATABASE_URL": "dbname=runs"}.get)
+        self.assertEqual(self.parse("--store", "postgresql")["dsn"], "dbname=runs")
+        self.assertEqual(
+            self.parse("--store", "postgresql", "--dsn", "dbname=other")["dsn"], "dbname=other"
+        )
+
     def test_bad_options_are_usage_errors(self):
         """Bad values are usage errors naming the option, not tracebacks."""
         for argv, needle in [
@@ -66,6 +74,8 @@ class OptionsTests(unittest.TestCase):
             (["--max-batch", "0"], "--max-batch"),
             (["--ping-timeout", "-1"], "--ping-timeout"),
             (["--max-in-flight", "lots"], "invalid literal"),
+            (["--store", "postgresql"], "--dsn"),
+            (["--lease", "0"], "--lease"),
         ]:
             with self.subTest(argv=argv):
                 error = self.assertRaises(usage.UsageError, self.parse, *argv)
