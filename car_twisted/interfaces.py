@@ -176,3 +176,45 @@ class IRunStore(Interface):
         @return: Deferred firing with None once everything acknowledged is
             durable.
         """
+
+
+class ISharedRunStore(IRunStore):
+    """
+    A run store several daemons share (the PostgreSQL store). Each store
+    object is one daemon: it owns the runs it starts until another daemon
+    adopts them.
+    """
+
+    def recover():
+        """
+        At start, end the open runs of dead daemons (never a live peer's).
+
+        @return: Deferred firing with how many runs were ended.
+        """
+
+    def watch(on_change, on_reconnect):
+        """
+        Call C{on_change(run_id)} for each change another daemon makes to a
+        run, and C{on_reconnect()} when changes may have been missed.
+
+        @return: Deferred firing once watching.
+        """
+
+    def release(run_id):
+        """
+        Mark an open run this daemon owns as having no producer: another
+        daemon may adopt it (C{runs.resume}).
+
+        @return: Deferred firing with None.
+        """
+
+    def adopt(run_id):
+        """
+        Make this daemon the owner of an open run that has no producer (or
+        whose daemon is dead).
+
+        @return: Deferred firing with True if this daemon now owns it.
+        """
+
+    def owns(run_id):
+        """@return: Deferred firing with whether this daemon owns the run."""

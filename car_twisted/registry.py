@@ -24,6 +24,7 @@ from car_twisted.fanout import TraceFanout
 from car_twisted.handshake import handshake
 from car_twisted.interfaces import (
     RUN_STATUSES,
+    ISharedRunStore,
     RunExists,
     RunNotFound,
     RunTerminal,
@@ -139,12 +140,15 @@ class RunRegistry:
         """
         self.sessions.pop(session.client_id, None)
         self._fanout.forget(session)
-        window = self._resume_lease if "runs.resume.v1" in session.capabilities else self._grace
+        resumable = "runs.resume.v1" in session.capabilities
+        window = self._resume_lease if resumable else self._grace
         for run_id in session.producing:
             live = self._live[run_id]
             live.producer = None
             if not self._stopped:
                 live.expiry = self._clock.callLater(window, self._expire, live)
+                if resumable and ISharedRunStore.providedBy(self.store):
+                    self._write_behind(self.store.release(run_id))
         session.producing = set()
 
     def _expire(self, live: LiveRun) -> None:
@@ -232,8 +236,13 @@ class RunRegistry:
     async def _catch_up(self, run_id: str) -> None:
         summary = await self.store.get_run(run_id)
         live = self._live.get(run_id)
-        if live is not None and summary.status != "in_progress":
-            self._finish(live)
+        if live is not None and (
+            summary.status != "in_progress" or not await self.store.owns(run_id)
+        ):
+            # Ended, or adopted by another daemon (runs.resume there).
+            if self._live.get(run_id) is live:
+                self._finish(live)
+                log.debug("run {run_id} is no longer produced through this daemon", run_id=run_id)
         sent = self._fanout.sent(run_id)
         if sent is None:
             return
@@ -466,6 +475,8 @@ class RunRegistry:
             raise RunRefused(
                 "runs.resume needs a session bound to the run's agent (session.auth with agent_id)"
             )
+        if ISharedRunStore.providedBy(self.store):
+            await self._adopt(session, run_id)
         live = self._live.get(run_id)
         if live is None or live.agent_id != session.agent_id:
             await self._refuse_write(session, run_id)
@@ -483,6 +494,30 @@ class RunRegistry:
             "client_id": session.client_id,
             "resumed_from_client_id": resumed_from,
         }
+
+    async def _adopt(self, session: Session, run_id: str) -> None:
+        """
+        A shared store: make this daemon the run's producer daemon if its
+        producer left (here or through another daemon); the caller refuses
+        what cannot be resumed.
+        """
+        live = self._live.get(run_id)
+        if live is not None and live.producer is not None:
+            return
+        summary = await self._visible_run(session, run_id)
+        if summary is None or summary.agent_id != session.agent_id or summary.status != "in_progress":
+            return
+        if not await self.store.adopt(run_id):
+            raise RunRefused(f"run {run_id} is being recorded by another session")
+        if run_id not in self._live:
+            (started, *_), _ = await self.store.read_records(run_id, 0, 1)
+            self._live[run_id] = LiveRun(
+                run_id=run_id,
+                agent_id=summary.agent_id,
+                producer=None,
+                client_id=started["client_id"],
+                turns=summary.turn_count,
+            )
 
     # Reads
 

@@ -202,6 +202,45 @@ class RaceTests(unittest.TestCase):
         self.assertEqual(cluster.sql("SELECT count(*) FROM car_runs"), [(1,)])
 
 
+class ResumeTests(unittest.TestCase):
+    async def test_resume_through_another_daemon(self):
+        """An agent whose connection to daemon A dropped resumes its run
+        through daemon B within the lease and finishes it there; a follower
+        on A sees B's records; A may no longer hand the run to anyone."""
+        cluster = Cluster(self)
+        a, b = await cluster.daemon(), await cluster.daemon()
+        first = await cluster.client(a, "agent-m", ["runs.resume.v1"])
+        run_id = (await first.call("runs.start", {"intent": "move"}))["run_id"]
+        await first.call("runs.record_turns", {"run_id": run_id, "turns": [turn("on A")]})
+        follower = await cluster.client(a)
+        await follower.call("runs.subscribe", {"run_id": run_id})
+        await first.drop()
+
+        second = await cluster.client(b, "agent-m", ["runs.resume.v1"])
+        resumed = await second.call("runs.resume", {"run_id": run_id})
+        self.assertEqual(resumed["run_id"], run_id)
+        recorded = await second.call("runs.record_turns", {"run_id": run_id, "turns": [turn("on B")]})
+        self.assertEqual((recorded["ok"], recorded["base_index"]), (True, 1))
+        # A let go of the run (its resume-window timer must not end it).
+        await wait_for(
+            lambda: f"run {run_id} is no longer produced through this daemon".encode() in a.output,
+            "A to let go of the run",
+        )
+        third = await cluster.client(a, "agent-m", ["runs.resume.v1"])
+        refused = await third.call_raw("runs.resume", {"run_id": run_id})
+        self.assertIn("being recorded by another session", refused["error"]["message"])
+        await second.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+
+        events = await events_until_ended(follower)
+        self.assertEqual([e["record"].get("prompt") for e in events], ["on B", None])
+        trace = await second.call("runs.get_trace", {"run_id": run_id})
+        self.assertEqual(
+            [r.get("prompt", r["record"]) for r in trace["records"]],
+            ["started", "on A", "on B", "ended"],
+        )
+        self.assertEqual(trace["records"][-1]["termination"], "outcome")
+
+
 class DaemonLostTests(unittest.TestCase):
     async def test_kill_9(self):
         """kill -9 of daemon A with open runs: every acknowledged record is

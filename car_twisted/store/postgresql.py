@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from car_twisted.interfaces import (
-    IRunStore,
+    ISharedRunStore,
     RunExists,
     RunNotFound,
     RunSummary,
@@ -77,7 +77,8 @@ MIGRATIONS = [
         outcome_status text,
         turn_count integer NOT NULL,
         record_count integer NOT NULL,
-        owner text NOT NULL
+        owner text NOT NULL,
+        detached boolean NOT NULL DEFAULT false
     );
     CREATE INDEX car_runs_by_agent ON car_runs (agent_id, seq);
     CREATE INDEX car_runs_by_agent_status ON car_runs (agent_id, status, seq);
@@ -205,7 +206,7 @@ class _Tail:
         self._waiters = []
 
 
-@implementer(IRunStore)
+@implementer(ISharedRunStore)
 class PostgresRunStore:
     """
     Runs in a PostgreSQL database; open it with L{open}.
@@ -372,6 +373,43 @@ class PostgresRunStore:
             on_reconnect,
         )
         return self._listener.start()
+
+    # Ownership
+
+    def release(self, run_id):
+        return self._write(run_id, self._release, run_id)
+
+    def _release(self, txn, run_id):
+        txn.execute(
+            "UPDATE car_runs SET detached = true"
+            " WHERE run_id = %s AND owner = %s AND status = 'in_progress'",
+            (_bytes(run_id), self.daemon_id),
+        )
+
+    def adopt(self, run_id):
+        return self._write(run_id, self._adopt, run_id)
+
+    def _adopt(self, txn, run_id) -> bool:
+        txn.execute(
+            "UPDATE car_runs r SET owner = %s, detached = false"
+            " WHERE run_id = %s AND status = 'in_progress' AND (owner = %s OR detached"
+            " OR NOT EXISTS (SELECT 1 FROM car_daemons d WHERE d.daemon_id = r.owner))"
+            " RETURNING record_count",
+            (self.daemon_id, _bytes(run_id), self.daemon_id),
+        )
+        row = txn.fetchone()
+        if row is None:
+            return False
+        txn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice(run_id, row[0], self.daemon_id)))
+        return True
+
+    def owns(self, run_id):
+        return self._read(self._after_run(run_id), self._owns, run_id)
+
+    def _owns(self, txn, run_id) -> bool:
+        txn.execute("SELECT owner = %s FROM car_runs WHERE run_id = %s", (self.daemon_id, _bytes(run_id)))
+        row = txn.fetchone()
+        return bool(row and row[0])
 
     # Writes
 
