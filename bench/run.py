@@ -23,6 +23,11 @@ Sections:
   list        (not in the default run) SQLite list_runs at 100 vs --list-runs
               runs, via bench/bench_sqlite_list.py
   auth        (not in the default run) bench/auth_sessions.py
+  postgresql  (not in the default run) runs.start/s at 50 connections x 1 on the
+              PostgreSQL store against memory, and two daemons on one database
+              against one; PostgreSQL's CPU per start. Uses --dsn (or
+              $CAR_DATABASE_URL), else starts a throwaway server (fsync on)
+              with the machine's PostgreSQL binaries
 """
 
 import argparse
@@ -46,8 +51,11 @@ sys.path.insert(0, BENCH)
 
 import wsload  # noqa: E402
 
+sys.path.insert(0, ROOT)
+from tests import postgres_server  # noqa: E402
+
 DEFAULT_SECTIONS = ["throughput", "latency", "stores", "sessions", "storm"]
-EXTRA_SECTIONS = ["list", "auth"]
+EXTRA_SECTIONS = ["list", "auth", "postgresql"]
 SECTION_METHODS = {"list": "sqlite_list"}
 LISTEN = "tcp:0:interface=127.0.0.1:backlog=1024"
 _PORT = re.compile(rb"(?:car-twisted listening on .*port=|echo listening on port )(\d+)")
@@ -308,6 +316,142 @@ class Suite:
         subprocess.run([sys.executable, os.path.join(BENCH, "auth_sessions.py")], check=True, timeout=600)
 
 
+    def postgresql(self) -> None:
+        with postgres_database(self.args.dsn) as database:
+            extra = ["--dsn", database.dsn]
+            memory = self.server("memory", "memory")
+            one = self.server("postgresql", "postgresql", extra)
+            second = self.server("postgresql-2", "postgresql", extra)
+            rounds = {"memory": [], "one": [], "two": [], "postgres_cpu": []}
+            for _ in range(self.args.repeat):
+                rounds["memory"].append(self.rate(memory, 50, 1))
+                # Each round leaves its runs open; their ends must not weigh on the next.
+                database.settle()
+                before, began = database.cpu(), time.monotonic()
+                rounds["one"].append(self.rate(one, 50, 1))
+                if before is not None:
+                    rounds["postgres_cpu"].append((database.cpu() - before) / (time.monotonic() - began))
+                database.settle()
+                rounds["two"].append(self.rate_together([one, second], 25))
+                database.settle()
+            base, value = Rate(rounds["memory"]), Rate(rounds["one"])
+            two = statistics.median(rounds["two"])
+            self.figure(
+                "runs.start 50 conn x 1, postgresql",
+                f"{value} (memory {base})",
+                ">= 0.5x memory",
+                f"{value.per_second / base.per_second:.2f}x memory",
+            )
+            self.figure(
+                "  daemon CPU per 1,000 starts, postgresql",
+                f"{1000 * value.server_cpu / value.per_second:.3f} s",
+                "-",
+                f"memory {1000 * base.server_cpu / base.per_second:.3f} s",
+            )
+            if rounds["postgres_cpu"]:
+                cpu = statistics.median(rounds["postgres_cpu"])
+                self.figure(
+                    "  PostgreSQL CPU per 1,000 starts",
+                    f"{1000 * cpu / value.per_second:.3f} s",
+                    "-",
+                    f"{cpu:.2f} of a core",
+                )
+            self.figure(
+                "runs.start 2 daemons x 25 conn, one database",
+                f"{two:,.0f}/s (one daemon x 50: {value.per_second:,.0f}/s)",
+                "-",
+                f"{two / value.per_second:.2f}x one daemon",
+            )
+
+    def rate_together(self, servers: list, connections: int) -> float:
+        """Answers/s of C{connections} per server, all loaded at once."""
+        args = self.args
+        processes = [
+            subprocess.Popen(
+                [sys.executable, os.path.join(BENCH, "wsload.py"), "throughput", "--port", str(s.port),
+                 "--connections", str(connections), "--depth", "1", "--seconds", str(args.seconds),
+                 "--warmup", str(args.warmup), "--server-pid", str(s.pid)],
+                stdout=subprocess.PIPE, text=True,
+            )
+            for s in servers
+        ]  # fmt: skip
+        results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in processes]
+        total = sum(r["per_second"] for r in results)
+        print(
+            f"  {len(servers)} daemons x {connections} conn: {total:>9,.0f}/s  CPU: "
+            + ", ".join(f"{r['server_cpu']:.2f}" for r in results),
+            flush=True,
+        )
+        return total
+
+
+class postgres_database:
+    """
+    A fresh database for the postgresql section, on --dsn's server or on a
+    throwaway one (fsync on), dropped at the end.
+    """
+
+    def __init__(self, dsn):
+        self._admin = dsn or os.environ.get("CAR_DATABASE_URL")
+        self._stop = None
+        self.dsn = None
+
+    def __enter__(self):
+        import psycopg
+
+        if self._admin is None:
+            self._admin, self._stop = postgres_server.start_server(fsync=True)
+        self._name = f"car_bench_{os.getpid()}"
+        with psycopg.connect(self._admin, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {self._name}")
+        self.dsn = psycopg.conninfo.make_conninfo(self._admin, dbname=self._name)
+        return self
+
+    def settle(self, limit: float = 120) -> None:
+        """Wait until no run is open (the daemons ended the last round's)."""
+        import psycopg
+
+        deadline = time.monotonic() + limit
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            while time.monotonic() < deadline:
+                (count,) = connection.execute(
+                    "SELECT count(*) FROM car_runs WHERE status = 'in_progress'"
+                ).fetchone()
+                if not count:
+                    return
+                time.sleep(0.2)
+        raise RuntimeError("the daemons did not end the last round's runs")
+
+    def cpu(self):
+        """CPU seconds so far of the postgres user's processes, if the server is ours."""
+        if self._stop is None:
+            return None
+        import pwd
+
+        uid = pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid()
+        total = 0.0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.stat(f"/proc/{pid}").st_uid != uid:
+                    continue
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def __exit__(self, *exc):
+        import psycopg
+
+        try:
+            with psycopg.connect(self._admin, autocommit=True) as connection:
+                connection.execute(f"DROP DATABASE {self._name} WITH (FORCE)")
+        finally:
+            if self._stop is not None:
+                self._stop()
+
+
 class Rate:
     """The median of throughput rounds, and the range they spanned."""
 
@@ -437,6 +581,7 @@ def main(argv=None):
     parser.add_argument("--sessions", type=int, default=5000, help="sessions (sessions, storm)")
     parser.add_argument("--grace", type=float, default=None, help="--grace of the sessions/storm daemon")
     parser.add_argument("--list-runs", type=int, default=1_000_000, help="runs of the large agent (list)")
+    parser.add_argument("--dsn", default=None, help="PostgreSQL server of the postgresql section [default: $CAR_DATABASE_URL, else a throwaway one]")
     parser.add_argument("--daemon-arg", action="append", default=[], help="extra daemon option (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="every default section, tiny and short")
     args = parser.parse_args(argv)

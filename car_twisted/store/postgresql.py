@@ -23,7 +23,6 @@ import socket
 import uuid
 
 import psycopg
-from psycopg import errors
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.task import LoopingCall
@@ -98,6 +97,65 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # Any constant: daemons starting together migrate one at a time.
 _MIGRATION_LOCK = 0x6361725F7363
 
+# The writes are single statements: on the pool's autocommit connections each
+# is one round trip. The run's row is locked first (FOR UPDATE), so writes to
+# one run from several daemons take turns; the first row says what was found.
+# Turn bodies get their "index" appended here, where the base is known
+# (bodies are compact JSON objects: a later duplicate key wins in every reader).
+START_RUNS = """
+WITH new AS (
+    INSERT INTO car_runs (run_id, agent_id, intent, started_at, status, turn_count, record_count, owner)
+    SELECT run_id, agent_id, intent, started_at, 'in_progress', 0, 1, %(owner)s
+    FROM unnest(%(run_ids)s::bytea[], %(agent_ids)s::bytea[], %(intents)s::bytea[],
+                %(started_ats)s::bytea[]) WITH ORDINALITY AS s (run_id, agent_id, intent, started_at, n)
+    ORDER BY n
+    ON CONFLICT (run_id) DO NOTHING
+    RETURNING seq, run_id
+), records AS (
+    INSERT INTO car_records (run, position, terminal, body)
+    SELECT new.seq, 0, false, b.body
+    FROM new JOIN unnest(%(run_ids)s::bytea[], %(bodies)s::text[]) AS b (run_id, body) USING (run_id)
+)
+SELECT run_id FROM new
+"""
+APPEND_TURNS = """
+WITH run AS (
+    SELECT seq, status, turn_count, record_count FROM car_runs WHERE run_id = %(run_id)s FOR UPDATE
+), ok AS (
+    SELECT * FROM run WHERE status = 'in_progress' AND turn_count + %(count)s <= %(max)s
+), inserted AS (
+    INSERT INTO car_records (run, position, terminal, body)
+    SELECT ok.seq, ok.record_count + t.n - 1, false,
+           left(t.body, -1) || ',"index":' || (ok.turn_count + t.n - 1) || '}'
+    FROM ok, unnest(%(bodies)s::text[]) WITH ORDINALITY AS t (body, n)
+), updated AS (
+    UPDATE car_runs r SET turn_count = ok.turn_count + %(count)s,
+                          record_count = ok.record_count + %(count)s
+    FROM ok WHERE r.seq = ok.seq RETURNING r.record_count
+), notified AS (
+    SELECT pg_notify(%(channel)s, '[' || %(run_json)s || ',' || record_count || ',' || %(origin_json)s || ']')
+    FROM updated
+)
+SELECT status, turn_count, (SELECT count(*) FROM notified) FROM run
+"""
+END_RUN = """
+WITH run AS (
+    SELECT seq, status, record_count FROM car_runs WHERE run_id = %(run_id)s FOR UPDATE
+), inserted AS (
+    INSERT INTO car_records (run, position, terminal, body)
+    SELECT seq, record_count, true, %(body)s FROM run WHERE status = 'in_progress'
+    RETURNING run, position
+), updated AS (
+    UPDATE car_runs r SET status = %(status)s, outcome_status = %(outcome_status)s,
+                          ended_at = %(ended_at)s, record_count = inserted.position + 1
+    FROM inserted WHERE r.seq = inserted.run RETURNING r.record_count
+), notified AS (
+    SELECT pg_notify(%(channel)s, '[' || %(run_json)s || ',' || record_count || ',' || %(origin_json)s || ']')
+    FROM updated
+)
+SELECT status, (SELECT count(*) FROM notified) FROM run
+"""
+
 _SUMMARY_COLUMNS = (
     "run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turn_count"
 )
@@ -164,6 +222,19 @@ def notice(run_id: str, cursor: int, origin: str) -> str:
     return json.dumps([run_id, cursor, origin])
 
 
+def _in_transaction(work):
+    """
+    C{work(txn, ...)} in one transaction: the pool's connections are in
+    autocommit mode, and the pool commits (or rolls back) what C{BEGIN} opened.
+    """
+
+    def transaction(txn, *args):
+        txn.execute("BEGIN")
+        return work(txn, *args)
+
+    return transaction
+
+
 def _migrate(txn) -> int:
     """Bring the database to L{SCHEMA_VERSION}; the version found."""
     txn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
@@ -206,6 +277,47 @@ class _Tail:
         self._waiters = []
 
 
+class _StartBatches:
+    """
+    Group the C{start_run} calls made in one reactor turn into one INSERT
+    statement (one pool thread hop, one round trip): a daemon under load
+    starts many runs at once, and each costs far less in a batch.
+    """
+
+    def __init__(self, reactor, pool, start_runs):
+        self._reactor = reactor
+        self._pool = pool
+        self._start_runs = start_runs
+        self._pending = []  # (started, Deferred)
+        self._flush = None
+
+    def add(self, started) -> Deferred:
+        d = Deferred()
+        self._pending.append((started, d))
+        if self._flush is None:
+            self._flush = self._reactor.callLater(0, self._send)
+        return d
+
+    def _send(self) -> None:
+        self._flush = None
+        batch, self._pending = self._pending, []
+        d = self._pool.runInteraction(self._start_runs, [started for started, _ in batch])
+        d.addCallbacks(self._created, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    @staticmethod
+    def _created(created, batch) -> None:
+        for started, d in batch:
+            if _bytes(started["run_id"]) in created:
+                d.callback(None)
+            else:
+                d.errback(RunExists(started["run_id"]))
+
+    @staticmethod
+    def _failed(failure, batch) -> None:
+        for _, d in batch:
+            d.errback(failure)
+
+
 @implementer(ISharedRunStore)
 class PostgresRunStore:
     """
@@ -226,6 +338,7 @@ class PostgresRunStore:
         self._tails = {}  # run_id -> _Tail of the newest write on it
         self._writes = set()  # _Tails of the writes in flight
         self._reads = set()  # Deferreds of reads in flight
+        self._starts = _StartBatches(reactor, pool, self._start_runs)
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self._beating = None
@@ -239,6 +352,7 @@ class PostgresRunStore:
             "psycopg",
             conninfo=dsn,
             application_name=f"car-twisted {daemon_id}",
+            autocommit=True,
             cp_min=1,
             cp_max=pool_size,
             cp_reconnect=True,
@@ -247,7 +361,7 @@ class PostgresRunStore:
         pool.start()
         store = cls(pool, reactor, dsn, daemon_id, name, lease)
         try:
-            await pool.runInteraction(_migrate)
+            await pool.runInteraction(_in_transaction(_migrate))
             await pool.runInteraction(store._register)
         except psycopg.Error as e:
             pool.close()
@@ -302,7 +416,7 @@ class PostgresRunStore:
 
         @return: Deferred firing with the ids of the runs ended.
         """
-        return self._pool.runInteraction(self._sweep)
+        return self._pool.runInteraction(_in_transaction(self._sweep))
 
     def _sweep(self, txn) -> list:
         txn.execute(
@@ -334,19 +448,19 @@ class PostgresRunStore:
             )
             return len(self._end_orphans(txn, "daemon restarted")) + len(self._sweep(txn))
 
-        return self._pool.runInteraction(recover)
+        return self._pool.runInteraction(_in_transaction(recover))
 
     def _end_orphans(self, txn, reason: str) -> list:
         """End the open runs whose owner is no registered daemon."""
         txn.execute(
-            "SELECT seq, run_id, record_count FROM car_runs r WHERE status = 'in_progress'"
+            "SELECT run_id FROM car_runs r WHERE status = 'in_progress'"
             " AND NOT EXISTS (SELECT 1 FROM car_daemons d WHERE d.daemon_id = r.owner)"
             " FOR UPDATE SKIP LOCKED"
         )
         ended = []
-        for seq, run_id, position in txn.fetchall():
+        for (run_id,) in txn.fetchall():
             run_id = _text(run_id)
-            self._append_ended(txn, seq, run_id, position, ended_record("incomplete", reason=reason), "")
+            self._end_run(txn, run_id, ended_record("incomplete", reason=reason), "")
             ended.append(run_id)
             log.info("run {run_id} ended incomplete: {reason}", run_id=run_id, reason=reason)
         return ended
@@ -387,7 +501,7 @@ class PostgresRunStore:
         )
 
     def adopt(self, run_id):
-        return self._write(run_id, self._adopt, run_id)
+        return self._write(run_id, _in_transaction(self._adopt), run_id)
 
     def _adopt(self, txn, run_id) -> bool:
         txn.execute(
@@ -415,6 +529,10 @@ class PostgresRunStore:
 
     def _write(self, run_id: str, work, *args) -> Deferred:
         """Run C{work(txn, *args)} in a transaction once earlier calls on C{run_id} settled."""
+        return self._after_writes_on(run_id, lambda: self._pool.runInteraction(work, *args))
+
+    def _after_writes_on(self, run_id: str, write) -> Deferred:
+        """Call C{write()} (returning a Deferred) once earlier calls on C{run_id} settled."""
         if self._closing is not None:
             return fail(RuntimeError("the run store is closed"))
         before = self._tails.get(run_id)
@@ -422,112 +540,71 @@ class PostgresRunStore:
         self._tails[run_id] = tail
         self._writes.add(tail)
 
-        async def write():
+        async def write_after():
             try:
                 if before is not None:
                     await before.wait()
-                return await self._pool.runInteraction(work, *args)
+                return await write()
             finally:
                 if self._tails.get(run_id) is tail:
                     del self._tails[run_id]
                 self._writes.discard(tail)
                 tail.settle()
 
-        return Deferred.fromCoroutine(write())
+        return Deferred.fromCoroutine(write_after())
 
     def start_run(self, started):
         started = dict(started)
-        return self._write(started["run_id"], self._start_run, started)
+        return self._after_writes_on(started["run_id"], lambda: self._starts.add(started))
 
-    def _start_run(self, txn, started):
-        txn.execute(
-            "INSERT INTO car_runs (run_id, agent_id, intent, started_at, status,"
-            " turn_count, record_count, owner) VALUES (%s, %s, %s, %s, 'in_progress', 0, 1, %s)"
-            " ON CONFLICT (run_id) DO NOTHING RETURNING seq",
-            (
-                _bytes(started["run_id"]),
-                _bytes(started["agent_id"]),
-                _bytes(started["intent"]),
-                _bytes(started["started_at"]),
-                self.daemon_id,
-            ),
-        )
-        row = txn.fetchone()
-        if row is None:
-            raise RunExists(started["run_id"])
-        txn.execute(
-            "INSERT INTO car_records (run, position, terminal, body) VALUES (%s, 0, false, %s)",
-            (row[0], _encode(started)),
-        )
+    def _start_runs(self, txn, batch) -> set:
+        """Insert a batch of runs in one statement; the ids of those created."""
+        txn.execute(START_RUNS, {
+            "run_ids": [_bytes(s["run_id"]) for s in batch],
+            "agent_ids": [_bytes(s["agent_id"]) for s in batch],
+            "intents": [_bytes(s["intent"]) for s in batch],
+            "started_ats": [_bytes(s["started_at"]) for s in batch],
+            "bodies": [_encode(s) for s in batch],
+            "owner": self.daemon_id,
+        })  # fmt: skip
+        return {bytes(run_id) for (run_id,) in txn.fetchall()}
 
-    @staticmethod
-    def _lock_open_run(txn, run_id):
-        """Lock an open run's row: its C{(seq, turn_count, record_count)}."""
-        txn.execute(
-            "SELECT seq, status, turn_count, record_count FROM car_runs"
-            " WHERE run_id = %s FOR UPDATE",
-            (_bytes(run_id),),
-        )
+    def append_turns(self, run_id, turns, max_turns):
+        bodies = [_encode(dict(t)) for t in turns]
+        return self._write(run_id, self._append_turns, run_id, bodies, max_turns)
+
+    def _append_turns(self, txn, run_id, bodies, max_turns):
+        txn.execute(APPEND_TURNS, {
+            "run_id": _bytes(run_id), "count": len(bodies), "max": max_turns, "bodies": bodies,
+            "channel": CHANNEL, "run_json": json.dumps(run_id), "origin_json": json.dumps(self.daemon_id),
+        })  # fmt: skip
         row = txn.fetchone()
         if row is None:
             raise RunNotFound(run_id)
-        seq, status, turn_count, record_count = row
+        status, base, _ = row
         if status != "in_progress":
             raise RunTerminal(run_id)
-        return seq, turn_count, record_count
-
-    def append_turns(self, run_id, turns, max_turns):
-        turns = [dict(t) for t in turns]
-        return self._write(run_id, self._append_turns, run_id, turns, max_turns)
-
-    def _append_turns(self, txn, run_id, turns, max_turns):
-        seq, base, position = self._lock_open_run(txn, run_id)
-        if base + len(turns) > max_turns:
+        if base + len(bodies) > max_turns:
             raise TurnLimitReached(run_id)
-        txn.executemany(
-            "INSERT INTO car_records (run, position, terminal, body) VALUES (%s, %s, false, %s)",
-            [
-                (seq, position + i, _encode(dict(t, index=base + i)))
-                for i, t in enumerate(turns)
-            ],
-        )
-        cursor = position + len(turns)
-        txn.execute(
-            "UPDATE car_runs SET turn_count = %s, record_count = %s WHERE seq = %s",
-            (base + len(turns), cursor, seq),
-        )
-        txn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice(run_id, cursor, self.daemon_id)))
         return base
 
     def end_run(self, run_id, ended):
-        return self._write(run_id, self._end_run, run_id, dict(ended))
-
-    def _end_run(self, txn, run_id, ended):
-        seq, _, position = self._lock_open_run(txn, run_id)
-        self._append_ended(txn, seq, run_id, position, ended, self.daemon_id)
+        return self._write(run_id, self._end_run, run_id, dict(ended), self.daemon_id)
 
     @staticmethod
-    def _append_ended(txn, seq, run_id, position, ended, origin):
+    def _end_run(txn, run_id, ended, origin):
         status = status_of(ended)
-        try:
-            txn.execute(
-                "INSERT INTO car_records (run, position, terminal, body) VALUES (%s, %s, true, %s)",
-                (seq, position, _encode(ended)),
-            )
-        except errors.UniqueViolation:
+        txn.execute(END_RUN, {
+            "run_id": _bytes(run_id), "body": _encode(ended), "status": status,
+            "outcome_status": ended["outcome"]["status"] if status == "completed" else None,
+            "ended_at": _bytes(ended["ended_at"]),
+            "channel": CHANNEL, "run_json": json.dumps(run_id), "origin_json": json.dumps(origin),
+        })  # fmt: skip
+        row = txn.fetchone()
+        if row is None:
+            raise RunNotFound(run_id)
+        if row[0] != "in_progress":
             raise RunTerminal(run_id)
-        txn.execute(
-            "UPDATE car_runs SET status = %s, outcome_status = %s, ended_at = %s,"
-            " record_count = %s WHERE seq = %s",
-            (
-                status,
-                ended["outcome"]["status"] if status == "completed" else None,
-                _bytes(ended["ended_at"]),
-                position + 1,
-                seq,
-            ),
-        )
-        txn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice(run_id, position + 1, origin)))
 
     # Reads
 
