@@ -51,6 +51,9 @@ CHANNEL = "car_runs"
 DEFAULT_LEASE = 10.0
 #: Connections in the pool (one thread each).
 POOL_SIZE = 8
+#: Batches of runs.start sent at once; starts arriving meanwhile wait for the
+#: next batch (group commit: fewer, larger transactions).
+BATCHES_IN_FLIGHT = 2
 
 #: The schema, one entry per version: entry N-1 takes a database from
 #: version N-1 to version N.
@@ -290,19 +293,27 @@ class _StartBatches:
         self._start_runs = start_runs
         self._pending = []  # (started, Deferred)
         self._flush = None
+        self._in_flight = 0
 
     def add(self, started) -> Deferred:
         d = Deferred()
         self._pending.append((started, d))
-        if self._flush is None:
+        if self._flush is None and self._in_flight < BATCHES_IN_FLIGHT:
             self._flush = self._reactor.callLater(0, self._send)
         return d
 
     def _send(self) -> None:
         self._flush = None
         batch, self._pending = self._pending, []
+        self._in_flight += 1
         d = self._pool.runInteraction(self._start_runs, [started for started, _ in batch])
         d.addCallbacks(self._created, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+        d.addBoth(self._sent)
+
+    def _sent(self, _) -> None:
+        self._in_flight -= 1
+        if self._pending and self._flush is None:
+            self._send()
 
     @staticmethod
     def _created(created, batch) -> None:
