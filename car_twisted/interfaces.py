@@ -216,5 +216,14 @@ class ISharedRunStore(IRunStore):
         @return: Deferred firing with True if this daemon now owns it.
         """
 
+    def end_own_run(run_id, ended):
+        """
+        L{IRunStore.end_run}, but only while this daemon owns the run (a
+        producer's window ran out here while another daemon adopted it).
+
+        @return: Deferred firing with None; fails with L{RunTerminal} also
+            when another daemon owns the run.
+        """
+
     def owns(run_id):
         """@return: Deferred firing with whether this daemon owns the run."""

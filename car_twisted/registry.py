@@ -155,12 +155,17 @@ class RunRegistry:
         live.expiry = None
         self._finish(live)
         ended = ended_record("incomplete", reason="connection closed")
-        self._write_behind(Deferred.fromCoroutine(self._end(live, ended)))
+        # A shared store: another daemon may have adopted the run meanwhile.
+        shared = ISharedRunStore.providedBy(self.store)
+        self._write_behind(Deferred.fromCoroutine(self._end(live, ended, only_if_owned=shared)))
         log.info("run {run_id} ended incomplete: its producer went away", run_id=live.run_id)
 
-    async def _end(self, live: LiveRun, ended: dict) -> None:
+    async def _end(self, live: LiveRun, ended: dict, only_if_owned=False) -> None:
         """Write a run's terminal record and tell its followers."""
-        await self.store.end_run(live.run_id, ended)
+        if only_if_owned:
+            await self.store.end_own_run(live.run_id, ended)
+        else:
+            await self.store.end_run(live.run_id, ended)
         self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, status_of(ended))
 
     def _finish(self, live: LiveRun) -> None:

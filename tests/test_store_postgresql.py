@@ -11,6 +11,7 @@ from car_twisted.records import ended_record
 from car_twisted.store.postgresql import (
     SCHEMA_VERSION,
     PostgresRunStore,
+    RunAdopted,
     RunDatabaseError,
     redacted,
 )
@@ -188,3 +189,21 @@ class PostgresRunStoreTests(unittest.TestCase):
         await wait_for(lambda: beat.call is not None, "the heartbeat to finish")
         (age,) = self.sql("SELECT now() - heartbeat_at < interval '1 second' FROM car_daemons")[0]
         self.assertTrue(age)
+
+    async def test_adopted_run_is_not_ended_by_its_old_daemon(self):
+        """Once daemon B adopted a run daemon A released, A's end_own_run
+        (its producer's window running out) fails RunAdopted and changes
+        nothing; B still ends it."""
+        a, b = await self.open(), await self.open()
+        record = started()
+        run_id = record["run_id"]
+        await a.start_run(record)
+        self.assertFalse(await b.adopt(run_id))
+        await a.release(run_id)
+        self.assertTrue(await b.adopt(run_id))
+        self.assertEqual((await a.owns(run_id), await b.owns(run_id)), (False, True))
+        with self.assertRaises(RunAdopted):
+            await a.end_own_run(run_id, ended_record("incomplete", reason="connection closed"))
+        self.assertEqual((await a.get_run(run_id)).status, "in_progress")
+        await b.end_own_run(run_id, ended_record("cancelled", reason_digest="00"))
+        self.assertEqual((await a.get_run(run_id)).status, "cancelled")

@@ -143,10 +143,11 @@ SELECT status, turn_count, (SELECT count(*) FROM notified) FROM run
 """
 END_RUN = """
 WITH run AS (
-    SELECT seq, status, record_count FROM car_runs WHERE run_id = %(run_id)s FOR UPDATE
+    SELECT seq, status, record_count, owner FROM car_runs WHERE run_id = %(run_id)s FOR UPDATE
 ), inserted AS (
     INSERT INTO car_records (run, position, terminal, body)
-    SELECT seq, record_count, true, %(body)s FROM run WHERE status = 'in_progress'
+    SELECT seq, record_count, true, %(body)s FROM run
+    WHERE status = 'in_progress' AND (%(owner)s::text IS NULL OR owner = %(owner)s)
     RETURNING run, position
 ), updated AS (
     UPDATE car_runs r SET status = %(status)s, outcome_status = %(outcome_status)s,
@@ -156,13 +157,17 @@ WITH run AS (
     SELECT pg_notify(%(channel)s, '[' || %(run_json)s || ',' || record_count || ',' || %(origin_json)s || ']')
     FROM updated
 )
-SELECT status, (SELECT count(*) FROM notified) FROM run
+SELECT status, owner, (SELECT count(*) FROM notified) FROM run
 """
 
 _SUMMARY_COLUMNS = (
     "run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turn_count"
 )
 _MAX_SEQ = 2**63 - 1
+
+
+class RunAdopted(RunTerminal):
+    """Another daemon owns the run now: this one may no longer end it."""
 
 
 class RunDatabaseError(Exception):
@@ -602,13 +607,18 @@ class PostgresRunStore:
     def end_run(self, run_id, ended):
         return self._write(run_id, self._end_run, run_id, dict(ended), self.daemon_id)
 
+    def end_own_run(self, run_id, ended):
+        return self._write(
+            run_id, self._end_run, run_id, dict(ended), self.daemon_id, self.daemon_id
+        )
+
     @staticmethod
-    def _end_run(txn, run_id, ended, origin):
+    def _end_run(txn, run_id, ended, origin, owner=None):
         status = status_of(ended)
         txn.execute(END_RUN, {
             "run_id": _bytes(run_id), "body": _encode(ended), "status": status,
             "outcome_status": ended["outcome"]["status"] if status == "completed" else None,
-            "ended_at": _bytes(ended["ended_at"]),
+            "ended_at": _bytes(ended["ended_at"]), "owner": owner,
             "channel": CHANNEL, "run_json": json.dumps(run_id), "origin_json": json.dumps(origin),
         })  # fmt: skip
         row = txn.fetchone()
@@ -616,6 +626,8 @@ class PostgresRunStore:
             raise RunNotFound(run_id)
         if row[0] != "in_progress":
             raise RunTerminal(run_id)
+        if owner is not None and row[1] != owner:
+            raise RunAdopted(run_id)
 
     # Reads
 
