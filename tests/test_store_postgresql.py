@@ -207,3 +207,15 @@ class PostgresRunStoreTests(unittest.TestCase):
         self.assertEqual((await a.get_run(run_id)).status, "in_progress")
         await b.end_own_run(run_id, ended_record("cancelled", reason_digest="00"))
         self.assertEqual((await a.get_run(run_id)).status, "cancelled")
+
+    async def test_no_sweep_after_own_lease_lapsed(self):
+        """A daemon whose own heartbeat had lapsed (a database outage longer
+        than the lease) renews it but ends no peer's runs in that sweep; the
+        next sweep does, if the peer is still silent."""
+        survivor, peer = await self.open(), await self.open()
+        record = started()
+        await peer.start_run(record)
+        self.sql("UPDATE car_daemons SET heartbeat_at = now() - interval '1 hour'")
+        self.assertEqual(await survivor.sweep(), [])
+        self.assertEqual((await survivor.get_run(record["run_id"])).status, "in_progress")
+        self.assertEqual(await survivor.sweep(), [record["run_id"]])

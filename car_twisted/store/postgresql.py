@@ -436,15 +436,23 @@ class PostgresRunStore:
 
     def _sweep(self, txn) -> list:
         txn.execute(
-            "UPDATE car_daemons SET heartbeat_at = now() WHERE daemon_id = %s",
+            "UPDATE car_daemons d SET heartbeat_at = now() FROM car_daemons old"
+            " WHERE d.daemon_id = %s AND old.daemon_id = d.daemon_id"
+            " RETURNING old.heartbeat_at + old.lease < now()",
             (self.daemon_id,),
         )
-        if txn.rowcount == 0:
+        row = txn.fetchone()
+        if row is None:
             log.error(
                 "car-twisted: this daemon's lease had expired and its peers ended its "
                 "open runs (a pause longer than --lease?); registering again"
             )
             self._register(txn)
+            return []
+        if row[0]:
+            # Out of touch with the database for longer than a lease (an
+            # outage?): so were the peers, likely. Let them beat once first.
+            return []
         txn.execute("DELETE FROM car_daemons WHERE heartbeat_at + lease < now()")
         return self._end_orphans(txn, "daemon lost")
 
