@@ -240,6 +240,8 @@ class RunRegistry:
 
     async def _catch_up(self, run_id: str) -> None:
         summary = await self.store.get_run(run_id)
+        if summary is None:
+            return
         live = self._live.get(run_id)
         if live is not None and (
             summary.status != "in_progress" or not await self.store.owns(run_id)
