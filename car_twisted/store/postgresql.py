@@ -2,10 +2,11 @@
 A run store in PostgreSQL, shared by any number of daemons.
 
 Writes and reads go through a L{twisted.enterprise.adbapi.ConnectionPool} of
-psycopg 3 connections (each call is one transaction on a pool thread).
-Calls on one run are chained so they apply and fire in call order; calls on
-different runs run in parallel, and PostgreSQL's group commit shares flushes
-among them. What must be unique across daemons is unique in the database:
+psycopg 3 connections in autocommit mode: each write is one SQL statement
+(one round trip, one commit) on a pool thread, and the starts of one reactor
+turn share one statement. Calls on one run are chained so they apply and
+fire in call order; calls on different runs run in parallel, and
+PostgreSQL's group commit shares flushes among them. What must be unique across daemons is unique in the database:
 run ids (so also idempotency keys, which become run ids), and one terminal
 record per run (each write locks its run's row; a partial unique index
 backs that up).
