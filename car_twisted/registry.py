@@ -62,6 +62,8 @@ MAX_FOLLOWED = 100
 #: its envelope it fits the smallest message limit (512 KiB), and every
 #: record (at most 256 KiB) fits in it.
 PAGE_BYTES = 384 * 1024
+#: Records read at once when catching up on a run another daemon changed.
+CATCH_UP_PAGE = 100
 
 
 @dataclass(eq=False)
@@ -251,12 +253,12 @@ class RunRegistry:
                 self._finish(live)
                 log.debug("run {run_id} is no longer produced through this daemon", run_id=run_id)
         sent = self._fanout.sent(run_id)
-        if sent is None:
-            return
-        records, _ = await self.store.read_records(run_id, sent, MAX_TURNS_PER_RUN + 2)
-        for cursor, record in enumerate(records, sent + 1):
-            status = status_of(record) if record["record"] == "ended" else "in_progress"
-            self._fanout.publish(run_id, summary.agent_id, record, cursor, status)
+        while sent is not None:
+            records, after = await self.store.read_records(run_id, sent, CATCH_UP_PAGE)
+            for cursor, record in enumerate(records, sent + 1):
+                status = status_of(record) if record["record"] == "ended" else "in_progress"
+                self._fanout.publish(run_id, summary.agent_id, record, cursor, status)
+            sent = after if len(records) == CATCH_UP_PAGE else None
 
     def stop(self):
         """

@@ -116,6 +116,27 @@ class LiveFollowTests(unittest.TestCase):
         listed = await follower.call("runs.list", {"agent_id": "agent-x"})
         self.assertEqual(listed["runs"][0]["status"], "completed")
 
+    async def test_long_catch_up_is_paged(self):
+        """A follower on B of a run A records many turns into at once gets
+        every one, in order, once (B reads them in pages)."""
+        _, _, agent, follower, run_id = await self.follow_across()
+        turns = [turn(str(n)) for n in range(2, 252)]
+        await agent.call("runs.record_turns", {"run_id": run_id, "turns": turns})
+        await agent.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+        events = await events_until_ended(follower)
+        self.assertEqual([e["cursor"] for e in events], list(range(4, 255)))
+        self.assertEqual([e["record"].get("index") for e in events[:-1]], list(range(2, 252)))
+
+    async def test_dsn_password_not_logged(self):
+        """A daemon started with a password in its DSN never logs it."""
+        cluster = Cluster(self)
+        cluster.dsn = psycopg.conninfo.make_conninfo(cluster.dsn, password="sekrit-pw")
+        daemon = await cluster.daemon()
+        client = await cluster.client(daemon, "agent-p")
+        await client.call("runs.start", {"intent": "logged?"})
+        self.assertIn(b"postgresql store", daemon.output)
+        self.assertNotIn(b"sekrit-pw", daemon.output)
+
     async def test_listen_connection_killed(self):
         """Daemon B's LISTEN connection is killed (pg_terminate_backend) and
         the whole rest of the run is written before B notices: B connects
