@@ -245,6 +245,9 @@ class RunRegistry:
         if summary is None:
             return
         live = self._live.get(run_id)
+        if live is not None:
+            # Turns the same agent recorded through another daemon.
+            live.turns = max(live.turns, summary.turn_count)
         if live is not None and (
             summary.status != "in_progress" or not await self.store.owns(run_id)
         ):
@@ -379,6 +382,8 @@ class RunRegistry:
             )
         live = self._writable(session, run_id)
         if live is None:
+            if await self._complete_elsewhere(session, run_id, outcome):
+                return {"ok": True, "run_id": run_id}
             await self._refuse_write(session, run_id)
         self._finish(live)
         if session.current_run_id == run_id:
@@ -388,6 +393,37 @@ class RunRegistry:
         except RunTerminal:
             raise RunRefused(f"run {run_id} already ended")
         return {"ok": True, "run_id": run_id}
+
+    async def _writable_elsewhere(self, session: Session, run_id: str):
+        """
+        A shared store: the summary of an open run another daemon produces
+        that this session may write to (the same agent, as on one daemon),
+        else None.
+        """
+        if not ISharedRunStore.providedBy(self.store) or run_id in self._live:
+            return None
+        summary = await self._visible_run(session, run_id)
+        if (
+            summary is None
+            or summary.status != "in_progress"
+            or summary.agent_id != session.agent_id
+            or run_id in self._live
+        ):
+            return None
+        return summary
+
+    async def _complete_elsewhere(self, session: Session, run_id: str, outcome: dict) -> bool:
+        """Complete a run another daemon produces; False if this session may not."""
+        if await self._writable_elsewhere(session, run_id) is None:
+            return False
+        try:
+            await self.store.end_run(run_id, ended_record("outcome", outcome=outcome))
+        except RunTerminal:
+            return False
+        if session.current_run_id == run_id:
+            session.current_run_id = None
+        self.run_changed(run_id)
+        return True
 
     async def record_turns(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)
@@ -400,9 +436,13 @@ class RunRegistry:
     async def _record(self, session: Session, run_id: str, records: list) -> dict:
         """Append turn records; a run that cannot take them says why."""
         live = self._writable(session, run_id)
+        agent_id = live.agent_id if live is not None else None
         if live is None:
-            ended = run_id not in self._live and await self._visible_run(session, run_id)
-            return _dropped(run_id, "run_terminal" if ended else "run_not_found")
+            elsewhere = await self._writable_elsewhere(session, run_id)
+            if elsewhere is None:
+                ended = run_id not in self._live and await self._visible_run(session, run_id)
+                return _dropped(run_id, "run_terminal" if ended else "run_not_found")
+            agent_id = elsewhere.agent_id
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
         try:
@@ -413,10 +453,11 @@ class RunRegistry:
             return _dropped(run_id, "run_terminal")
         except RunNotFound:
             return _dropped(run_id, "run_not_found")
-        live.turns = base + len(records)
+        if live is not None:
+            live.turns = base + len(records)
         for offset, record in enumerate(records):
             record["index"] = base + offset
-            self._fanout.publish(run_id, live.agent_id, record, base + offset + 2, "in_progress")
+            self._fanout.publish(run_id, agent_id, record, base + offset + 2, "in_progress")
         return {"run_id": run_id, "base_index": base, "count": len(records), "ok": True}
 
     def _require(self, session: Session, capability: str, method: str) -> None:

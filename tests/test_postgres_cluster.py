@@ -204,6 +204,30 @@ class RaceTests(unittest.TestCase):
         self.assertEqual([r["record"] for r in trace["records"]], ["started", "ended"])
         self.assertEqual(trace["records"][-1]["termination"], "cancelled")
 
+    async def test_same_agent_writes_through_another_daemon(self):
+        """As on one daemon, another session of a run's agent may record
+        turns and complete it, here through daemon B while the producer is
+        on A; A's follower sees those turns and the end, and A's producer is
+        then told the run ended."""
+        cluster = Cluster(self)
+        a, b = await cluster.daemon(), await cluster.daemon()
+        producer = await cluster.client(a, "agent-w")
+        run_id = (await producer.call("runs.start", {"intent": "shared"}))["run_id"]
+        await producer.call("runs.record_turns", {"run_id": run_id, "turns": [turn("A")]})
+        follower = await cluster.client(a)
+        await follower.call("runs.subscribe", {"run_id": run_id})
+        helper = await cluster.client(b, "agent-w")
+        recorded = await helper.call("runs.record_turns", {"run_id": run_id, "turns": [turn("B")]})
+        self.assertEqual((recorded["ok"], recorded["base_index"]), (True, 1))
+        stranger = await cluster.client(b, "agent-other")
+        refused = await stranger.call("runs.record_turns", {"run_id": run_id, "turns": [turn("x")]})
+        self.assertFalse(refused["ok"])
+        await helper.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+        events = await events_until_ended(follower)
+        self.assertEqual([(e["cursor"], e["record"].get("prompt")) for e in events], [(3, "B"), (4, None)])
+        late = await producer.call("runs.record_turns", {"run_id": run_id, "turns": [turn("late")]})
+        self.assertEqual(late["dropped"], "run_terminal")
+
     async def test_same_idempotency_key_on_two_daemons(self):
         """Two starts with one idempotency key through two daemons at once:
         one run exists; the same agent gets its run id from both; another
