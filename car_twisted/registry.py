@@ -492,7 +492,9 @@ class RunRegistry:
             )
         if await self._cancel_elsewhere(session, summary, key, digest):
             return {**answer, "status": "cancelled_confirmed"}
-        summary = await self.store.get_run(run_id)
+        if summary.status == "in_progress":
+            # Ended since it was read (its terminal record was on its way).
+            summary = await self.store.get_run(run_id)
         ended, _ = await self.store.read_records(run_id, summary.turn_count + 1, 1)
         repeated = any(
             r.get("idempotency_key") == key and r.get("reason_digest") == digest for r in ended
@@ -501,12 +503,14 @@ class RunRegistry:
 
     async def _cancel_elsewhere(self, session: Session, summary, key: str, digest: str) -> bool:
         """
-        Cancel a run open in the store but not live here: one another
-        daemon produces (a shared store), or whose terminal record is on its
-        way (then the store refuses: the first terminal record wins).
+        A shared store: cancel a run open in the store but not live here,
+        one another daemon produces (or whose terminal record is on its way:
+        then the store refuses, the first terminal record wins).
         """
-        if summary.status != "in_progress" or not (
-            session.role == "host" or session.agent_id == summary.agent_id
+        if (
+            not ISharedRunStore.providedBy(self.store)
+            or summary.status != "in_progress"
+            or not (session.role == "host" or session.agent_id == summary.agent_id)
         ):
             return False
         ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
