@@ -18,6 +18,7 @@ from car_twisted.auth import (
     Authenticator,
     TokenFileError,
 )
+from car_twisted.interfaces import ISharedRunStore
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
@@ -178,7 +179,7 @@ class DaemonService(Service):
             data_dir=redacted(options["dsn"]) if options["store"] == "postgresql" else options["data-dir"],
             auth="off" if options["no-auth"] else "on",
         )
-        if isinstance(store, PostgresRunStore):
+        if ISharedRunStore.providedBy(store):
             recovered = await self._share(store)
         else:
             recovered = await self.registry.recover()
@@ -188,7 +189,7 @@ class DaemonService(Service):
             self._ports.append(port)
             log.info("car-twisted listening on {endpoint} ({address})", endpoint=description, address=port.getHost())
 
-    async def _share(self, store: PostgresRunStore) -> int:
+    async def _share(self, store) -> int:
         """
         Join the daemons sharing the store: end only dead daemons' runs,
         heartbeat, and follow the runs the others change.
