@@ -106,6 +106,16 @@ class IRunStore(Interface):
     promises (on stable storage, for the file store).
     """
 
+    def open():
+        """
+        Load or create what the store keeps; called once, before any other
+        method (the daemon does it before it listens).
+
+        @return: Deferred firing with None once the store is ready; it fails
+            if the store cannot be used, with an error whose message says
+            why in one line.
+        """
+
     def start_run(started):
         """
         Create a run from its ``started`` record (a dict with at least

@@ -67,3 +67,11 @@ def _refuse_compression(offers):
     the message limit before the limit is checked.
     """
     return None
+
+
+#: How many runs one session may follow live at once.
+MAX_FOLLOWED = 100
+#: Record bytes in one runs.get_trace page or runs.subscribe snapshot: with
+#: its envelope it fits the smallest message limit (512 KiB), and every
+#: record (at most 256 KiB) fits in it.
+PAGE_BYTES = 384 * 1024

@@ -74,7 +74,7 @@ class EventOutbox:
 
 class RunTracingProtocol(WebSocketServerProtocol):
     """
-    One client connection: a session of the run registry.
+    One client connection: a session of the run service.
 
     At most C{max_in_flight} of its frames are being handled at once; the
     frames read past that wait here, in order, and the socket is not read
@@ -96,7 +96,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self._idle = []
         self.outbox = EventOutbox(self._send)
         self.registerProducer(self.outbox, True)
-        self.session = self.factory.registry.open_session(self.peer, self._notify)
+        self.session = self.factory.runs.open_session(self.peer, self._notify)
         self.factory.connections.add(self)
         log.debug("session {client_id} opened from {peer}", client_id=self.session.client_id, peer=self.peer)
         if self.factory.stopping:
@@ -221,32 +221,33 @@ class RunTracingProtocol(WebSocketServerProtocol):
         if self.session is not None:
             self._waiting.clear()
             self.factory.connections.discard(self)
-            self.factory.registry.close_session(self.session)
+            self.factory.runs.close_session(self.session)
             log.debug("session {client_id} closed", client_id=self.session.client_id)
 
 
 class RunTracingFactory(WebSocketServerFactory):
     """
-    Serves a L{RunRegistry} over WebSocket.
+    Serves JSON-RPC over WebSocket: each connection is a session of C{runs}
+    (the L{RunService}) whose frames C{dispatcher} answers.
 
-    Listen with any stream endpoint: C{endpoint.listen(RunTracingFactory(registry))}.
-    C{limits} are the L{WireLimits} it enforces (the defaults when omitted).
+    Listen with any stream endpoint: C{endpoint.listen(factory)}. C{limits}
+    are the L{WireLimits} it enforces (the defaults when omitted).
     """
 
     protocol = RunTracingProtocol
     #: Set by L{stop_serving}: connections opened from now on are closed.
     stopping = False
 
-    def __init__(self, registry, limits: WireLimits = WireLimits(), url=None):
+    def __init__(self, dispatcher: Dispatcher, runs, limits: WireLimits = WireLimits(), url=None):
         # The Server header names the software, never its version.
         super().__init__(url, server="car-twisted")
         self.setProtocolOptions(**limits.autobahn_options())
         self.noisy = False
         self.limits = limits
-        self.registry = registry
+        self.dispatcher = dispatcher
+        self.runs = runs
         #: The open connections (their protocols).
         self.connections = set()
-        self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit, limits)
 
     def stop_serving(self) -> Deferred:
         """

@@ -1,25 +1,26 @@
 """
-``twistd car``: command-line options and the service they build.
+``twistd car``: the command-line options, and the composition root that
+builds every part of the daemon from them and wires the parts together.
 """
 
 import os
+from dataclasses import dataclass
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from car_twisted.auth import (
-    HOST_TOKEN_FILE,
-    SECRET_ENV,
-    SECRET_FILE,
-    Authenticator,
-    TokenFileError,
-)
+from car_twisted.access import AccessPolicy
+from car_twisted.auth import HOST_TOKEN_FILE, SECRET_ENV, SECRET_FILE, Authenticator
+from car_twisted.data_dir import default_data_dir
+from car_twisted.fanout import TraceFanout
+from car_twisted.handshake import handshake
+from car_twisted.jsonrpc import Dispatcher
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
-from car_twisted.registry import DEFAULT_GRACE, RunRegistry
+from car_twisted.reads import RunReader
+from car_twisted.runs import DEFAULT_GRACE, RunService
+from car_twisted.service import DaemonService
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.sqlite import SQLiteRunStore
@@ -28,11 +29,9 @@ log = Logger()
 
 DEFAULT_LISTEN = "tcp:9100:interface=127.0.0.1"
 
-#: --store name -> f(reactor, options) returning the store, or a Deferred of it.
+#: --store name -> f(reactor, options) returning the (not yet open) store.
 STORES = {
-    "file": lambda reactor, options: FileRunStore.open(
-        reactor, options["data-dir"], options["durability"]
-    ),
+    "file": lambda reactor, options: FileRunStore(reactor, options["data-dir"], options["durability"]),
     "memory": lambda reactor, options: MemoryRunStore(),
     "sqlite": lambda reactor, options: SQLiteRunStore(options["data-dir"], reactor),
 }
@@ -58,10 +57,6 @@ LIMIT_OPTIONS = {
     "max-depth": ("max_depth", int, 2, f"Nesting of arrays and objects in one frame (at most {MAX_DEPTH}); deeper frames get -32600."),
     "max-in-flight": ("max_in_flight", int, 1, "Frames of one session handled at once; past it the daemon stops reading that client until answers drain."),
 }
-
-
-def default_data_dir(environ=os.environ) -> str:
-    return environ.get("CAR_HOME") or os.path.expanduser("~/.car")
 
 
 class Options(usage.Options):
@@ -122,103 +117,97 @@ class Options(usage.Options):
         return WireLimits(**{field: self[name] for name, (field, _, _, _) in LIMIT_OPTIONS.items()})
 
 
-class DaemonService(Service):
+def wire_methods(authenticator, runs, reader) -> dict:
+    """The JSON-RPC method table: wire name -> method, from their owners."""
+    return {
+        "session.auth": authenticator.authenticate,
+        "server.handshake": handshake,
+        **runs.methods(),
+        **reader.methods(),
+    }
+
+
+def _authenticator(options, environ) -> Authenticator:
     """
-    Loads the auth secrets, opens the store, ends the runs the last daemon
-    left open, then listens on every endpoint; undoes it on stop. C{environ}
-    is where C{CAR_AUTH_TOKEN} is looked up.
+    The daemon's authenticator; the secrets are made at first start. Logs
+    where the tokens are, never the tokens.
     """
+    if options["no-auth"]:
+        log.warn("car-twisted: auth is OFF (--no-auth): every session is accepted")
+        return Authenticator.disabled()
+    data_dir = options["data-dir"]
+    authenticator = Authenticator.from_data_dir(data_dir, environ)
+    log.info(
+        "car-twisted: auth on; agent tokens derive from {secret}, the host token is in {host}",
+        secret=f"${SECRET_ENV}" if environ.get(SECRET_ENV) else os.path.join(data_dir, SECRET_FILE),
+        host=os.path.join(data_dir, HOST_TOKEN_FILE),
+    )
+    return authenticator
 
-    def __init__(self, options, reactor, environ=os.environ):
-        self._options = options
-        self._reactor = reactor
-        self._environ = environ
-        self._ports = []
-        self.registry = None
-        self.factory = None
-        self.ready = None
 
-    def startService(self):
-        super().startService()
-        self.ready = Deferred.fromCoroutine(self._start())
-        self.ready.addErrback(self._failed_to_start)
+@dataclass(frozen=True)
+class Daemon:
+    """The parts of one daemon, wired."""
 
-    async def _start(self):
-        options = self._options
-        authenticator = self._authenticator()
-        store = await maybeDeferred(STORES[options["store"]], self._reactor, options)
-        self.registry = RunRegistry(
-            store, self._reactor, options["grace"], authenticator=authenticator
-        )
-        self.factory = factory = RunTracingFactory(self.registry, options["limits"])
-        log.info(
-            "car-twisted: {store} store, data in {data_dir}, auth {auth}",
-            store=options["store"],
-            data_dir=options["data-dir"],
-            auth="off" if options["no-auth"] else "on",
-        )
-        recovered = await self.registry.recover()
-        log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
-        for description, endpoint in zip(options["listen"], options["endpoints"]):
-            port = await endpoint.listen(factory)
-            self._ports.append(port)
-            log.info("car-twisted listening on {endpoint} ({address})", endpoint=description, address=port.getHost())
+    store: object
+    fanout: TraceFanout
+    runs: RunService
+    reader: RunReader
+    #: The JSON-RPC method table the dispatcher serves.
+    methods: dict
+    dispatcher: Dispatcher
+    factory: RunTracingFactory
 
-    def _authenticator(self):
-        """
-        The daemon's authenticator; the secrets are made at first start.
-        Logs where the tokens are, never the tokens.
-        """
-        if self._options["no-auth"]:
-            log.warn("car-twisted: auth is OFF (--no-auth): every session is accepted")
-            return Authenticator.disabled()
-        data_dir = self._options["data-dir"]
-        authenticator = Authenticator.from_data_dir(data_dir, self._environ)
-        log.info(
-            "car-twisted: auth on; agent tokens derive from {secret}, the host token is in {host}",
-            secret=(
-                f"${SECRET_ENV}"
-                if self._environ.get(SECRET_ENV)
-                else os.path.join(data_dir, SECRET_FILE)
-            ),
-            host=os.path.join(data_dir, HOST_TOKEN_FILE),
-        )
-        return authenticator
 
-    def _failed_to_start(self, failure):
-        if failure.check(TokenFileError):
-            log.critical("car-twisted could not start: {error}", error=failure.value)
-        else:
-            log.failure("car-twisted could not start", failure)
-        self._reactor.stop()
+def assemble(
+    store,
+    clock,
+    authenticator: Authenticator,
+    limits: WireLimits = WireLimits(),
+    grace: float = DEFAULT_GRACE,
+    environ=os.environ,
+) -> Daemon:
+    """
+    Wire a daemon's parts around C{store}: the run service and the reader
+    share the followers and the access policy, the dispatcher serves their
+    methods and C{authenticator}'s, the factory serves the dispatcher.
+    C{environ} is where C{CAR_AGENT_ID} is looked up.
+    """
+    fanout = TraceFanout()
+    policy = AccessPolicy(authenticator.enabled)
+    runs = RunService(store, fanout, policy, clock, grace, environ)
+    reader = RunReader(store, fanout, policy)
+    methods = wire_methods(authenticator, runs, reader)
+    dispatcher = Dispatcher(methods, authenticator.admit, limits)
+    return Daemon(store, fanout, runs, reader, methods, dispatcher, RunTracingFactory(dispatcher, runs, limits))
 
-    def stopService(self):
-        """
-        Graceful stop (SIGTERM): stop accepting connections, answer every
-        request in flight, close the connections, then flush and close the
-        store. Runs still open stay open; the next start ends them
-        incomplete.
-        """
-        super().stopService()
-        return Deferred.fromCoroutine(self._stop())
 
-    async def _stop(self):
-        if self.ready is not None:
-            await self.ready
-        ports, self._ports = self._ports, []
-        await gatherResults([port.stopListening() for port in ports])
-        if self.factory is not None:
-            log.info(
-                "car-twisted stopping: answering the requests in flight on {count} connections",
-                count=len(self.factory.connections),
-            )
-            await self.factory.stop_serving()
-        if self.registry is not None:
-            await self.registry.stop()
-        log.info("car-twisted stopped: the store is closed")
+def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
+    """
+    The composition root: the daemon's service tree, from its options.
+    C{environ} is where C{CAR_AUTH_TOKEN} and C{CAR_AGENT_ID} are looked up.
+    """
+    parts = assemble(
+        STORES[options["store"]](reactor, options),
+        reactor,
+        _authenticator(options, environ),
+        options["limits"],
+        options["grace"],
+        environ,
+    )
+    daemon = DaemonService(parts.store, parts.runs)
+    for description, endpoint in zip(options["listen"], options["endpoints"]):
+        daemon.listen(description, endpoint, parts.factory)
+    log.info(
+        "car-twisted: {store} store, data in {data_dir}, auth {auth}",
+        store=options["store"],
+        data_dir=options["data-dir"],
+        auth="off" if options["no-auth"] else "on",
+    )
+    return daemon
 
 
 def makeService(options):
     from twisted.internet import reactor
 
-    return DaemonService(options, reactor, os.environ)
+    return build_daemon(options, reactor, os.environ)

@@ -1,8 +1,10 @@
 """
-Test support: a real daemon on a loopback port and a real WebSocket client.
+Test support: the daemon's parts in process (semantics, no socket), a real
+daemon on a loopback port and a real WebSocket client (what only the wire
+shows).
 
-The registry runs on a L{Clock} so tests move the grace window by hand,
-while the sockets use the real reactor.
+Both run the run service on a L{Clock}, so tests move the grace window by
+hand, while the sockets use the real reactor.
 """
 
 import json
@@ -20,8 +22,8 @@ from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_
 from car_twisted.jsonrpc import Dispatcher
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
-from car_twisted.registry import RunRegistry
 from car_twisted.store.memory import MemoryRunStore
+from car_twisted.tap import assemble
 
 SUCCESS_OUTCOME = {
     "status": "success",
@@ -157,43 +159,67 @@ class HeldStore:
             getattr(self._store, name)(*args).chainDeferred(d)
 
 
-class LoopbackDaemon:
+class InProcessDaemon:
     """
-    A registry on a memory store, served on an ephemeral loopback port.
-
-    Without an C{authenticator} every session is accepted (``--no-auth``).
-    C{extra_methods} (wire name -> method) stand in for methods the
-    registry does not have yet.
+    A daemon's parts wired as C{twistd car} wires them, on a memory store
+    (or C{store}) and a L{Clock}, with no socket: frames go straight to the
+    dispatcher, and a memory store answers at once, so tests read results
+    with C{successResultOf}. Without an C{authenticator} every session is
+    accepted (``--no-auth``).
     """
 
-    def __init__(
-        self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None, limits=None
-    ):
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, limits=None):
         self.clock = Clock()
         self.store = store if store is not None else MemoryRunStore()
-        self.registry = RunRegistry(
+        self.limits = limits or WireLimits()
+        self.authenticator = authenticator or Authenticator.disabled()
+        self.parts = assemble(
             self.store,
             self.clock,
+            self.authenticator,
+            self.limits,
             grace,
             environ if environ is not None else {},
-            authenticator=authenticator,
         )
-        self.extra_methods = extra_methods or {}
-        self.limits = limits or WireLimits()
-        self.factory = None
+        self.runs = self.parts.runs
+        self.dispatcher = self.parts.dispatcher
+
+    def session(self, notify=None):
+        """A new session; C{notify(method, params)} receives its notifications."""
+        return self.runs.open_session("in-process", notify or (lambda method, params: None))
+
+    def dispatch(self, session, message):
+        """
+        Send one frame (bytes as they are, anything else as JSON) and return
+        a Deferred of the decoded answer, or None when nothing is owed.
+        """
+        payload = message if isinstance(message, bytes) else json.dumps(message).encode()
+        d = self.dispatcher.dispatch(session, payload)
+        d.addCallback(lambda reply: None if reply.frame is None else json.loads(reply.frame))
+        return d
+
+
+class LoopbackDaemon(InProcessDaemon):
+    """
+    An L{InProcessDaemon} served on an ephemeral loopback port.
+
+    C{extra_methods} (wire name -> method) stand in for methods the daemon
+    does not have yet.
+    """
+
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None, limits=None):
+        super().__init__(store, grace, environ, authenticator, limits)
+        self.factory = self.parts.factory
+        if extra_methods:
+            methods = {**self.parts.methods, **extra_methods}
+            dispatcher = Dispatcher(methods, self.authenticator.admit, self.limits)
+            self.factory = RunTracingFactory(dispatcher, self.runs, self.limits)
         self.port = None
         self.clients = []
 
     async def start(self):
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        self.factory = factory = RunTracingFactory(self.registry, self.limits)
-        if self.extra_methods:
-            factory.dispatcher = Dispatcher(
-                {**self.registry.methods(), **self.extra_methods},
-                self.registry.authenticator.admit,
-                self.limits,
-            )
-        self.port = await endpoint.listen(factory)
+        self.port = await endpoint.listen(self.factory)
         return self
 
     @property
@@ -206,12 +232,12 @@ class LoopbackDaemon:
         return client
 
     def only_session(self):
-        (session,) = self.registry.sessions.values()
+        (session,) = self.runs.sessions.values()
         return session
 
     async def wait_closed(self):
         """Wait until the daemon has seen every connection close."""
-        await wait_for(lambda: not self.registry.sessions, "sessions to close")
+        await wait_for(lambda: not self.runs.sessions, "sessions to close")
 
     async def stop(self):
         """

@@ -196,7 +196,7 @@ class RunsTailTests(unittest.TestCase):
         await ws.call("runs.record_turns", {"run_id": run_id, "turns": [{"tool": "before"}]})
         tailing = ensureDeferred(car_twisted(auth, "runs", "tail", run_id, "--json"))
         await wait_for(
-            lambda: any(run_id in s.following for s in auth.daemon.registry.sessions.values()),
+            lambda: any(run_id in s.following for s in auth.daemon.runs.sessions.values()),
             "tail to subscribe",
         )
         await ws.call("runs.record_turns", {"run_id": run_id, "turns": [{"tool": "during"}]})

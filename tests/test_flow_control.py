@@ -59,7 +59,7 @@ class StopServingTests(unittest.TestCase):
     async def test_requests_in_flight_are_answered_before_the_close(self):
         """Stopping the factory handles no new frame, waits for the
         requests in flight, answers them, then closes with 1001; the
-        registry's stop then leaves the run open and schedules nothing."""
+        run service's stop then leaves the run open and schedules nothing."""
         store = HeldStore(MemoryRunStore(), "start_run")
         daemon = await serve(self, store=store)
         client = await daemon.connect()
@@ -74,7 +74,7 @@ class StopServingTests(unittest.TestCase):
         self.assertEqual(await client.closed_by_daemon(), 1001)
         await stopped
         self.assertEqual(store.held, [])
-        await daemon.registry.stop()
+        await daemon.runs.stop()
         await daemon.wait_closed()
         self.assertEqual((await store.get_run(started["result"]["run_id"])).status, "in_progress")
         self.assertEqual(daemon.clock.getDelayedCalls(), [])

@@ -59,7 +59,7 @@ class GraceWindowTests(unittest.TestCase):
         producer = await daemon.connect()
         run_id = (await producer.call("runs.start", START))["run_id"]
         await producer.close()
-        await wait_for(lambda: not daemon.registry.sessions, "the producer to close")
+        await wait_for(lambda: not daemon.runs.sessions, "the producer to close")
         self.assertEqual(len(daemon.clock.getDelayedCalls()), 1)
         peer = await daemon.connect()
         daemon.only_session().agent_id = "agent-a"
@@ -113,16 +113,16 @@ class GraceWindowTests(unittest.TestCase):
         raw.close()
         ws = await daemon.connect()
         self.assertIn("run_id", await ws.call("runs.start", START))
-        self.assertEqual(len(daemon.registry.sessions), 1)
+        self.assertEqual(len(daemon.runs.sessions), 1)
 
     async def test_stop_leaves_open_runs_for_recovery(self):
-        """Stopping the registry cancels pending windows (no timer outlives
+        """Stopping the run service cancels pending windows (no timer outlives
         it) and leaves those runs open for restart recovery."""
         daemon = await serve(self)
         ws = await daemon.connect()
         run_id = (await ws.call("runs.start", START))["run_id"]
         await ws.close()
         await daemon.wait_closed()
-        await daemon.registry.stop()
+        await daemon.runs.stop()
         self.assertEqual(daemon.clock.getDelayedCalls(), [])
         self.assertEqual(await status(daemon, run_id), "in_progress")

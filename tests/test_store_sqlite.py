@@ -43,8 +43,10 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.path = os.path.join(self.data_dir, "runs.sqlite3")
 
     def open(self):
+        """An open store on the test's data dir, closed after the test."""
         store = SQLiteRunStore(self.data_dir, reactor)
         self.addCleanup(store.close)
+        self.successResultOf(store.open())
         return store
 
     async def test_reopen_serves_reads(self):
@@ -77,9 +79,8 @@ class SQLiteRunStoreTests(unittest.TestCase):
         await self.open().close()
         with sqlite3.connect(self.path) as db:
             db.execute(f"PRAGMA user_version = {sqlite_store.SCHEMA_VERSION + 1}")
-        with self.assertRaises(RunDatabaseError) as caught:
-            SQLiteRunStore(self.data_dir, reactor)
-        message = str(caught.exception)
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        message = caught.getErrorMessage()
         self.assertIn(self.path, message)
         self.assertIn(f"schema version {sqlite_store.SCHEMA_VERSION + 1}", message)
         with sqlite3.connect(self.path) as db:
@@ -93,9 +94,8 @@ class SQLiteRunStoreTests(unittest.TestCase):
         garbage = b"these are not the runs you are looking for\n" * 200
         with open(self.path, "wb") as f:
             f.write(garbage)
-        with self.assertRaises(RunDatabaseError) as caught:
-            SQLiteRunStore(self.data_dir, reactor)
-        self.assertIn(self.path, str(caught.exception))
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        self.assertIn(self.path, caught.getErrorMessage())
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), garbage)
 
@@ -104,17 +104,15 @@ class SQLiteRunStoreTests(unittest.TestCase):
         os.makedirs(self.data_dir)
         with sqlite3.connect(self.path) as db:
             db.execute("CREATE TABLE accounts (name TEXT)")
-        with self.assertRaises(RunDatabaseError) as caught:
-            SQLiteRunStore(self.data_dir, reactor)
-        self.assertIn("not a car-twisted run database", str(caught.exception))
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        self.assertIn("not a car-twisted run database", caught.getErrorMessage())
 
     def test_unopenable_path_refused(self):
         """A directory where the database file should be is a clear error
         naming the path."""
         os.makedirs(self.path)
-        with self.assertRaises(RunDatabaseError) as caught:
-            SQLiteRunStore(self.data_dir, reactor)
-        self.assertIn(self.path, str(caught.exception))
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        self.assertIn(self.path, caught.getErrorMessage())
 
     async def test_private_files(self):
         """The data dir is created 0700 and the database and its WAL 0600."""
@@ -295,8 +293,7 @@ class SQLiteRunStoreTests(unittest.TestCase):
         """Listing (with and without a status), open-run discovery and trace
         reads each search their own index, in index order, so they stay fast
         at millions of runs."""
-        store = SQLiteRunStore(self.data_dir, reactor)
-        self.addCleanup(store.close)
+        store = self.open()
         for query, args, index in [
             (sqlite_store.LIST_RUNS, (b"a", 10, 5), "INDEX runs_by_agent (agent_id=? AND seq<?)"),
             (
@@ -316,6 +313,7 @@ class SQLiteRunStoreTests(unittest.TestCase):
         thread running; later calls fail instead of hanging."""
         before = store_threads()
         store = SQLiteRunStore(self.data_dir, reactor)
+        await store.open()
         await store.get_run("start a reader thread")
         self.assertEqual(
             sorted(t.name.split()[0] for t in store_threads() - before),

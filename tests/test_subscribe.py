@@ -30,7 +30,7 @@ class SubscribeTests(unittest.TestCase):
         self.assertEqual([p["record"].get("prompt") for p in params[:2]], ["two", "three"])
         self.assertEqual([p["status"] for p in params], ["in_progress", "in_progress", "completed"])
         self.assertEqual(params[2]["record"]["outcome"]["status"], "success")
-        self.assertEqual(daemon.registry._fanout._followers, {})
+        self.assertEqual(daemon.parts.fanout._followers, {})
 
     async def test_record_durable_during_snapshot_is_not_duplicated(self):
         """A turn that becomes durable while the snapshot is being read is
@@ -78,8 +78,8 @@ class SubscribeTests(unittest.TestCase):
         self.assertEqual(await follower.call("runs.list", {"agent_id": "none"}), {"agent_id": "none", "runs": [], "next_cursor": None})
         await follower.call("runs.subscribe", {"run_id": run_id})
         await follower.close()
-        await wait_for(lambda: len(daemon.registry.sessions) == 1, "the follower to close")
-        self.assertEqual(daemon.registry._fanout._followers, {})
+        await wait_for(lambda: len(daemon.runs.sessions) == 1, "the follower to close")
+        self.assertEqual(daemon.parts.fanout._followers, {})
 
     async def test_refusals(self):
         """Unknown runs, and runs of another agent for a bound session, are
@@ -88,7 +88,7 @@ class SubscribeTests(unittest.TestCase):
         producer, follower = await daemon.connect(), await daemon.connect()
         run_id = (await producer.call("runs.start", START))["run_id"]
         unknown = await follower.call_raw("runs.subscribe", {"run_id": "nope"})
-        list(daemon.registry.sessions.values())[-1].agent_id = "agent-b"
+        list(daemon.runs.sessions.values())[-1].agent_id = "agent-b"
         foreign = await follower.call_raw("runs.subscribe", {"run_id": run_id})
         self.assertEqual(unknown["error"]["code"], foreign["error"]["code"])
         self.assertEqual(
@@ -97,7 +97,7 @@ class SubscribeTests(unittest.TestCase):
         await producer.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
         done = await producer.call("runs.subscribe", {"run_id": run_id})
         self.assertEqual((done["status"], done["cursor"]), ("completed", 2))
-        self.assertEqual(daemon.registry._fanout._followers, {})
+        self.assertEqual(daemon.parts.fanout._followers, {})
 
 
 class SlowSubscriberTests(unittest.TestCase):
@@ -112,7 +112,7 @@ class SlowSubscriberTests(unittest.TestCase):
         run_id = (await producer.call("runs.start", START))["run_id"]
         await follower.call("runs.subscribe", {"run_id": run_id})
         follower.protocol.transport.pauseProducing()
-        outbox = list(daemon.registry.sessions.values())[-1].notify.__self__.outbox
+        outbox = list(daemon.runs.sessions.values())[-1].notify.__self__.outbox
         turns = [{"output": "z" * 16000}] * 50
         for _ in range(40):
             answer = await producer.call("runs.record_turns", {"run_id": run_id, "turns": turns})

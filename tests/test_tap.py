@@ -9,7 +9,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from car_twisted.limits import WireLimits
-from car_twisted.tap import DEFAULT_LISTEN, DaemonService, Options, makeService
+from car_twisted.tap import DEFAULT_LISTEN, Options, build_daemon, makeService
 from tests.support import RPCClient, private_dir
 
 
@@ -80,8 +80,8 @@ class ServiceTests(unittest.TestCase):
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--store", "memory", "--no-auth", "--data-dir", self.mktemp()])
         service = makeService(options)
         service.startService()
-        await service.ready
-        port = service._ports[0].getHost().port
+        (listening,) = await service.ready
+        port = listening.getHost().port
         ws = await RPCClient.connect(port)
         started = await ws.call("runs.start", {"agent_id": "a", "intent": "x"})
         self.assertEqual(started["agent_id"], "a")
@@ -99,11 +99,11 @@ class DaemonServiceAuthTests(unittest.TestCase):
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        service = DaemonService(options, reactor, environ or {})
+        service = build_daemon(options, reactor, environ or {})
         service.startService()
         self.addCleanup(service.stopService)
-        await service.ready
-        self.port = service._ports[0].getHost().port
+        (listening,) = await service.ready
+        self.port = listening.getHost().port
         return service, [formatEvent(e) for e in events]
 
     async def test_auth_on_by_default(self):
@@ -112,7 +112,6 @@ class DaemonServiceAuthTests(unittest.TestCase):
         requests."""
         data_dir = os.path.join(private_dir(self), "car")
         service, logged = await self.start("--data-dir", data_dir)
-        self.assertTrue(service.registry.authenticator.enabled)
         tokens = []
         for name in ("auth-token", "host-token"):
             with open(os.path.join(data_dir, name)) as f:
@@ -138,7 +137,6 @@ class DaemonServiceAuthTests(unittest.TestCase):
         """--no-auth makes no token files and accepts every session."""
         data_dir = os.path.join(private_dir(self), "car")
         service, _ = await self.start("--data-dir", data_dir, "--no-auth")
-        self.assertFalse(service.registry.authenticator.enabled)
         self.assertFalse(os.path.exists(data_dir))
         ws = await RPCClient.connect(self.port)
         listed = await ws.call("runs.list", {"agent_id": "agent-A"})

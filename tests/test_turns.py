@@ -111,7 +111,7 @@ class RecordTurnsTests(unittest.TestCase):
         other = await daemon.connect()
         answer = await other.call("runs.record_turns", {"run_id": run_id, "turns": [{}]})
         self.assertEqual(answer["dropped"], "run_not_found")
-        session = next(s for s in daemon.registry.sessions.values() if not s.producing)
+        session = next(s for s in daemon.runs.sessions.values() if not s.producing)
         session.agent_id = "agent-b"
         answer = await other.call("runs.record_turns", {"run_id": run_id, "turns": [{}]})
         self.assertEqual(answer["dropped"], "run_not_found")
@@ -135,7 +135,7 @@ class IdempotentStartTests(unittest.TestCase):
         runs, _ = await daemon.store.list_runs("agent-a", None, 10, None)
         self.assertEqual([r.run_id for r in runs], ["job-42"])
         self.assertEqual(runs[0].status, "completed")
-        newest_session = list(daemon.registry.sessions.values())[-1]
+        newest_session = list(daemon.runs.sessions.values())[-1]
         self.assertEqual(newest_session.current_run_id, "job-42")
 
     async def test_open_run_retry_on_same_session(self):

@@ -108,8 +108,8 @@ class _Write:
 @implementer(IRunStore)
 class FileRunStore:
     """
-    Runs as JSONL files under C{<data_dir>/runs/}. Build it with
-    L{FileRunStore.open}, which loads (and repairs) what is on disk.
+    Runs as JSONL files under C{<data_dir>/runs/}; L{open} loads (and
+    repairs) what is on disk.
 
     @param durability: C{"fsync"} acknowledges writes once on stable
         storage; C{"none"} once handed to the operating system (they survive
@@ -132,23 +132,19 @@ class FileRunStore:
         self._closed = None
         self._lock_fd = None
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="car-file-store")
+
+    def open(self) -> Deferred:
+        """
+        Load every agent's index (rebuilding the missing or stale ones), cut
+        torn last lines off the runs left open. A bad file is logged and
+        skipped, never fatal.
+        """
         self._pool.start()
-
-    @classmethod
-    def open(cls, reactor, data_dir: str, durability: str = "fsync") -> Deferred:
-        """
-        Open the store in C{data_dir}: load every agent's index (rebuilding
-        the missing or stale ones), cut torn last lines off the runs left
-        open. A bad file is logged and skipped, never fatal.
-
-        @return: Deferred firing with the store.
-        """
-        store = cls(reactor, data_dir, durability)
-        d = store._in_thread(store._load)
-        d.addCallback(store._loaded)
+        d = self._in_thread(self._load)
+        d.addCallback(self._loaded)
 
         def failed(failure):
-            store._stop_threads()
+            self._stop_threads()
             return failure
 
         d.addErrback(failed)
@@ -208,7 +204,6 @@ class FileRunStore:
             agents=len(self._agents),
             path=self.runs_dir,
         )
-        return self
 
     # Writes
 

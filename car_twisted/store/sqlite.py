@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -236,8 +236,9 @@ class SQLiteRunStore:
     """
     Runs in C{<data_dir>/runs.sqlite3}.
 
-    Opening happens in the constructor, before the daemon accepts
-    connections: a database that cannot be used raises L{RunDatabaseError}.
+    L{open} opens (or creates) the database, before the daemon accepts
+    connections: a database that cannot be used fails it with
+    L{RunDatabaseError}.
 
     @param reactor: where results are delivered.
     @ivar commits: transactions the writer has committed (one per batch).
@@ -245,9 +246,9 @@ class SQLiteRunStore:
 
     def __init__(self, data_dir: str, reactor):
         self._reactor = reactor
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self._data_dir = data_dir
         self.path = os.path.join(data_dir, DATABASE_NAME)
-        self._writer = open_database(self.path)
+        self._writer = None
         self.commits = 0
         # Writes issued on the reactor thread, taken in batches by the writer.
         self._pending = []
@@ -257,9 +258,7 @@ class SQLiteRunStore:
         self._thread = threading.Thread(
             target=self._write_loop, name=f"car-sqlite-writer {self.path}", daemon=True
         )
-        self._thread.start()
         self._readers = ThreadPool(0, _READERS, name=f"car-sqlite-reader {self.path}")
-        self._readers.start()
         self._reader_local = threading.local()
         self._reader_connections = []
         self._reader_lock = threading.Lock()
@@ -267,6 +266,17 @@ class SQLiteRunStore:
         self._last_write = {}  # run_id -> newest _Write issued on that run
         self._newest_write = None
         self._closing = None
+
+    def open(self) -> Deferred:
+        """Open (or create) the database, then start the writer and readers."""
+        try:
+            os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
+            self._writer = open_database(self.path)
+        except (OSError, RunDatabaseError) as e:
+            return fail(e)
+        self._thread.start()
+        self._readers.start()
+        return succeed(None)
 
     # Writes
 
@@ -554,6 +564,8 @@ class SQLiteRunStore:
         return closed
 
     async def _close(self):
+        if self._writer is None:
+            return  # never opened
         await DeferredList(list(self._reads))
         # The readers are idle now, so joining their threads is immediate.
         self._readers.stop()

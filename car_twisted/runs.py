@@ -1,11 +1,11 @@
 """
-The run registry: the daemon's state, independent of any one connection.
+The run service: the connected sessions, the runs this daemon is producing
+and their grace window, and the ``runs.*`` methods that write.
 
-It keeps the connected sessions and the runs this daemon is producing, and
-implements the ``runs.*`` methods on top of an L{IRunStore}. The methods
-make their in-memory changes synchronously, before their first wait on the
-store, so requests from one session take effect in arrival order even though
-they are answered whenever their writes are durable.
+The methods make their in-memory changes synchronously, before their first
+wait on the store, and restore them if the write fails, so requests from
+one session take effect in arrival order even though they are answered
+whenever their writes are durable.
 """
 
 import hashlib
@@ -18,12 +18,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from car_twisted.auth import Authenticator
+from car_twisted.access import AccessPolicy
 from car_twisted.errors import CapabilityMismatch, InvalidParams, RunRefused
 from car_twisted.fanout import TraceFanout
-from car_twisted.handshake import handshake
 from car_twisted.interfaces import (
-    RUN_STATUSES,
     RunExists,
     RunNotFound,
     RunTerminal,
@@ -35,10 +33,8 @@ from car_twisted.records import (
     agent_slug,
     MAX_TURN_BYTES,
     clip_text,
-    encoded_size,
     ended_record,
     id_param,
-    int_param,
     new_run_id,
     parse_model_turn,
     parse_outcome,
@@ -55,12 +51,6 @@ log = Logger()
 DEFAULT_GRACE = 0.25
 #: The same window for sessions that negotiated ``runs.resume.v1``.
 DEFAULT_RESUME_LEASE = 10.0
-#: How many runs one session may follow live at once.
-MAX_FOLLOWED = 100
-#: Record bytes in one runs.get_trace page or runs.subscribe snapshot: with
-#: its envelope it fits the smallest message limit (512 KiB), and every
-#: record (at most 256 KiB) fits in it.
-PAGE_BYTES = 384 * 1024
 
 
 @dataclass(eq=False)
@@ -77,52 +67,47 @@ class LiveRun:
     turns: int = 0
 
 
-class RunRegistry:
+class RunService:
     """
-    Sessions, live runs and the ``runs.*`` methods.
+    Sessions, live runs and the ``runs.*`` methods that write.
 
+    @param fanout: where durable records are published to followers.
+    @param policy: who may write to which run.
     @param clock: schedules the grace window (an L{IReactorTime}).
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
-    @param authenticator: checks ``session.auth``; None accepts every
-        session (``--no-auth``).
     """
 
     def __init__(
         self,
         store,
+        fanout: TraceFanout,
+        policy: AccessPolicy,
         clock,
         grace=DEFAULT_GRACE,
         environ=os.environ,
         resume_lease=DEFAULT_RESUME_LEASE,
-        authenticator=None,
     ):
         self.store = store
-        self.authenticator = authenticator or Authenticator.disabled()
         self.sessions = {}  # client_id -> Session
+        self._fanout = fanout
+        self._policy = policy
         self._clock = clock
         self._grace = grace
         self._resume_lease = resume_lease
-        self._fanout = TraceFanout()
         self._environ = environ
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
         self._stopped = False
 
     def methods(self) -> dict:
-        """The JSON-RPC methods, by wire name."""
+        """The methods it serves, by wire name."""
         return {
-            "session.auth": self.authenticator.authenticate,
-            "server.handshake": handshake,
             "runs.start": self.start,
             "runs.complete": self.complete,
             "runs.record_turns": self.record_turns,
             "runs.record_model_turn": self.record_model_turn,
             "runs.cancel": self.cancel,
             "runs.resume": self.resume,
-            "runs.get_trace": self.get_trace,
-            "runs.list": self.list_runs,
-            "runs.subscribe": self.subscribe,
-            "runs.unsubscribe": self.unsubscribe,
         }
 
     # Sessions
@@ -214,14 +199,12 @@ class RunRegistry:
         """
         Stop ending runs: open runs stay open for the store's restart
         recovery, even those of sessions that close later. Fires once every
-        pending write is done and the store closed.
+        pending write is done.
         """
         self._stopped = True
         for live in self._live.values():
             _cancel_expiry(live)
-        d = DeferredList(list(self._writes))
-        d.addCallback(lambda _: self.store.close())
-        return d
+        return DeferredList(list(self._writes))
 
     # Writes
 
@@ -294,18 +277,13 @@ class RunRegistry:
     def _writable(self, session: Session, run_id: str) -> Optional[LiveRun]:
         """The live run if C{session} may write to it, else None."""
         live = self._live.get(run_id)
-        if live is not None and (
-            live.producer is session or live.agent_id == session.agent_id
-        ):
+        if live is not None and self._policy.may_write(session, live.producer, live.agent_id):
             return live
         return None
 
     async def _visible_run(self, session: Session, run_id: str):
         """The run's summary if it exists and the session may read it."""
-        summary = await self.store.get_run(run_id)
-        if summary is None or not self._may_read(session, summary.agent_id):
-            return None
-        return summary
+        return self._policy.readable(session, await self.store.get_run(run_id))
 
     async def _refuse_write(self, session: Session, run_id: str):
         """Raise the error for a write the session cannot make."""
@@ -430,121 +408,11 @@ class RunRegistry:
             "resumed_from_client_id": resumed_from,
         }
 
-    # Reads
-
-    def _may_read(self, session: Session, agent_id: str) -> bool:
-        """
-        Whether C{session} may read C{agent_id}'s runs: the one rule for
-        every read. The host reads all; a session bound to an agent reads
-        only that agent's runs; an unbound session reads all when it holds
-        the daemon secret or auth is off (see docs/security.md).
-        """
-        if session.role == "host":
-            return True
-        if session.agent_id is not None:
-            return session.agent_id == agent_id
-        return session.authenticated or not self.authenticator.enabled
-
-    async def get_trace(self, session: Session, params: dict) -> dict:
-        run_id = id_param(params, "run_id", required=True)
-        cursor = int_param(params, "cursor", 0, 0, 2**31)
-        limit = int_param(params, "limit", 500, 1, 5000)
-        summary = await self._visible_run(session, run_id)
-        if summary is None:
-            return {"run_id": run_id, "not_found": True}
-        records, next_cursor = await self.store.read_records(run_id, cursor, limit)
-        kept = _fitting(records)
-        if kept < len(records):
-            records, next_cursor = records[:kept], cursor + kept
-        return {
-            "run_id": run_id,
-            "agent_id": summary.agent_id,
-            "records": records,
-            "cursor": next_cursor,
-        }
-
-    async def list_runs(self, session: Session, params: dict) -> dict:
-        agent_id = id_param(params, "agent_id", required=session.agent_id is None)
-        agent_id = agent_id or session.agent_id
-        if not self._may_read(session, agent_id):
-            raise InvalidParams(
-                f"invalid params: this session may list only agent {session.agent_id!r}"
-            )
-        limit = int_param(params, "limit", 50, 1, 500)
-        status = params.get("status")
-        if status is not None and status not in RUN_STATUSES:
-            raise InvalidParams(
-                "invalid params: status must be one of " + ", ".join(RUN_STATUSES)
-            )
-        cursor = params.get("cursor")
-        if cursor is not None and not (isinstance(cursor, str) and len(cursor) <= 512):
-            raise InvalidParams("invalid params: cursor must be a next_cursor string")
-        try:
-            runs, next_cursor = await self.store.list_runs(agent_id, cursor, limit, status)
-        except ValueError:
-            raise InvalidParams(
-                "invalid params: cursor is not a next_cursor this daemon returned"
-            )
-        return {
-            "agent_id": agent_id,
-            "runs": [summary.to_json() for summary in runs],
-            "next_cursor": next_cursor,
-        }
-
-    async def subscribe(self, session: Session, params: dict) -> dict:
-        run_id = id_param(params, "run_id", required=True)
-        summary = await self._visible_run(session, run_id)
-        if summary is None:
-            raise RunRefused(f"unknown run {run_id!r}")
-        if run_id not in session.following and len(session.following) >= MAX_FOLLOWED:
-            raise RunRefused(f"a session follows at most {MAX_FOLLOWED} runs; unsubscribe first")
-        self._fanout.unfollow(session, run_id)
-        self._fanout.follow(session, run_id)
-        try:
-            records, cursor = await self.store.read_records(run_id, 0, MAX_TURNS_PER_RUN + 2)
-        except BaseException:
-            self._fanout.unfollow(session, run_id)
-            raise
-        if run_id not in session.following:
-            raise RunRefused("the session closed or unsubscribed while subscribing")
-        if _fitting(records) < len(records):
-            self._fanout.unfollow(session, run_id)
-            raise RunRefused(
-                f"the trace of run {run_id} is too large to send in one answer; "
-                "read it with runs.get_trace pages instead"
-            )
-        cursor = self._fanout.snapshot_taken(session, run_id, records, cursor)
-        status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
-        if status != "in_progress":
-            self._fanout.unfollow(session, run_id)
-        return {
-            "run_id": run_id,
-            "agent_id": summary.agent_id,
-            "turns_so_far": [r for r in records if r["record"] in ("turn", "model_turn")],
-            "cursor": cursor,
-            "status": status,
-        }
-
-    def unsubscribe(self, session: Session, params: dict) -> dict:
-        run_id = id_param(params, "run_id", required=True)
-        return {"run_id": run_id, "removed": self._fanout.unfollow(session, run_id)}
-
-
 def _cancel_expiry(live: LiveRun) -> None:
     """Cancel the run's grace or lease timer, if it has one."""
     if live.expiry is not None:
         live.expiry.cancel()
         live.expiry = None
-
-
-def _fitting(records: list) -> int:
-    """How many leading records fit in L{PAGE_BYTES} (at least one)."""
-    size = 0
-    for n, record in enumerate(records):
-        size += encoded_size(record) + 1
-        if n and size > PAGE_BYTES:
-            return n
-    return len(records)
 
 
 def _dropped(run_id: str, reason: str) -> dict:

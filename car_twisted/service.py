@@ -1,0 +1,138 @@
+"""
+The daemon's service tree: the store, then the listeners.
+
+::
+
+    DaemonService (MultiService)
+    ├── RunStoreService      opens the store; closes it last
+    └── listeners (MultiService)
+        └── StreamServerEndpointService, one per --listen endpoint
+
+The listeners start only once the store is open and the runs the last
+daemon left open are ended, so no client ever sees a half-recovered store.
+"""
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+
+@implementer(IStreamServerEndpoint)
+class AnnouncingEndpoint:
+    """
+    An endpoint that logs the address it listens on (tests and supervisors
+    read the port from that line) and reports the outcome in C{listened}
+    rather than to the service's log, so a start failure is one line.
+    """
+
+    def __init__(self, description: str, endpoint):
+        self._description = description
+        self._endpoint = endpoint
+        #: Fires with the listening port, or fails if listening failed.
+        self.listened = Deferred()
+
+    def listen(self, factory):
+        d = self._endpoint.listen(factory)
+        d.addCallbacks(self._listening, self._failed)
+        return d
+
+    def _listening(self, port):
+        log.info(
+            "car-twisted listening on {endpoint} ({address})",
+            endpoint=self._description,
+            address=port.getHost(),
+        )
+        self.listened.callback(port)
+        return port
+
+    def _failed(self, failure):
+        self.listened.errback(failure)
+
+
+class RunStoreService(Service):
+    """Opens an L{IRunStore} when started and closes it when stopped."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def startService(self):
+        super().startService()
+        return self.store.open()
+
+    def stopService(self):
+        super().stopService()
+        return self.store.close()
+
+
+class DaemonService(MultiService):
+    """
+    The whole daemon. Starting it opens the store, ends the runs the last
+    daemon left open (C{runs.recover()}), then starts the listeners;
+    C{ready} fires when they listen. Stopping it is graceful (SIGTERM): stop
+    listening, answer every request in flight, close the connections, wait
+    for the writes, close the store. Runs still open stay open; the next
+    start ends them incomplete.
+
+    @param runs: the L{RunService}.
+    """
+
+    def __init__(self, store, runs):
+        super().__init__()
+        self._runs = runs
+        self._factories = []
+        self._endpoints = []
+        self.store_service = RunStoreService(store)
+        self.store_service.setServiceParent(self)
+        self.listeners = MultiService()
+        self.listeners.setServiceParent(self)
+        #: Fires with the listening ports once the daemon serves.
+        self.ready = None
+
+    def listen(self, description: str, endpoint, factory) -> None:
+        """Serve C{factory} on C{endpoint} once the store is ready."""
+        announcing = AnnouncingEndpoint(description, endpoint)
+        self._endpoints.append(announcing)
+        if factory not in self._factories:
+            self._factories.append(factory)
+        StreamServerEndpointService(announcing, factory).setServiceParent(self.listeners)
+
+    def privilegedStartService(self):
+        # Nothing listens before the store is open and recovered.
+        Service.privilegedStartService(self)
+
+    def startService(self):
+        # Not MultiService's: each child starts once the one before is ready.
+        Service.startService(self)
+        self.ready = Deferred.fromCoroutine(self._start())
+        return self.ready
+
+    async def _start(self):
+        await self.store_service.startService()
+        recovered = await self._runs.recover()
+        log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
+        self.listeners.startService()
+        return await gatherResults([e.listened for e in self._endpoints])
+
+    def stopService(self):
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        if self.ready is not None:
+            await self.ready
+        if self.listeners.running:
+            await self.listeners.stopService()
+        for factory in self._factories:
+            log.info(
+                "car-twisted stopping: answering the requests in flight on {count} connections",
+                count=len(factory.connections),
+            )
+            await factory.stop_serving()
+        await self._runs.stop()
+        await self.store_service.stopService()
+        log.info("car-twisted stopped: the store is closed")
