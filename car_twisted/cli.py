@@ -24,9 +24,9 @@ from car_twisted.auth import (
     read_token,
 )
 from car_twisted.client import DEFAULT_URL, ConnectionClosed, DaemonClient, RemoteError
-from car_twisted.interfaces import RUN_STATUSES
-from car_twisted.records import MAX_ID
 from car_twisted.data_dir import default_data_dir
+from car_twisted.interfaces import RUN_STATUSES
+from car_twisted.limits import MAX_ID
 
 #: How many trace records one runs.get_trace call asks for.
 TRACE_PAGE = 500

@@ -21,14 +21,12 @@ from twisted.internet.defer import gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from car_twisted.errors import InvalidParams, InvalidRequest, MethodNotFound, RPCError
-from car_twisted.limits import WireLimits
+from car_twisted.limits import MAX_ID_CHARS, WireLimits
 
 log = Logger()
 
 PARSE_ERROR = -32700
 INTERNAL_ERROR = -32603
-#: Longest string id the daemon reads; a longer one is answered with id null.
-MAX_ID_CHARS = 256
 
 _NO_ID = object()
 

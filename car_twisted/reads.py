@@ -7,8 +7,8 @@ from car_twisted.access import AccessPolicy
 from car_twisted.errors import InvalidParams, RunRefused
 from car_twisted.fanout import TraceFanout
 from car_twisted.interfaces import RUN_STATUSES, status_of
-from car_twisted.limits import MAX_FOLLOWED, PAGE_BYTES
-from car_twisted.records import MAX_TURNS_PER_RUN, encoded_size, id_param, int_param
+from car_twisted.limits import MAX_FOLLOWED, MAX_TURNS_PER_RUN, PAGE_BYTES
+from car_twisted.records import encoded_size, id_param, int_param
 from car_twisted.session import Session
 
 

@@ -14,13 +14,9 @@ import time
 from datetime import datetime, timezone
 
 from car_twisted.errors import InvalidParams
+from car_twisted.limits import MAX_ID, MAX_TEXT, MAX_TURN_BYTES, MAX_TURNS_PER_CALL
 
-#: Longest text kept in one field; longer text is cut with a visible marker.
-MAX_TEXT = 16 * 1024
 TRUNCATION_MARKER = "…[truncated]"
-
-#: Longest id (agent, run, idempotency key) accepted from the wire.
-MAX_ID = 256
 
 OUTCOME_STATUSES = (
     "success",
@@ -184,12 +180,6 @@ def _duration_ms(value, field: str) -> float:
     if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
         raise InvalidParams(f"invalid params: {field} must be a non-negative number")
     return float(value)
-
-
-#: Limits on turns (SPEC.md section 3).
-MAX_TURNS_PER_CALL = 256
-MAX_TURNS_PER_RUN = 2000
-MAX_TURN_BYTES = 256 * 1024
 
 
 def _optional(value, kinds, field):

@@ -28,10 +28,9 @@ from car_twisted.interfaces import (
     TurnLimitReached,
     status_of,
 )
+from car_twisted.limits import MAX_TURN_BYTES, MAX_TURNS_PER_RUN
 from car_twisted.records import (
-    MAX_TURNS_PER_RUN,
     agent_slug,
-    MAX_TURN_BYTES,
     clip_text,
     ended_record,
     id_param,

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from car_twisted.jsonrpc import MAX_ID_CHARS, Dispatcher, decode, encode
-from car_twisted.limits import WireLimits
+from car_twisted.jsonrpc import Dispatcher, decode, encode
+from car_twisted.limits import MAX_ID_CHARS, WireLimits
 from tests.support import InProcessDaemon
 
 START = {"agent_id": "agent-a", "intent": "goal"}

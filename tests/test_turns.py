@@ -2,7 +2,8 @@
 
 from twisted.trial import unittest
 
-from car_twisted.records import MAX_TEXT, TRUNCATION_MARKER
+from car_twisted.limits import MAX_TEXT
+from car_twisted.records import TRUNCATION_MARKER
 from car_twisted.store.memory import MemoryRunStore
 from tests.support import SUCCESS_OUTCOME, HeldStore, serve
 
