@@ -162,10 +162,10 @@ class HeldStore:
 class InProcessDaemon:
     """
     A daemon's parts wired as C{twistd car} wires them, on a memory store
-    (or C{store}) and a L{Clock}, with no socket: frames go straight to the
-    dispatcher, and a memory store answers at once, so tests read results
-    with C{successResultOf}. Without an C{authenticator} every session is
-    accepted (``--no-auth``).
+    (or C{store}) and a L{Clock}, with no socket: each L{InProcessClient}
+    hands its frames straight to the dispatcher, and a memory store
+    answers at once, so semantics tests run without polling. Without an
+    C{authenticator} every session is accepted (``--no-auth``).
     """
 
     def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, limits=None):
@@ -183,20 +183,72 @@ class InProcessDaemon:
         )
         self.runs = self.parts.runs
         self.dispatcher = self.parts.dispatcher
+        self.clients = []
 
     def session(self, notify=None):
         """A new session; C{notify(method, params)} receives its notifications."""
         return self.runs.open_session("in-process", notify or (lambda method, params: None))
 
-    def dispatch(self, session, message):
+    async def connect(self):
+        client = InProcessClient(self)
+        self.clients.append(client)
+        return client
+
+    def only_session(self):
+        (session,) = self.runs.sessions.values()
+        return session
+
+    async def wait_closed(self):
+        """Every client's close reached the run service as it happened."""
+        assert not self.runs.sessions, self.runs.sessions
+
+    async def stop(self):
         """
-        Send one frame (bytes as they are, anything else as JSON) and return
-        a Deferred of the decoded answer, or None when nothing is owed.
+        Close every client, let every window run out, and check that no
+        timer is left behind.
         """
-        payload = message if isinstance(message, bytes) else json.dumps(message).encode()
-        d = self.dispatcher.dispatch(session, payload)
-        d.addCallback(lambda reply: None if reply.frame is None else json.loads(reply.frame))
-        return d
+        for client in self.clients:
+            await client.drop()
+        self.clock.advance(24 * 3600)
+        assert not self.clock.getDelayedCalls(), self.clock.getDelayedCalls()
+
+
+class InProcessClient(RPCClient):
+    """
+    L{RPCClient}'s calls on one session of an L{InProcessDaemon}: each frame
+    goes to the dispatcher, each answer and notification comes back in the
+    order it is ready, as the protocol would send them.
+    """
+
+    def __init__(self, daemon):
+        super().__init__(None)
+        self._daemon = daemon
+        self._frames = DeferredQueue()
+        self.closed = False
+        self.session = daemon.runs.open_session("in-process", self._notify)
+
+    def _notify(self, method, params):
+        self._frames.put({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def send_text(self, text):
+        payload = text.encode() if isinstance(text, str) else text
+        d = self._daemon.dispatcher.dispatch(self.session, payload)
+        d.addCallback(self._answer)
+
+    def _answer(self, reply):
+        if reply.frame is not None and not self.closed:
+            self._frames.put(json.loads(reply.frame))
+
+    def receive(self):
+        return self._frames.get()
+
+    async def close(self):
+        """The connection closes: the run service hears it at once."""
+        if not self.closed:
+            self.closed = True
+            self._daemon.runs.close_session(self.session)
+
+    drop = close
 
 
 class LoopbackDaemon(InProcessDaemon):
@@ -215,7 +267,6 @@ class LoopbackDaemon(InProcessDaemon):
             dispatcher = Dispatcher(methods, self.authenticator.admit, self.limits)
             self.factory = RunTracingFactory(dispatcher, self.runs, self.limits)
         self.port = None
-        self.clients = []
 
     async def start(self):
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
@@ -230,10 +281,6 @@ class LoopbackDaemon(InProcessDaemon):
         client = await RPCClient.connect(self.port.getHost().port)
         self.clients.append(client)
         return client
-
-    def only_session(self):
-        (session,) = self.runs.sessions.values()
-        return session
 
     async def wait_closed(self):
         """Wait until the daemon has seen every connection close."""
@@ -256,6 +303,13 @@ class LoopbackDaemon(InProcessDaemon):
 async def serve(testcase, **kwargs):
     """Start a L{LoopbackDaemon} that stops when C{testcase} ends."""
     daemon = await LoopbackDaemon(**kwargs).start()
+    testcase.addCleanup(daemon.stop)
+    return daemon
+
+
+def in_process(testcase, **kwargs) -> InProcessDaemon:
+    """An L{InProcessDaemon} that stops when C{testcase} ends."""
+    daemon = InProcessDaemon(**kwargs)
     testcase.addCleanup(daemon.stop)
     return daemon
 
