@@ -277,3 +277,78 @@ class RegistryWriteFailureTests(unittest.TestCase):
         with self.assertRaises(StoreUnavailable):
             await registry.record_turns(session, params)
         self.assertEqual(len(errors), 2)
+
+
+def mount_small_tmpfs(testcase) -> str:
+    """A 1 MiB tmpfs, unmounted when C{testcase} ends; skips the test when
+    it cannot be mounted (mounting needs root)."""
+    path = private_dir(testcase)
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path],
+            capture_output=True,
+            text=True,
+        )
+    except OSError as e:
+        raise unittest.SkipTest(f"cannot mount a tmpfs: {e}")
+    if mounted.returncode != 0:
+        raise unittest.SkipTest(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    testcase.addCleanup(subprocess.run, ["umount", path], check=True)
+    return path
+
+
+def fill_up(directory: str) -> str:
+    """Write a file until the filesystem is full: its path."""
+    filler = os.path.join(directory, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return filler
+
+
+class FullTmpfsTests(unittest.TestCase):
+    """The daemon over real sockets, its file store on a real full tmpfs
+    (mounted by the test, so it runs as root; skipped, saying so, when the
+    mount is refused)."""
+
+    async def test_disk_full_answers_store_unavailable_and_recovers(self):
+        """With the disk full, runs.record_turns and runs.complete answer
+        -32603 with data.reason store_unavailable; once space returns, the
+        same requests succeed, the trace is whole and numbered without a
+        gap, and a follower sees the retried turn and the end."""
+        disk = mount_small_tmpfs(self)
+        store = await FileRunStore.open(reactor, os.path.join(disk, "data"))
+        self.addCleanup(store.close)
+        daemon = await serve(self, store=store)
+        producer, follower = await daemon.connect(), await daemon.connect()
+        run_id = (await producer.call("runs.start", {"intent": "fill", "agent_id": "agent-a"}))["run_id"]
+        turns = {"run_id": run_id, "turns": [{"prompt": "0"}, {"prompt": "1"}]}
+        await producer.call("runs.record_turns", turns)
+        await follower.call("runs.subscribe", {"run_id": run_id})
+        filler = fill_up(disk)
+        # Larger than a page: they need space a full tmpfs does not have.
+        big_turn = {"run_id": run_id, "turns": [{"prompt": "2", "output": "x" * 12000}]}
+        complete = {"run_id": run_id, "outcome": dict(SUCCESS_OUTCOME, summary="y" * 12000)}
+        for method, params in [("runs.record_turns", big_turn), ("runs.complete", complete)]:
+            error = (await producer.call_raw(method, params))["error"]
+            self.assertEqual(error["code"], -32603)
+            self.assertEqual(error["data"], {"reason": "store_unavailable", "detail": NO_SPACE})
+        os.unlink(filler)
+        self.assertEqual((await producer.call("runs.record_turns", big_turn))["base_index"], 2)
+        await producer.call("runs.complete", complete)
+        trace = await producer.call("runs.get_trace", {"run_id": run_id})
+        self.assertEqual(
+            [(r["record"], r.get("index")) for r in trace["records"]],
+            [("started", None), ("turn", 0), ("turn", 1), ("turn", 2), ("ended", None)],
+        )
+        events = [(await follower.receive())["params"] for _ in range(2)]
+        self.assertEqual(
+            [(e["record"]["record"], e["status"]) for e in events],
+            [("turn", "in_progress"), ("ended", "completed")],
+        )
