@@ -8,6 +8,8 @@ batch at a time goes to a disk thread, which writes every queued record,
 fsyncs the touched files and the directories that gained entries, then
 appends the agents' index entries. Everything queued while a
 batch is on disk forms the next batch: concurrent writers share flushes.
+A write the disk refuses is undone on disk and in memory, with the writes
+queued behind it on the same run, and fails with L{StoreWriteFailed}.
 See docs/storage.md.
 """
 
@@ -306,21 +308,17 @@ class FileRunStore:
             errors, notes = [outcome.value] * len(batch), []
         else:
             errors, notes = outcome
-        failed = [(write, error) for write, error in zip(batch, errors) if error is not None]
-        undone = set()
-        for write, error in failed[:]:
-            if write.run not in undone:
+        dependent, undone = [], set()
+        for write, error in zip(batch, errors):
+            if error is not None and write.run not in undone:
                 undone.add(write.run)
-                failed.extend(self._roll_back(write, error))
+                dependent.extend(self._roll_back(write, error))
         if self._queue:
             self._commit_next()
         for note in notes:
             log.warn("file store: {note}", note=note)
-        for write, error in zip(batch, errors):
-            if error is None:
-                write.finish(None)
-        for write, error in failed:
-            write.finish(_write_error(error))
+        for write, error in [*zip(batch, errors), *dependent]:
+            write.finish(None if error is None else _write_error(error))
         if self._committing is None and self._closed is not None and not self._closed.called:
             self._closed.callback(None)
 
