@@ -143,14 +143,16 @@ class RunRegistry:
         self.sessions.pop(session.client_id, None)
         self._fanout.forget(session)
         for run_id in session.producing:
-            self._orphan(self._live[run_id], session)
+            self._orphan(self._live[run_id], self._window(session))
         session.producing = set()
 
-    def _orphan(self, live: LiveRun, producer: Session, delay: Optional[float] = None) -> None:
-        """Start the grace window (or lease) of a run whose producer closed."""
+    def _window(self, session: Session) -> float:
+        """How long a run outlives its producer's connection."""
+        return self._resume_lease if "runs.resume.v1" in session.capabilities else self._grace
+
+    def _orphan(self, live: LiveRun, delay: float) -> None:
+        """Leave a run without producer; it ends C{incomplete} after C{delay}."""
         live.producer = None
-        if delay is None:
-            delay = self._resume_lease if "runs.resume.v1" in producer.capabilities else self._grace
         if not self._stopped:
             live.expiry = self._clock.callLater(delay, self._expire, live)
 
@@ -158,8 +160,22 @@ class RunRegistry:
         live.expiry = None
         self._finish(live)
         ended = ended_record("incomplete", reason="connection closed")
-        self._write_behind(Deferred.fromCoroutine(self._end(live, ended)))
-        log.info("run {run_id} ended incomplete: its producer went away", run_id=live.run_id)
+        d = Deferred.fromCoroutine(self._end(live, ended))
+        d.addCallbacks(
+            lambda _: log.info(
+                "run {run_id} ended incomplete: its producer went away", run_id=live.run_id
+            ),
+            self._expiry_failed,
+            errbackArgs=(live,),
+        )
+        self._write_behind(d)
+
+    def _expiry_failed(self, failure, live: LiveRun) -> None:
+        """The store could not end the run: it is live again, tried after another window."""
+        failure.trap(StoreUnavailable)
+        if live.run_id not in self._live:
+            self._live[live.run_id] = live
+            self._orphan(live, self._grace)
 
     async def _end(self, live: LiveRun, ended: dict) -> None:
         """Write a run's terminal record and tell its followers."""
@@ -186,11 +202,11 @@ class RunRegistry:
                 s.current_run_id = live.run_id
             if producer is None:
                 if deadline is not None:
-                    self._orphan(live, session, max(deadline - self._clock.seconds(), 0))
+                    self._orphan(live, max(deadline - self._clock.seconds(), 0))
             elif self.sessions.get(producer.client_id) is producer:
                 producer.producing.add(live.run_id)
             else:
-                self._orphan(live, producer)
+                self._orphan(live, self._window(producer))
             raise
 
     async def _stored(self, write: Deferred):

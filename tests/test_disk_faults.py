@@ -20,12 +20,12 @@ from twisted.trial import unittest
 from car_twisted.errors import StoreUnavailable
 from car_twisted.interfaces import StoreWriteFailed
 from car_twisted.records import ended_record
-from car_twisted.registry import RunRegistry
+from car_twisted.registry import DEFAULT_GRACE, RunRegistry
 from car_twisted.store import layout
 from car_twisted.store.file import FileRunStore
 from car_twisted.store.sqlite import SQLiteRunStore
 from tests.store_conformance import started, turn
-from tests.support import SUCCESS_OUTCOME, private_dir, serve
+from tests.support import SUCCESS_OUTCOME, private_dir, serve, wait_for
 
 NO_SPACE = os.strerror(errno.ENOSPC)
 
@@ -189,7 +189,8 @@ class RegistryWriteFailureTests(unittest.TestCase):
         disk = FullDisk(self)
         store = await FileRunStore.open(reactor, self.mktemp())
         self.addCleanup(store.close)
-        return RunRegistry(store, Clock(), environ={}), disk
+        self.clock = Clock()
+        return RunRegistry(store, self.clock, environ={}), disk
 
     def session(self, registry, agent_id="agent-a"):
         session = registry.open_session("peer", lambda *args: None)
@@ -251,6 +252,22 @@ class RegistryWriteFailureTests(unittest.TestCase):
             lambda: setattr(commits, "failing", 1),
             "database or disk is full",
         )
+
+    async def test_grace_end_is_retried_until_written(self):
+        """A run whose grace window ends while the disk is full stays open,
+        and is ended incomplete after another window once the disk writes."""
+        registry, disk = await self.file_registry()
+        session = self.session(registry)
+        run_id = (await registry.start(session, {"intent": "do it"}))["run_id"]
+        registry.close_session(session)
+        disk.failing = 1
+        self.clock.advance(DEFAULT_GRACE)
+        await wait_for(lambda: not registry._writes, "the refused end")
+        self.assertEqual((await registry.store.get_run(run_id)).status, "in_progress")
+        self.clock.advance(DEFAULT_GRACE)
+        await wait_for(lambda: not registry._writes, "the end")
+        self.assertEqual((await registry.store.get_run(run_id)).status, "incomplete")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     async def test_failure_logged_once_per_incident(self):
         """Requests refused by one disk-full incident log one error between
