@@ -5,7 +5,8 @@ It keeps the connected sessions and the runs this daemon is producing, and
 implements the ``runs.*`` methods on top of an L{IRunStore}. The methods
 make their in-memory changes synchronously, before their first wait on the
 store, so requests from one session take effect in arrival order even though
-they are answered whenever their writes are durable.
+they are answered whenever their writes are durable; a write the store
+refuses has its change undone, so the client's retry succeeds.
 """
 
 import hashlib
