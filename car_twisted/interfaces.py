@@ -41,6 +41,18 @@ class TurnLimitReached(RunStoreError):
     """The run cannot take that many more turns."""
 
 
+class StoreWriteFailed(Exception):
+    """
+    The store could not write (disk full, I/O error): nothing of the write
+    was kept, on disk or in memory, so the same call may be retried.
+    """
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        #: What went wrong, e.g. C{"No space left on device"}.
+        self.detail = detail
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """One run as ``runs.list`` shows it."""
@@ -103,7 +115,9 @@ class IRunStore(Interface):
     in the order they were made, even when the caller does not wait for one
     to fire before making the next, and their Deferreds fire in that order.
     A Deferred that fires means the change is as durable as the store
-    promises (on stable storage, for the file store).
+    promises (on stable storage, for the file store). A write the store
+    could not make fails with L{StoreWriteFailed} and changes nothing, so
+    the same call can be made again.
     """
 
     def open():

@@ -58,8 +58,11 @@ def notification(method: str, params: dict) -> bytes:
     return encode({"jsonrpc": "2.0", "method": method, "params": params})
 
 
-def error_response(id_, code: int, message: str) -> dict:
-    return {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": id_}
+def error_response(id_, code: int, message: str, data=None) -> dict:
+    error = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "error": error, "id": id_}
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,7 @@ class Dispatcher:
 
     def _error(self, failure, id_) -> dict:
         if failure.check(RPCError):
-            return error_response(id_, failure.value.code, failure.value.message)
+            return error_response(id_, failure.value.code, failure.value.message, failure.value.data)
         log.failure("request {id} failed", failure, id=id_)
         return error_response(id_, INTERNAL_ERROR, "internal error: the request could not be handled")
 

@@ -3,9 +3,10 @@ The run service: the connected sessions, the runs this daemon is producing
 and their grace window, and the ``runs.*`` methods that write.
 
 The methods make their in-memory changes synchronously, before their first
-wait on the store, and restore them if the write fails, so requests from
-one session take effect in arrival order even though they are answered
-whenever their writes are durable.
+wait on the store, so requests from one session take effect in arrival
+order even though they are answered whenever their writes are durable; a
+write the store refuses has its change undone, so the client's retry
+succeeds.
 """
 
 import hashlib
@@ -19,12 +20,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from car_twisted.access import AccessPolicy
-from car_twisted.errors import CapabilityMismatch, InvalidParams, RunRefused
+from car_twisted.errors import CapabilityMismatch, InvalidParams, RunRefused, StoreUnavailable
 from car_twisted.fanout import TraceFanout
 from car_twisted.interfaces import (
     RunExists,
     RunNotFound,
     RunTerminal,
+    StoreWriteFailed,
     TurnLimitReached,
     status_of,
 )
@@ -97,6 +99,8 @@ class RunService:
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
         self._stopped = False
+        #: Whether the store's last write failed: its failure is logged once.
+        self._store_failing = False
 
     def methods(self) -> dict:
         """The methods it serves, by wire name."""
@@ -123,25 +127,90 @@ class RunService:
         """
         self.sessions.pop(session.client_id, None)
         self._fanout.forget(session)
-        window = self._resume_lease if "runs.resume.v1" in session.capabilities else self._grace
         for run_id in session.producing:
-            live = self._live[run_id]
-            live.producer = None
-            if not self._stopped:
-                live.expiry = self._clock.callLater(window, self._expire, live)
+            self._orphan(self._live[run_id], self._window(session))
         session.producing = set()
+
+    def _window(self, session: Session) -> float:
+        """How long a run outlives its producer's connection."""
+        return self._resume_lease if "runs.resume.v1" in session.capabilities else self._grace
+
+    def _orphan(self, live: LiveRun, delay: float) -> None:
+        """Leave a run without producer; it ends C{incomplete} after C{delay}."""
+        live.producer = None
+        if not self._stopped:
+            live.expiry = self._clock.callLater(delay, self._expire, live)
 
     def _expire(self, live: LiveRun) -> None:
         live.expiry = None
         self._finish(live)
         ended = ended_record("incomplete", reason="connection closed")
-        self._write_behind(Deferred.fromCoroutine(self._end(live, ended)))
-        log.info("run {run_id} ended incomplete: its producer went away", run_id=live.run_id)
+        d = Deferred.fromCoroutine(self._end(live, ended))
+        d.addCallbacks(
+            lambda _: log.info(
+                "run {run_id} ended incomplete: its producer went away", run_id=live.run_id
+            ),
+            self._expiry_failed,
+            errbackArgs=(live,),
+        )
+        self._write_behind(d)
+
+    def _expiry_failed(self, failure, live: LiveRun) -> None:
+        """The store could not end the run: it is live again, tried after another window."""
+        failure.trap(StoreUnavailable)
+        if live.run_id not in self._live:
+            self._live[live.run_id] = live
+            self._orphan(live, self._grace)
 
     async def _end(self, live: LiveRun, ended: dict) -> None:
         """Write a run's terminal record and tell its followers."""
-        await self.store.end_run(live.run_id, ended)
+        await self._stored(self.store.end_run(live.run_id, ended))
         self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, status_of(ended))
+
+    async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
+        """
+        End a live run for C{session}'s request. If the store cannot write,
+        the run is put back as it was (live, with its producer or its grace
+        window), so the client's retry ends it.
+        """
+        producer = live.producer
+        deadline = live.expiry.getTime() if live.expiry is not None else None
+        current = [s for s in (session, producer) if s and s.current_run_id == live.run_id]
+        self._finish(live)
+        for s in current:
+            s.current_run_id = None
+        try:
+            await self._end(live, ended)
+        except StoreUnavailable:
+            self._live[live.run_id] = live
+            for s in current:
+                s.current_run_id = live.run_id
+            if producer is None:
+                if deadline is not None:
+                    self._orphan(live, max(deadline - self._clock.seconds(), 0))
+            elif self.sessions.get(producer.client_id) is producer:
+                producer.producing.add(live.run_id)
+            else:
+                self._orphan(live, self._window(producer))
+            raise
+
+    async def _stored(self, write: Deferred):
+        """
+        Wait for a store write. A store that cannot write answers
+        L{StoreUnavailable}; the failure is logged once until a write
+        succeeds again.
+        """
+        try:
+            result = await write
+        except StoreWriteFailed as e:
+            if not self._store_failing:
+                self._store_failing = True
+                log.error("the run store cannot write: {detail}", detail=e.detail)
+            raise StoreUnavailable(e.detail) from None
+        if self._store_failing:
+            self._store_failing = False
+            log.info("the run store writes again")
+        return result
 
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
@@ -162,7 +231,7 @@ class RunService:
             return result
 
         d.addBoth(done)
-        d.addErrback(lambda f: f.trap(RunTerminal))
+        d.addErrback(lambda f: f.trap(RunTerminal, StoreUnavailable))
         d.addErrback(lambda f: log.failure("a run store write failed", f))
 
     async def recover(self) -> int:
@@ -254,12 +323,17 @@ class RunService:
             clip_text(description) if description is not None else None,
         )
         try:
-            await self.store.start_run(record)
+            await self._stored(self.store.start_run(record))
         except BaseException as e:
             if self._live.get(run_id) is live:
                 self._finish(live)
             if isinstance(e, RunExists):
                 existing = await self.store.get_run(run_id)
+                if existing is None:
+                    raise RunRefused(
+                        f"run id {run_id!r} is held by a run file the store cannot read; "
+                        "choose another idempotency_key"
+                    )
                 return self._restart(session, run_id, existing.agent_id, agent_id)
             raise
         return {"run_id": run_id, "agent_id": agent_id}
@@ -307,11 +381,8 @@ class RunService:
         live = self._writable(session, run_id)
         if live is None:
             await self._refuse_write(session, run_id)
-        self._finish(live)
-        if session.current_run_id == run_id:
-            session.current_run_id = None
         try:
-            await self._end(live, ended_record("outcome", outcome=outcome))
+            await self._end_live(session, live, ended_record("outcome", outcome=outcome))
         except RunTerminal:
             raise RunRefused(f"run {run_id} already ended")
         return {"ok": True, "run_id": run_id}
@@ -333,7 +404,7 @@ class RunService:
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
         try:
-            base = await self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN)
+            base = await self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN))
         except TurnLimitReached:
             return _dropped(run_id, "run_turn_limit")
         except RunTerminal:
@@ -364,9 +435,8 @@ class RunService:
         if live is None and session.role == "host":
             live = self._live.get(run_id)
         if live is not None:
-            self._finish(live)
             ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
-            await self._end(live, ended)
+            await self._end_live(session, live, ended)
             log.debug("run {run_id} cancelled", run_id=run_id)
             return {**answer, "status": "cancelled_confirmed"}
         summary = await self._visible_run(session, run_id)

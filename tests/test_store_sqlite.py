@@ -11,7 +11,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
-from car_twisted.interfaces import RunExists, RunNotFound, RunTerminal, TurnLimitReached
+from car_twisted.interfaces import (
+    RunExists,
+    RunNotFound,
+    RunTerminal,
+    StoreWriteFailed,
+    TurnLimitReached,
+)
 from car_twisted.records import ended_record
 from car_twisted.store import sqlite as sqlite_store
 from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
@@ -196,17 +202,19 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.assertEqual(await store.end_run("a", ended_record("incomplete", reason="y")), None)
 
     async def test_database_refusing_writes(self):
-        """When the database refuses every write, each write fails with the
-        database's error instead of hanging, reads still work, and writing
-        resumes once the database accepts writes again."""
+        """When the database refuses every write, each write fails with
+        StoreWriteFailed naming the database's error instead of hanging,
+        reads still work, and writing resumes once the database accepts
+        writes again."""
         store = self.open()
         await store.start_run(started(run_id="a"))
         with store._wake:
             store._writer.execute("PRAGMA query_only = ON")
             writes = [store.start_run(started(run_id="b")), store.append_turns("a", [turn()], 5)]
         for write in writes:
-            with self.assertRaises(sqlite3.OperationalError):
+            with self.assertRaises(StoreWriteFailed) as caught:
                 await write
+            self.assertIn("readonly", caught.exception.detail)
         self.assertEqual((await store.get_run("a")).turn_count, 0)
         self.assertIsNone(await store.get_run("b"))
         with store._wake:

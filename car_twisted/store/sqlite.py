@@ -29,6 +29,7 @@ from car_twisted.interfaces import (
     RunStoreError,
     RunSummary,
     RunTerminal,
+    StoreWriteFailed,
     TurnLimitReached,
     status_of,
 )
@@ -455,6 +456,9 @@ class SQLiteRunStore:
     @staticmethod
     def _settle(batch, outcomes) -> None:
         for write, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Failure) and outcome.check(sqlite3.Error):
+                # Rolled back, so nothing of it was kept: the caller may retry.
+                outcome = Failure(StoreWriteFailed(str(outcome.value)))
             write.settle(outcome)
 
     # Reads
