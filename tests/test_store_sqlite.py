@@ -8,14 +8,16 @@ import tempfile
 import threading
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial import unittest
 
 from car_twisted.interfaces import RunExists, RunNotFound, RunTerminal, TurnLimitReached
 from car_twisted.records import ended_record
 from car_twisted.store import sqlite as sqlite_store
 from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
+from tests.daemon_process import DaemonProcess
 from tests.store_conformance import RunStoreConformance, started, turn
+from tests.support import SUCCESS_OUTCOME, RPCClient, wait_for
 
 
 def fresh_data_dir(case: unittest.TestCase) -> str:
@@ -115,6 +117,25 @@ class SQLiteRunStoreTests(unittest.TestCase):
         with self.assertRaises(RunDatabaseError) as caught:
             SQLiteRunStore(self.data_dir, reactor)
         self.assertIn(self.path, str(caught.exception))
+
+    async def test_second_store_on_one_database_refused(self):
+        """While one store has the database open, a second one on it is
+        refused at open with one line naming the file, and the first store's
+        open run stays open; once the first closes, the database opens."""
+        first = self.open()
+        run = started()
+        await first.start_run(run)
+        with self.assertRaises(RunDatabaseError) as caught:
+            SQLiteRunStore(self.data_dir, reactor)
+        message = str(caught.exception)
+        self.assertIn(self.path, message)
+        self.assertIn("in use by another daemon", message)
+        self.assertNotIn("\n", message)
+        self.assertEqual(await first.append_turns(run["run_id"], [turn()], 5), 0)
+        await first.close()
+
+        second = self.open()
+        self.assertEqual([s.run_id for s in await second.open_runs()], [run["run_id"]])
 
     async def test_private_files(self):
         """The data dir is created 0700 and the database and its WAL 0600."""
@@ -332,3 +353,40 @@ class SQLiteRunStoreTests(unittest.TestCase):
         store = self.open()
         page, _ = await store.list_runs("agent-a", None, 50, None)
         self.assertEqual(len(page), 20)
+
+
+class SQLiteDaemonTests(unittest.TestCase):
+    async def test_second_daemon_leaves_live_runs_alone(self):
+        """A second daemon on the data dir of a running one with --store
+        sqlite does not start, so it does not end the first one's live run
+        (as its recovery would): the first daemon's agent still records
+        turns and completes the run."""
+        data_dir = os.path.abspath(self.mktemp())
+        first = DaemonProcess("sqlite", data_dir)
+        self.addCleanup(first.kill)
+        await first.start()
+        agent = await RPCClient.connect(first.port)
+        self.addCleanup(agent.close)
+        run_id = (await agent.call("runs.start", {"agent_id": "agent-a", "intent": "live"}))["run_id"]
+
+        second = DaemonProcess("sqlite", data_dir)
+        self.addCleanup(second.kill)
+        starting = Deferred.fromCoroutine(second.start())
+        # Exiting before it listens is the refusal it should make.
+        starting.addErrback(lambda failure: failure.trap(RuntimeError))
+        await wait_for(
+            lambda: starting.called or b"in use by another daemon" in second.output,
+            "the second daemon to listen or be refused",
+            timeout=30,
+        )
+        self.assertIsNone(second.port, "the second daemon started")
+        self.assertIn(os.path.join(data_dir, "runs.sqlite3").encode(), second.output)
+        await second.kill()
+
+        await agent.call("runs.record_turns", {"run_id": run_id, "turns": [{"tool": "after"}]})
+        await agent.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+        trace = await agent.call("runs.get_trace", {"run_id": run_id})
+        self.assertEqual(
+            [r["record"] for r in trace["records"]], ["started", "turn", "ended"]
+        )
+        self.assertEqual(trace["records"][-1]["termination"], "outcome")

@@ -11,6 +11,7 @@ database is in WAL mode with C{synchronous=FULL}: a write's Deferred fires
 after the commit holding it is on stable storage.
 """
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -34,6 +35,8 @@ from car_twisted.interfaces import (
 )
 
 DATABASE_NAME = "runs.sqlite3"
+#: Beside the database, C{flock()}ed by the one store using it.
+LOCK_SUFFIX = ".lock"
 
 #: The schema version this code writes and understands (C{PRAGMA user_version}).
 SCHEMA_VERSION = 1
@@ -131,6 +134,33 @@ def _connect(path: str) -> sqlite3.Connection:
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     connection.execute("PRAGMA busy_timeout = 10000")
     return connection
+
+
+def lock_database(path: str) -> int:
+    """
+    Take the exclusive lock of the run database at C{path}: an C{flock} on
+    C{<path>.lock}, held while the returned descriptor stays open. SQLite's
+    own locks only serialize transactions: a second daemon would get in
+    and end the first one's live runs as left open by a crash.
+
+    @raise RunDatabaseError: another store (another daemon) holds it.
+    """
+    lock_path = path + LOCK_SUFFIX
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise RunDatabaseError(f"cannot open the lock file {lock_path}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise RunDatabaseError(
+                f"the run database {path} is in use by another daemon (it holds "
+                f"{lock_path}); stop that daemon or choose another --data-dir"
+            ) from e
+        raise RunDatabaseError(f"cannot lock {lock_path}: {e}") from e
+    return fd
 
 
 def open_database(path: str) -> sqlite3.Connection:
@@ -237,7 +267,9 @@ class SQLiteRunStore:
     Runs in C{<data_dir>/runs.sqlite3}.
 
     Opening happens in the constructor, before the daemon accepts
-    connections: a database that cannot be used raises L{RunDatabaseError}.
+    connections: a database that cannot be used, or that another store
+    holds, raises L{RunDatabaseError}. The store holds the database's lock
+    until it is closed.
 
     @param reactor: where results are delivered.
     @ivar commits: transactions the writer has committed (one per batch).
@@ -247,7 +279,12 @@ class SQLiteRunStore:
         self._reactor = reactor
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(data_dir, DATABASE_NAME)
-        self._writer = open_database(self.path)
+        self._lock = lock_database(self.path)
+        try:
+            self._writer = open_database(self.path)
+        except BaseException:
+            os.close(self._lock)
+            raise
         self.commits = 0
         # Writes issued on the reactor thread, taken in batches by the writer.
         self._pending = []
@@ -566,3 +603,4 @@ class SQLiteRunStore:
             self._wake.notify()
         await self._stopped
         self._thread.join()
+        os.close(self._lock)
