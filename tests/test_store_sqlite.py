@@ -137,6 +137,67 @@ class SQLiteRunStoreTests(unittest.TestCase):
         second = self.open()
         self.assertEqual([s.run_id for s in await second.open_runs()], [run["run_id"]])
 
+    async def write_runs(self):
+        """A closed database of 200 runs with 5 turns each, its WAL checkpointed."""
+        store = self.open()
+        for n in range(200):
+            record = started(intent=f"run {n}")
+            store.start_run(record)
+            store.append_turns(record["run_id"], [turn("x" * 200)] * 5, 10)
+        await store.close()
+
+    def damage_page(self, number: int) -> bytes:
+        """Fill page C{number} (1-based) with garbage; the file's new bytes."""
+        with sqlite3.connect(self.path) as db:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        with open(self.path, "r+b") as f:
+            f.seek((number - 1) * page_size)
+            f.write(b"\xff" * page_size)
+            f.seek(0)
+            return f.read()
+
+    def assert_refused_as_damaged(self, damaged: bytes) -> None:
+        with self.assertRaises(RunDatabaseError) as caught:
+            SQLiteRunStore(self.data_dir, reactor)
+        message = str(caught.exception)
+        self.assertIn(self.path, message)
+        self.assertIn("is damaged", message)
+        self.assertNotIn("\n", message)
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), damaged)
+
+    async def test_damaged_page_refused(self):
+        """A database with a damaged page in the middle of the file (one
+        that opening alone does not read) is refused at open with one line
+        naming the file, and left as it was."""
+        await self.write_runs()
+        with sqlite3.connect(self.path) as db:
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+        damaged = self.damage_page(pages // 2)
+        with sqlite3.connect(self.path) as db:
+            self.assertNotEqual(db.execute("PRAGMA quick_check").fetchall(), [("ok",)])
+        self.assert_refused_as_damaged(damaged)
+
+    async def test_damaged_runs_page_refused_in_a_large_database(self):
+        """A database larger than the whole-file check's bound still has its
+        runs table checked: a damaged leaf in the middle of that b-tree is
+        refused at open with one line naming the file."""
+        self.patch(sqlite_store, "FULL_CHECK_BYTES", 0)
+        await self.write_runs()
+        with sqlite3.connect(self.path) as db:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()[0]
+        with open(self.path, "rb") as f:
+            f.seek((root - 1) * page_size)
+            page = f.read(page_size)
+        self.assertEqual(page[0], 0x05, "the runs table fits in one page")
+        # An interior table page: a cell count, a cell pointer array from
+        # byte 12, each cell starting with its child's page number.
+        cells = int.from_bytes(page[3:5], "big")
+        cell = int.from_bytes(page[12 + cells // 2 * 2 : 14 + cells // 2 * 2], "big")
+        damaged = self.damage_page(int.from_bytes(page[cell : cell + 4], "big"))
+        self.assert_refused_as_damaged(damaged)
+
     async def test_private_files(self):
         """The data dir is created 0700 and the database and its WAL 0600."""
         store = self.open()

@@ -37,6 +37,9 @@ from car_twisted.interfaces import (
 DATABASE_NAME = "runs.sqlite3"
 #: Beside the database, C{flock()}ed by the one store using it.
 LOCK_SUFFIX = ".lock"
+#: Databases up to this size get the whole-file integrity check at open;
+#: larger ones only their runs table and its indexes (docs/storage.md).
+FULL_CHECK_BYTES = 256 * 2**20
 
 #: The schema version this code writes and understands (C{PRAGMA user_version}).
 SCHEMA_VERSION = 1
@@ -219,6 +222,8 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
                 f"than the {SCHEMA_VERSION} this car-twisted understands: it was "
                 "written by a newer release; run that release or upgrade"
             )
+        else:
+            _check_integrity(connection, path)
         connection.execute("COMMIT")
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
@@ -226,6 +231,29 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
         connection.execute("PRAGMA synchronous = FULL")
     except sqlite3.Error as e:
         raise RunDatabaseError(f"cannot open the run database {path}: {e}") from e
+
+
+def _check_integrity(connection: sqlite3.Connection, path: str) -> None:
+    """
+    Refuse a database with a damaged page, which would otherwise fail
+    calls once the daemon listens. C{quick_check} reads every page it
+    checks, so a large database has only what every call reads checked:
+    the runs table and its indexes, not the records (docs/storage.md).
+    """
+    scope = "" if os.path.getsize(path) <= FULL_CHECK_BYTES else "(runs)"
+    try:
+        problem = connection.execute(f"PRAGMA quick_check{scope}").fetchall()[0][0]
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as e:
+        # Some damage (a page of the wrong type) fails the check itself.
+        problem = str(e)
+    if problem != "ok":
+        problem = " ".join(problem.split())
+        raise RunDatabaseError(
+            f"the run database {path} is damaged (quick_check: {problem}); "
+            "restore it from a backup or move it away"
+        )
 
 
 class _WriteBroke(Exception):
