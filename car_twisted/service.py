@@ -14,7 +14,7 @@ daemon left open are ended, so no client ever sees a half-recovered store.
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -90,8 +90,11 @@ class DaemonService(MultiService):
         self.store_service.setServiceParent(self)
         self.listeners = MultiService()
         self.listeners.setServiceParent(self)
-        #: Fires with the listening ports once the daemon serves.
+        #: Fires with the listening ports once the daemon serves, or fails.
         self.ready = None
+        #: Called with the failure if the daemon cannot start; by default
+        #: C{ready} fails and nothing else happens.
+        self.start_failed = None
 
     def listen(self, description: str, endpoint, factory) -> None:
         """Serve C{factory} on C{endpoint} once the store is ready."""
@@ -109,6 +112,8 @@ class DaemonService(MultiService):
         # Not MultiService's: each child starts once the one before is ready.
         Service.startService(self)
         self.ready = Deferred.fromCoroutine(self._start())
+        if self.start_failed is not None:
+            self.ready.addErrback(self.start_failed)
         return self.ready
 
     async def _start(self):
@@ -116,7 +121,10 @@ class DaemonService(MultiService):
         recovered = await self._runs.recover()
         log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
         self.listeners.startService()
-        return await gatherResults([e.listened for e in self._endpoints])
+        try:
+            return await gatherResults([e.listened for e in self._endpoints], consumeErrors=True)
+        except FirstError as e:
+            e.subFailure.raiseException()
 
     def stopService(self):
         Service.stopService(self)

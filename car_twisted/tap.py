@@ -4,14 +4,17 @@ builds every part of the daemon from them and wires the parts together.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from car_twisted.access import AccessPolicy
-from car_twisted.auth import HOST_TOKEN_FILE, SECRET_ENV, SECRET_FILE, Authenticator
+from car_twisted.auth import HOST_TOKEN_FILE, SECRET_ENV, SECRET_FILE, Authenticator, TokenFileError
 from car_twisted.data_dir import default_data_dir
 from car_twisted.fanout import TraceFanout
 from car_twisted.handshake import handshake
@@ -23,7 +26,7 @@ from car_twisted.runs import DEFAULT_GRACE, RunService
 from car_twisted.service import DaemonService
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
-from car_twisted.store.sqlite import SQLiteRunStore
+from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
 
 log = Logger()
 
@@ -208,6 +211,35 @@ def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
 
 
 def makeService(options):
+    """
+    The daemon twistd runs. A daemon that cannot start writes one line to
+    stderr and exits 1, whether it fails here (the secrets) or once started
+    (the store, recovery, a listener): twistd itself has no exit status for
+    a failed start, and stopping a reactor that is not yet running would
+    hang.
+    """
     from twisted.internet import reactor
 
-    return build_daemon(options, reactor, os.environ)
+    try:
+        daemon = build_daemon(options, reactor, os.environ)
+    except (OSError, TokenFileError) as e:
+        exit_failed_start(Failure(e))
+    daemon.start_failed = exit_failed_start
+    return daemon
+
+
+#: Start failures whose message says all there is to say: no traceback.
+EXPECTED_START_FAILURES = (OSError, TokenFileError, RunDatabaseError, CannotListenError)
+
+
+def exit_failed_start(failure) -> None:
+    """Say in one line why the daemon could not start, and exit 1."""
+    line = f"car-twisted could not start: {failure.getErrorMessage()}"
+    if failure.check(*EXPECTED_START_FAILURES):
+        log.critical("{line}", line=line)
+    else:
+        log.failure(line, failure)
+    sys.stdout.flush()
+    # Straight to the process's stderr: twistd has made sys.stderr a log.
+    os.write(2, line.encode() + b"\n")
+    os._exit(1)

@@ -8,7 +8,7 @@ import tempfile
 import threading
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial import unittest
 
 from car_twisted.interfaces import (
@@ -21,7 +21,9 @@ from car_twisted.interfaces import (
 from car_twisted.records import ended_record
 from car_twisted.store import sqlite as sqlite_store
 from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
+from tests.daemon_process import DaemonProcess
 from tests.store_conformance import RunStoreConformance, started, turn
+from tests.support import SUCCESS_OUTCOME, RPCClient, wait_for
 
 
 def fresh_data_dir(case: unittest.TestCase) -> str:
@@ -119,6 +121,82 @@ class SQLiteRunStoreTests(unittest.TestCase):
         os.makedirs(self.path)
         caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
         self.assertIn(self.path, caught.getErrorMessage())
+
+    async def test_second_store_on_one_database_refused(self):
+        """While one store has the database open, a second one on it is
+        refused at open with one line naming the file, and the first store's
+        open run stays open; once the first closes, the database opens."""
+        first = self.open()
+        run = started()
+        await first.start_run(run)
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        message = caught.getErrorMessage()
+        self.assertIn(self.path, message)
+        self.assertIn("in use by another daemon", message)
+        self.assertNotIn("\n", message)
+        self.assertEqual(await first.append_turns(run["run_id"], [turn()], 5), 0)
+        await first.close()
+
+        second = self.open()
+        self.assertEqual([s.run_id for s in await second.open_runs()], [run["run_id"]])
+
+    async def write_runs(self):
+        """A closed database of 200 runs with 5 turns each, its WAL
+        checkpointed; the same pages every time."""
+        store = self.open()
+        for n in range(200):
+            record = started(run_id=f"run-{n:03d}", intent=f"run {n}")
+            store.start_run(record)
+            store.append_turns(record["run_id"], [turn("x" * 200)] * 5, 10)
+        await store.close()
+
+    def damage_page(self, number: int) -> bytes:
+        """Fill page C{number} (1-based) with garbage; the file's new bytes."""
+        with sqlite3.connect(self.path) as db:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        with open(self.path, "r+b") as f:
+            f.seek((number - 1) * page_size)
+            f.write(b"\xff" * page_size)
+            f.seek(0)
+            return f.read()
+
+    def assert_refused_as_damaged(self, damaged: bytes) -> None:
+        """Opening fails with one line naming the file; the file is unchanged."""
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        message = caught.getErrorMessage()
+        self.assertIn(self.path, message)
+        self.assertIn("is damaged", message)
+        self.assertNotIn("\n", message)
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), damaged)
+
+    async def test_damaged_page_refused(self):
+        """A database with a damaged page in the middle of the file (one
+        that opening alone does not read) is refused at open with one line
+        naming the file, and left as it was."""
+        await self.write_runs()
+        with sqlite3.connect(self.path) as db:
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+        self.assert_refused_as_damaged(self.damage_page(pages // 2))
+
+    async def test_damaged_runs_page_refused_in_a_large_database(self):
+        """A database larger than the whole-file check's bound still has its
+        runs table checked: a damaged leaf in the middle of that b-tree is
+        refused at open with one line naming the file."""
+        self.patch(sqlite_store, "FULL_CHECK_BYTES", 0)
+        await self.write_runs()
+        with sqlite3.connect(self.path) as db:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()[0]
+        with open(self.path, "rb") as f:
+            f.seek((root - 1) * page_size)
+            page = f.read(page_size)
+        self.assertEqual(page[0], 0x05, "the runs table fits in one page")
+        # An interior table page: a cell count, a cell pointer array from
+        # byte 12, each cell starting with its child's page number.
+        cells = int.from_bytes(page[3:5], "big")
+        cell = int.from_bytes(page[12 + cells // 2 * 2 : 14 + cells // 2 * 2], "big")
+        self.assert_refused_as_damaged(self.damage_page(int.from_bytes(page[cell : cell + 4], "big")))
 
     async def test_private_files(self):
         """The data dir is created 0700 and the database and its WAL 0600."""
@@ -338,3 +416,40 @@ class SQLiteRunStoreTests(unittest.TestCase):
         store = self.open()
         page, _ = await store.list_runs("agent-a", None, 50, None)
         self.assertEqual(len(page), 20)
+
+
+class SQLiteDaemonTests(unittest.TestCase):
+    async def test_second_daemon_leaves_live_runs_alone(self):
+        """A second daemon on the data dir of a running one with --store
+        sqlite does not start, so it does not end the first one's live run
+        (as its recovery would): the first daemon's agent still records
+        turns and completes the run."""
+        data_dir = os.path.abspath(self.mktemp())
+        first = DaemonProcess("sqlite", data_dir)
+        self.addCleanup(first.kill)
+        await first.start()
+        agent = await RPCClient.connect(first.port)
+        self.addCleanup(agent.close)
+        run_id = (await agent.call("runs.start", {"agent_id": "agent-a", "intent": "live"}))["run_id"]
+
+        second = DaemonProcess("sqlite", data_dir)
+        self.addCleanup(second.kill)
+        starting = Deferred.fromCoroutine(second.start())
+        # Exiting before it listens is the refusal it should make.
+        starting.addErrback(lambda failure: failure.trap(RuntimeError))
+        await wait_for(
+            lambda: starting.called or b"in use by another daemon" in second.output,
+            "the second daemon to listen or be refused",
+            timeout=30,
+        )
+        self.assertIsNone(second.port, "the second daemon started")
+        self.assertIn(os.path.join(data_dir, "runs.sqlite3").encode(), second.output)
+        await second.kill()
+
+        await agent.call("runs.record_turns", {"run_id": run_id, "turns": [{"tool": "after"}]})
+        await agent.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+        trace = await agent.call("runs.get_trace", {"run_id": run_id})
+        self.assertEqual(
+            [r["record"] for r in trace["records"]], ["started", "turn", "ended"]
+        )
+        self.assertEqual(trace["records"][-1]["termination"], "outcome")

@@ -11,6 +11,7 @@ database is in WAL mode with C{synchronous=FULL}: a write's Deferred fires
 after the commit holding it is on stable storage.
 """
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -35,6 +36,11 @@ from car_twisted.interfaces import (
 )
 
 DATABASE_NAME = "runs.sqlite3"
+#: Beside the database, C{flock()}ed by the one store using it.
+LOCK_SUFFIX = ".lock"
+#: Databases up to this size get the whole-file integrity check at open;
+#: larger ones only their runs table and its indexes (docs/storage.md).
+FULL_CHECK_BYTES = 256 * 2**20
 
 #: The schema version this code writes and understands (C{PRAGMA user_version}).
 SCHEMA_VERSION = 1
@@ -134,6 +140,33 @@ def _connect(path: str) -> sqlite3.Connection:
     return connection
 
 
+def lock_database(path: str) -> int:
+    """
+    Take the exclusive lock of the run database at C{path}: an C{flock} on
+    C{<path>.lock}, held while the returned descriptor stays open. SQLite's
+    own locks only serialize transactions: a second daemon would get in
+    and end the first one's live runs as left open by a crash.
+
+    @raise RunDatabaseError: another store (another daemon) holds it.
+    """
+    lock_path = path + LOCK_SUFFIX
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise RunDatabaseError(f"cannot open the lock file {lock_path}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise RunDatabaseError(
+                f"the run database {path} is in use by another daemon (it holds "
+                f"{lock_path}); stop that daemon or choose another --data-dir"
+            ) from e
+        raise RunDatabaseError(f"cannot lock {lock_path}: {e}") from e
+    return fd
+
+
 def open_database(path: str) -> sqlite3.Connection:
     """
     Open (creating it, mode 0600, if absent) the run database at C{path} for
@@ -190,6 +223,8 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
                 f"than the {SCHEMA_VERSION} this car-twisted understands: it was "
                 "written by a newer release; run that release or upgrade"
             )
+        else:
+            _check_integrity(connection, path)
         connection.execute("COMMIT")
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
@@ -197,6 +232,29 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
         connection.execute("PRAGMA synchronous = FULL")
     except sqlite3.Error as e:
         raise RunDatabaseError(f"cannot open the run database {path}: {e}") from e
+
+
+def _check_integrity(connection: sqlite3.Connection, path: str) -> None:
+    """
+    Refuse a database with a damaged page, which would otherwise fail
+    calls once the daemon listens. C{quick_check} reads every page it
+    checks, so a large database has only what every call reads checked:
+    the runs table and its indexes, not the records (docs/storage.md).
+    """
+    scope = "" if os.path.getsize(path) <= FULL_CHECK_BYTES else "(runs)"
+    try:
+        problem = connection.execute(f"PRAGMA quick_check{scope}").fetchall()[0][0]
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as e:
+        # Some damage (a page of the wrong type) fails the check itself.
+        problem = str(e)
+    if problem != "ok":
+        problem = " ".join(problem.split())
+        raise RunDatabaseError(
+            f"the run database {path} is damaged (quick_check: {problem}); "
+            "restore it from a backup or move it away"
+        )
 
 
 class _WriteBroke(Exception):
@@ -238,8 +296,9 @@ class SQLiteRunStore:
     Runs in C{<data_dir>/runs.sqlite3}.
 
     L{open} opens (or creates) the database, before the daemon accepts
-    connections: a database that cannot be used fails it with
-    L{RunDatabaseError}.
+    connections: a database that cannot be used, or that another store
+    holds, fails it with L{RunDatabaseError}. The store holds the
+    database's lock from then until it is closed.
 
     @param reactor: where results are delivered.
     @ivar commits: transactions the writer has committed (one per batch).
@@ -249,6 +308,7 @@ class SQLiteRunStore:
         self._reactor = reactor
         self._data_dir = data_dir
         self.path = os.path.join(data_dir, DATABASE_NAME)
+        self._lock = None
         self._writer = None
         self.commits = 0
         # Writes issued on the reactor thread, taken in batches by the writer.
@@ -272,8 +332,12 @@ class SQLiteRunStore:
         """Open (or create) the database, then start the writer and readers."""
         try:
             os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
+            self._lock = lock_database(self.path)
             self._writer = open_database(self.path)
         except (OSError, RunDatabaseError) as e:
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
             return fail(e)
         self._thread.start()
         self._readers.start()
@@ -582,3 +646,4 @@ class SQLiteRunStore:
             self._wake.notify()
         await self._stopped
         self._thread.join()
+        os.close(self._lock)
