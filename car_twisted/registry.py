@@ -39,6 +39,7 @@ from car_twisted.records import (
     ended_record,
     id_param,
     int_param,
+    keyed_run_id,
     new_run_id,
     parse_model_turn,
     parse_outcome,
@@ -257,7 +258,7 @@ class RunRegistry:
         description = text_param(params, "outcome_description")
         idempotency_key = id_param(params, "idempotency_key")
         agent_id = self._resolve_agent(session, params)
-        run_id = idempotency_key or new_run_id()
+        run_id = keyed_run_id(agent_id, idempotency_key) if idempotency_key else new_run_id()
         if run_id in self._live:
             return self._restart(session, run_id, self._live[run_id].agent_id, agent_id)
         live = LiveRun(run_id=run_id, agent_id=agent_id, producer=session, client_id=session.client_id)
@@ -285,9 +286,9 @@ class RunRegistry:
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
         """Answer a start whose idempotency key names an existing run."""
         if owner != agent_id:
-            raise RunRefused(
-                "idempotency_key is already used by another agent's run; choose another key"
-            )
+            # Keyed run ids differ per agent; only a run an older daemon
+            # stored under the bare key can be another agent's.
+            raise RunRefused("idempotency_key cannot be used; choose another key")
         session.current_run_id = run_id
         return {"run_id": run_id, "agent_id": agent_id}
 
