@@ -237,10 +237,11 @@ async def _show(client, args, environ, out, err) -> int:
 async def _tail(client, args, environ, out, err) -> int:
     """
     Print the trace, then follow it with ``runs.subscribe`` until the run
-    ends. Positions are record positions, as in ``runs.get_trace``: the
-    subscription's C{cursor} is where its snapshot ends and each event's
-    C{cursor} is the position after its record, so a jump means missed
-    events, which are read back with ``runs.get_trace``.
+    ends. Cursors count turns (CAR's rule): the subscription's C{cursor} is
+    the number of turns in its snapshot, a turn event's the count with its
+    turn, the end's the count it ends with. A count ahead of the turns held
+    means missed events, read back with ``runs.get_trace`` (turn k is
+    record k + 1, after the started record).
     """
     events = DeferredQueue()
     client.on_notification = lambda method, params: (
@@ -250,29 +251,35 @@ async def _tail(client, args, environ, out, err) -> int:
     )
     client.closed.addCallback(lambda _: events.put(None))
     emit = (lambda r: out.write(json.dumps(r) + "\n")) if args.json else (lambda r: out.write(describe(r) + "\n"))
+    _, started = await _trace(client, args.run_id, 0, 1)
     subscription = await client.call("runs.subscribe", {"run_id": args.run_id})
-    position = subscription.get("cursor")
-    if type(position) is not int or position < 0:
+    turns, held = subscription.get("turns_so_far"), subscription.get("cursor")
+    if not isinstance(turns, list) or held != len(turns):
         raise CommandFailed("the daemon's runs.subscribe answer has no usable cursor")
-    _, records = await _trace(client, args.run_id, 0, position)
-    for record in records:
+    for record in started + turns:
         emit(record)
     status = subscription.get("status")
+    if status in _TERMINAL:
+        _, ended = await _trace(client, args.run_id, held + 1)
+        for record in ended:
+            emit(record)
     while status not in _TERMINAL:
         event = await events.get()
         if event is None:
             raise CommandFailed("the daemon closed the connection before the run ended")
-        cursor, status = event.get("cursor"), event.get("status")
-        if type(cursor) is not int or cursor <= position:
+        record, cursor = event.get("record"), event.get("cursor")
+        if not isinstance(record, dict) or type(cursor) is not int:
             continue
-        if cursor > position + 1:
-            err.write(f"car-twisted: missed {cursor - 1 - position} event(s); reading them back\n")
-            _, missed = await _trace(client, args.run_id, position, cursor - 1)
-            for record in missed:
-                emit(record)
-        if isinstance(event.get("record"), dict):
-            emit(event["record"])
-        position = cursor
+        before = cursor - 1 if record.get("record") in ("turn", "model_turn") else cursor
+        if before < held:
+            continue
+        if before > held:
+            err.write(f"car-twisted: missed {before - held} event(s); reading them back\n")
+            _, missed = await _trace(client, args.run_id, held + 1, before + 1)
+            for missed_record in missed:
+                emit(missed_record)
+        emit(record)
+        held, status = cursor, event.get("status")
     return 0
 
 

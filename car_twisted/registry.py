@@ -158,7 +158,7 @@ class RunRegistry:
     async def _end(self, live: LiveRun, ended: dict) -> None:
         """Write a run's terminal record and tell its followers."""
         await self.store.end_run(live.run_id, ended)
-        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, status_of(ended))
+        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, live.turns, status_of(ended))
 
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
@@ -367,7 +367,7 @@ class RunRegistry:
         live.turns = base + len(records)
         for offset, record in enumerate(records):
             record["index"] = base + offset
-            self._fanout.publish(run_id, live.agent_id, record, base + offset + 2, "in_progress")
+            self._fanout.publish(run_id, live.agent_id, record, base + offset + 2, base + offset + 1, "in_progress")
         return {"run_id": run_id, "base_index": base, "count": len(records), "ok": True}
 
     def _require(self, session: Session, capability: str, method: str) -> None:
@@ -502,7 +502,7 @@ class RunRegistry:
         self._fanout.unfollow(session, run_id)
         self._fanout.follow(session, run_id)
         try:
-            records, cursor = await self.store.read_records(run_id, 0, MAX_TURNS_PER_RUN + 2)
+            records, position = await self.store.read_records(run_id, 0, MAX_TURNS_PER_RUN + 2)
         except BaseException:
             self._fanout.unfollow(session, run_id)
             raise
@@ -514,15 +514,16 @@ class RunRegistry:
                 f"the trace of run {run_id} is too large to send in one answer; "
                 "read it with runs.get_trace pages instead"
             )
-        cursor = self._fanout.snapshot_taken(session, run_id, records, cursor)
+        self._fanout.snapshot_taken(session, run_id, records, position)
         status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
         if status != "in_progress":
             self._fanout.unfollow(session, run_id)
+        turns = [r for r in records if r["record"] in ("turn", "model_turn")]
         return {
             "run_id": run_id,
             "agent_id": summary.agent_id,
-            "turns_so_far": [r for r in records if r["record"] in ("turn", "model_turn")],
-            "cursor": cursor,
+            "turns_so_far": turns,
+            "cursor": len(turns),
             "status": status,
         }
 

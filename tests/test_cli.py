@@ -154,9 +154,11 @@ class RunsShowTests(unittest.TestCase):
 
 class ScriptedSubscription:
     """
-    Stands in for runs.subscribe to script a dropped event: a snapshot up to
-    position 1, then events for positions 1, 3 and 4 (2 is "dropped"), plus
-    one event of an unrelated run.
+    Stands in for runs.subscribe to script a dropped event, on a run of
+    three turns that has ended: a snapshot of the first turn (cursor 1),
+    then the first turn again (a duplicate), the third turn (cursor 3: the
+    second was "dropped") and the end (cursor 3), plus one event of an
+    unrelated run.
     """
 
     def __init__(self, testcase, store):
@@ -170,21 +172,21 @@ class ScriptedSubscription:
 
         def push():
             session.notify("runs.trace.event", {"run_id": "other", "agent_id": agent_id, "record": {"record": "turn"}, "cursor": 2, "status": "in_progress"})
-            for position in (1, 3, 4):
+            for position, cursor in ((1, 1), (3, 3), (4, 3)):
                 session.notify(
                     "runs.trace.event",
                     {
                         "run_id": run_id,
                         "agent_id": agent_id,
                         "record": records[position],
-                        "cursor": position + 1,
+                        "cursor": cursor,
                         "status": "completed" if position == 4 else "in_progress",
                     },
                 )
 
         pushing = reactor.callLater(0, push)
         self._testcase.addCleanup(lambda: pushing.active() and pushing.cancel())
-        return {"run_id": run_id, "agent_id": agent_id, "turns_so_far": records[:1], "cursor": 1, "status": "in_progress"}
+        return {"run_id": run_id, "agent_id": agent_id, "turns_so_far": records[1:2], "cursor": 1, "status": "in_progress"}
 
 
 class RunsTailTests(unittest.TestCase):
