@@ -259,10 +259,11 @@ class AgentTokenTests(unittest.TestCase):
         missing = self.agent_token("agent-A", environ={"CAR_HOME": home})
         self.assertEqual(missing.status, 1)
         self.assertIn(f"no daemon secret at {home}/auth-token", missing.err)
-        overridden = self.agent_token("agent-A", environ={"CAR_HOME": home, "CAR_AUTH_TOKEN": "s"})
-        self.assertEqual(overridden.out, agent_token("s", "agent-A") + "\n")
+        secret = "environment-secret-0123456789"
+        overridden = self.agent_token("agent-A", environ={"CAR_HOME": home, "CAR_AUTH_TOKEN": secret})
+        self.assertEqual(overridden.out, agent_token(secret, "agent-A") + "\n")
 
     def test_unusable_agent_id(self):
         """An agent id the daemon would refuse (over 256 characters) gets no token."""
-        result = self.agent_token("a" * 257, environ={"CAR_AUTH_TOKEN": "s"})
+        result = self.agent_token("a" * 257, environ={"CAR_AUTH_TOKEN": "environment-secret-0123456789"})
         self.assertEqual((result.status, result.out), (2, ""))
