@@ -3,10 +3,12 @@
 """
 
 import os
+import sys
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -22,7 +24,7 @@ from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
-from car_twisted.store.sqlite import SQLiteRunStore
+from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
 
 log = Logger()
 
@@ -88,6 +90,16 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
 
+    def parseOptions(self, options=None):
+        """
+        Parse the command line; a bad option ends the process with one line
+        naming it (twistd would print its whole help first) and status 1.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"car-twisted: {e} (twistd car --help lists the options)")
+
     def opt_listen(self, description):
         """Endpoint to listen on (repeatable) [default: tcp:9100:interface=127.0.0.1]."""
         self["listen"].append(description)
@@ -122,17 +134,30 @@ class Options(usage.Options):
         return WireLimits(**{field: self[name] for name, (field, _, _, _) in LIMIT_OPTIONS.items()})
 
 
+class CannotStart(Exception):
+    """The daemon cannot start; the message says why."""
+
+
+#: Start failures whose message says all: no traceback in the log.
+_EXPLAINED = (OSError, RuntimeError, TokenFileError, RunDatabaseError, CannotStart)
+
+
 class DaemonService(Service):
     """
     Loads the auth secrets, opens the store, ends the runs the last daemon
     left open, then listens on every endpoint; undoes it on stop. C{environ}
     is where C{CAR_AUTH_TOKEN} is looked up.
+
+    @ivar ready: fires once the daemon listens, or fails with why it could
+        not start (after C{on_start_failure} is called with that reason as
+        one line).
     """
 
-    def __init__(self, options, reactor, environ=os.environ):
+    def __init__(self, options, reactor, environ=os.environ, on_start_failure=None):
         self._options = options
         self._reactor = reactor
         self._environ = environ
+        self._on_start_failure = on_start_failure
         self._ports = []
         self.registry = None
         self.factory = None
@@ -160,7 +185,10 @@ class DaemonService(Service):
         recovered = await self.registry.recover()
         log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
         for description, endpoint in zip(options["listen"], options["endpoints"]):
-            port = await endpoint.listen(factory)
+            try:
+                port = await endpoint.listen(factory)
+            except Exception as e:
+                raise CannotStart(f"cannot listen on {description}: {e}") from e
             self._ports.append(port)
             log.info("car-twisted listening on {endpoint} ({address})", endpoint=description, address=port.getHost())
 
@@ -186,11 +214,13 @@ class DaemonService(Service):
         return authenticator
 
     def _failed_to_start(self, failure):
-        if failure.check(TokenFileError):
-            log.critical("car-twisted could not start: {error}", error=failure.value)
-        else:
+        reason = " ".join(str(failure.value).split()) or failure.type.__name__
+        if not failure.check(*_EXPLAINED):
             log.failure("car-twisted could not start", failure)
-        self._reactor.stop()
+        log.critical("car-twisted could not start: {reason}", reason=reason)
+        if self._on_start_failure is not None:
+            self._on_start_failure(reason)
+        return failure
 
     def stopService(self):
         """
@@ -204,7 +234,8 @@ class DaemonService(Service):
 
     async def _stop(self):
         if self.ready is not None:
-            await self.ready
+            # A start failure was reported when it happened.
+            await self.ready.addErrback(lambda _: None)
         ports, self._ports = self._ports, []
         await gatherResults([port.stopListening() for port in ports])
         if self.factory is not None:
@@ -221,4 +252,33 @@ class DaemonService(Service):
 def makeService(options):
     from twisted.internet import reactor
 
-    return DaemonService(options, reactor, os.environ)
+    return DaemonService(
+        options, reactor, os.environ, on_start_failure=lambda reason: exit_process(reactor, reason)
+    )
+
+
+def exit_process(reactor, reason: str) -> None:
+    """
+    End a daemon that could not start, so a supervisor sees it: one line on
+    the process's stderr (twistd sends C{sys.stderr} to the log), a clean
+    stop once the reactor runs (a stop before it runs would hang), then exit
+    status 1 (twistd exits 0 after any stop).
+    """
+    sys.__stderr__.write(f"car-twisted could not start: {reason}\n")
+    sys.__stderr__.flush()
+    reactor.addSystemEventTrigger("after", "shutdown", _exit, 1)
+    reactor.callWhenRunning(_stop_reactor, reactor)
+
+
+def _stop_reactor(reactor) -> None:
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping: the shutdown trigger still exits
+
+
+def _exit(status: int) -> None:
+    """Exit now, the log written out: the services have stopped."""
+    for stream in (sys.__stdout__, sys.__stderr__):
+        stream.flush()
+    os._exit(status)
