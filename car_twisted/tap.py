@@ -9,7 +9,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
 from car_twisted.auth import (
@@ -216,8 +216,8 @@ class DaemonService(Service):
     def _failed_to_start(self, failure):
         reason = " ".join(str(failure.value).split()) or failure.type.__name__
         if not failure.check(*_EXPLAINED):
-            log.failure("car-twisted could not start", failure)
-        log.critical("car-twisted could not start: {reason}", reason=reason)
+            log.failure("car-twisted could not start", failure, LogLevel.error)
+        log.error("car-twisted could not start: {reason}", reason=reason)
         if self._on_start_failure is not None:
             self._on_start_failure(reason)
         return failure
