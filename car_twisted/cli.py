@@ -9,12 +9,14 @@ the host. Tables for people, ``--json`` for scripts.
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.error import ConnectError
 from twisted.internet.task import react
 
+from car_twisted import __version__
 from car_twisted.auth import (
     HOST_TOKEN_FILE,
     SECRET_ENV,
@@ -30,6 +32,8 @@ from car_twisted.tap import default_data_dir
 
 #: How many trace records one runs.get_trace call asks for.
 TRACE_PAGE = 500
+#: Runs per ``runs list`` page unless --limit says otherwise.
+LIST_LIMIT = 50
 
 _TERMINAL = frozenset(RUN_STATUSES) - {"in_progress"}
 
@@ -38,12 +42,18 @@ class CommandFailed(Exception):
     """The command cannot do what was asked; the message says why."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"car-twisted: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="car-twisted", description="Operate a car-twisted run-tracing daemon."
-    )
+    top = _Parser(prog="car-twisted", description="Operate a car-twisted run-tracing daemon.")
+    top.add_argument("--version", action="version", version=f"car-twisted {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir = _Parser(add_help=False)
     data_dir.add_argument(
         "--data-dir", help="the daemon's data directory [default: $CAR_HOME or ~/.car]"
     )
@@ -53,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     )
     token.add_argument("agent_id", metavar="AGENT_ID")
 
-    daemon = argparse.ArgumentParser(add_help=False, parents=[data_dir])
+    daemon = _Parser(add_help=False, parents=[data_dir])
     daemon.add_argument(
         "--url", help=f"the daemon's address [default: $CAR_DAEMON_URL or {DEFAULT_URL}]"
     )
@@ -62,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
     listing = runs_commands.add_parser("list", parents=[daemon], help="an agent's runs, newest first")
     listing.add_argument("agent_id", metavar="AGENT", nargs="?", help="[default: $CAR_AGENT_ID]")
-    listing.add_argument("--limit", type=int, default=50, help="runs per page, 1 to 500 [50]")
+    listing.add_argument("--limit", type=int, default=LIST_LIMIT, help=f"runs per page, 1 to 500 [{LIST_LIMIT}]")
     listing.add_argument("--status", choices=RUN_STATUSES)
     listing.add_argument("--cursor", help="the next_cursor of the previous page")
     show = runs_commands.add_parser("show", parents=[daemon], help="one run's trace")
@@ -91,19 +101,20 @@ async def _react_main(reactor, args):
 def print_agent_token(args, environ, out, err) -> int:
     """``car-twisted agent-token``: the exit status."""
     if not args.agent_id or len(args.agent_id) > MAX_ID:
-        err.write(f"car-twisted: AGENT_ID must be 1 to {MAX_ID} characters\n")
+        _fail(err, f"AGENT_ID must be 1 to {MAX_ID} characters")
         return 2
     data_dir = args.data_dir or default_data_dir(environ)
     try:
         secret = daemon_secret(data_dir, environ)
     except FileNotFoundError as e:
-        err.write(
-            f"car-twisted: no daemon secret at {e.filename} and ${SECRET_ENV} is not set; "
-            "start the daemon once (it creates the secret) or pass the daemon's --data-dir\n"
+        _fail(
+            err,
+            f"no daemon secret at {e.filename} and ${SECRET_ENV} is not set; start the "
+            f"daemon once (it creates the secret), or {_data_dir_hint(data_dir)}",
         )
         return 1
     except (TokenFileError, OSError) as e:
-        err.write(f"car-twisted: {e}\n")
+        _fail(err, str(e))
         return 1
     out.write(agent_token(secret, args.agent_id) + "\n")
     return 0
@@ -121,15 +132,24 @@ async def run(reactor, args, environ, out, err) -> int:
         finally:
             await client.close()
     except CommandFailed as e:
-        err.write(f"car-twisted: {e}\n")
+        _fail(err, str(e))
     except RemoteError as e:
         hint = ""
         if e.code == -32001:
-            hint = f"; no usable host token in {data_dir} (pass the daemon's --data-dir)"
-        err.write(f"car-twisted: the daemon refused: {_printable(e.message)} ({e.code}){hint}\n")
+            hint = f"; {data_dir} has no host token: {_data_dir_hint(data_dir)}"
+        _fail(err, f"the daemon refused: {e.message} ({e.code}){hint}")
     except (ConnectError, ConnectionClosed, ValueError) as e:
-        err.write(f"car-twisted: cannot talk to the daemon at {url}: {e}\n")
+        _fail(err, f"cannot talk to the daemon at {url}: {e}")
     return 1
+
+
+def _fail(err, message: str) -> None:
+    """Write an error: always one line, whatever the message holds."""
+    err.write(f"car-twisted: {_printable(message)}\n")
+
+
+def _data_dir_hint(data_dir: str) -> str:
+    return f"is {data_dir} the daemon's data dir? pass its --data-dir or set $CAR_HOME"
 
 
 async def _connect_as_host(reactor, url, data_dir) -> DaemonClient:
@@ -137,8 +157,9 @@ async def _connect_as_host(reactor, url, data_dir) -> DaemonClient:
     A session authenticated as the host. Without a host token file (a
     ``--no-auth`` daemon has none) the session stays unauthenticated.
     """
+    path = os.path.join(data_dir, HOST_TOKEN_FILE)
     try:
-        host_token = read_token(os.path.join(data_dir, HOST_TOKEN_FILE))
+        host_token = read_token(path)
     except FileNotFoundError:
         host_token = None
     except (TokenFileError, OSError) as e:
@@ -147,6 +168,12 @@ async def _connect_as_host(reactor, url, data_dir) -> DaemonClient:
     if host_token is not None:
         try:
             await client.call("session.auth", {"host_token": host_token})
+        except RemoteError as e:
+            await client.close()
+            raise CommandFailed(
+                f"the daemon refused the host token in {path}: {e.message} ({e.code}); "
+                + _data_dir_hint(data_dir)
+            )
         except BaseException:
             await client.close()
             raise
@@ -186,11 +213,23 @@ async def _list(client, args, environ, out, err) -> int:
             ],
         ))
     if page.get("next_cursor"):
-        out.write(
-            f"more: car-twisted runs list {_printable(agent_id)} "
-            f"--cursor {_printable(page['next_cursor'])}\n"
-        )
+        out.write(f"more: {_next_page_command(args, agent_id, page['next_cursor'])}\n")
     return 0
+
+
+def _next_page_command(args, agent_id: str, cursor: str) -> str:
+    """The ``runs list`` command for the next page: this one's options, the new cursor."""
+    words = ["car-twisted", "runs", "list", agent_id]
+    for option, value in (
+        ("--status", args.status),
+        ("--limit", args.limit if args.limit != LIST_LIMIT else None),
+        ("--url", args.url),
+        ("--data-dir", args.data_dir),
+        ("--cursor", cursor),
+    ):
+        if value is not None:
+            words += [option, str(value)]
+    return " ".join(shlex.quote(_printable(word)) for word in words)
 
 
 async def _trace(client, run_id, start=0, stop=None) -> tuple:
