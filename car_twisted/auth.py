@@ -31,6 +31,8 @@ SECRET_ENV = "CAR_AUTH_TOKEN"
 OPEN_METHODS = frozenset({"session.auth", "server.handshake"})
 
 _TOKEN_BYTES = 32
+#: The shortest C{CAR_AUTH_TOKEN} accepted as the daemon secret (UTF-8 bytes).
+MIN_SECRET_BYTES = 16
 
 
 def b64url_nopad(data: bytes) -> str:
@@ -54,7 +56,10 @@ def tokens_match(given: str, expected: str) -> bool:
 
 
 class TokenFileError(Exception):
-    """A token file cannot be used; the message says why and what to do."""
+    """
+    A secret (a token file, or C{CAR_AUTH_TOKEN}) cannot be used; the
+    message says why and what to do.
+    """
 
 
 def read_token(path: str) -> str:
@@ -129,7 +134,22 @@ def daemon_secret(data_dir: str, environ: Mapping[str, str]) -> str:
     else the data directory's secret file. Raises L{FileNotFoundError} when
     there is none yet.
     """
-    return environ.get(SECRET_ENV) or read_token(os.path.join(data_dir, SECRET_FILE))
+    return environment_secret(environ) or read_token(os.path.join(data_dir, SECRET_FILE))
+
+
+def environment_secret(environ: Mapping[str, str]) -> Optional[str]:
+    """
+    C{CAR_AUTH_TOKEN}, if set and not empty. A short one is refused: every
+    agent token derives from it, so it must be as hard to guess as they are.
+    """
+    secret = environ.get(SECRET_ENV)
+    if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise TokenFileError(
+            f"${SECRET_ENV} is {len(secret.encode())} bytes, too short for the daemon secret "
+            f"(at least {MIN_SECRET_BYTES}): set a long random value, or unset it to use "
+            f"the data dir's {SECRET_FILE} file"
+        )
+    return secret or None
 
 
 class Authenticator:
@@ -159,7 +179,7 @@ class Authenticator:
         secret file (which is then neither read nor created).
         """
         ensure_data_dir(data_dir)
-        secret = environ.get(SECRET_ENV) or ensure_token(os.path.join(data_dir, SECRET_FILE))
+        secret = environment_secret(environ) or ensure_token(os.path.join(data_dir, SECRET_FILE))
         return cls(secret, ensure_token(os.path.join(data_dir, HOST_TOKEN_FILE)))
 
     def admit(self, session: Session, method: str) -> None:

@@ -195,7 +195,8 @@ class IRunStore(Interface):
 
     def close():
         """
-        Finish pending writes and release resources.
+        Finish pending writes and release resources; called once, after
+        L{open} succeeded.
 
         @return: Deferred firing with None once everything acknowledged is
             durable.

@@ -94,7 +94,7 @@ class RunReader:
         self._fanout.unfollow(session, run_id)
         self._fanout.follow(session, run_id)
         try:
-            records, cursor = await self._store.read_records(run_id, 0, MAX_TURNS_PER_RUN + 2)
+            records, position = await self._store.read_records(run_id, 0, MAX_TURNS_PER_RUN + 2)
         except BaseException:
             self._fanout.unfollow(session, run_id)
             raise
@@ -106,15 +106,16 @@ class RunReader:
                 f"the trace of run {run_id} is too large to send in one answer; "
                 "read it with runs.get_trace pages instead"
             )
-        cursor = self._fanout.snapshot_taken(session, run_id, records, cursor)
+        self._fanout.snapshot_taken(session, run_id, records, position)
         status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
         if status != "in_progress":
             self._fanout.unfollow(session, run_id)
+        turns = [r for r in records if r["record"] in ("turn", "model_turn")]
         return {
             "run_id": run_id,
             "agent_id": summary.agent_id,
-            "turns_so_far": [r for r in records if r["record"] in ("turn", "model_turn")],
-            "cursor": cursor,
+            "turns_so_far": turns,
+            "cursor": len(turns),
             "status": status,
         }
 

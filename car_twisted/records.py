@@ -11,6 +11,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 
 from car_twisted.errors import InvalidParams
@@ -65,6 +66,19 @@ class _RunIdMinter:
 
 
 new_run_id = _RunIdMinter()
+
+#: The namespace of the run ids minted from idempotency keys.
+_KEYED_RUNS = uuid.UUID("6f1c2a3e-5d0b-4c8e-9a47-2b7d1e0c9f35")
+
+
+def keyed_run_id(agent_id: str, idempotency_key: str) -> str:
+    """
+    The run id of C{agent_id}'s start with C{idempotency_key}: the same for
+    the same pair on every daemon and store, another for any other agent, so
+    a key neither reveals nor reaches another agent's runs (a name-based
+    UUIDv5; minted ids are UUIDv7, so the two never meet).
+    """
+    return str(uuid.uuid5(_KEYED_RUNS, json.dumps([agent_id, idempotency_key])))
 
 
 def agent_slug(name: str) -> str:

@@ -36,6 +36,7 @@ from car_twisted.records import (
     clip_text,
     ended_record,
     id_param,
+    keyed_run_id,
     new_run_id,
     parse_model_turn,
     parse_outcome,
@@ -165,7 +166,7 @@ class RunService:
     async def _end(self, live: LiveRun, ended: dict) -> None:
         """Write a run's terminal record and tell its followers."""
         await self._stored(self.store.end_run(live.run_id, ended))
-        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, status_of(ended))
+        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, live.turns, status_of(ended))
 
     async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
         """
@@ -308,7 +309,7 @@ class RunService:
         description = text_param(params, "outcome_description")
         idempotency_key = id_param(params, "idempotency_key")
         agent_id = self._resolve_agent(session, params)
-        run_id = idempotency_key or new_run_id()
+        run_id = keyed_run_id(agent_id, idempotency_key) if idempotency_key else new_run_id()
         if run_id in self._live:
             return self._restart(session, run_id, self._live[run_id].agent_id, agent_id)
         live = LiveRun(run_id=run_id, agent_id=agent_id, producer=session, client_id=session.client_id)
@@ -341,9 +342,9 @@ class RunService:
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
         """Answer a start whose idempotency key names an existing run."""
         if owner != agent_id:
-            raise RunRefused(
-                "idempotency_key is already used by another agent's run; choose another key"
-            )
+            # Keyed run ids differ per agent; only a run an older daemon
+            # stored under the bare key can be another agent's.
+            raise RunRefused("idempotency_key cannot be used; choose another key")
         session.current_run_id = run_id
         return {"run_id": run_id, "agent_id": agent_id}
 
@@ -414,7 +415,7 @@ class RunService:
         live.turns = base + len(records)
         for offset, record in enumerate(records):
             record["index"] = base + offset
-            self._fanout.publish(run_id, live.agent_id, record, base + offset + 2, "in_progress")
+            self._fanout.publish(run_id, live.agent_id, record, base + offset + 2, base + offset + 1, "in_progress")
         return {"run_id": run_id, "base_index": base, "count": len(records), "ok": True}
 
     def _require(self, session: Session, capability: str, method: str) -> None:
@@ -476,6 +477,7 @@ class RunService:
             "client_id": session.client_id,
             "resumed_from_client_id": resumed_from,
         }
+
 
 def _cancel_expiry(live: LiveRun) -> None:
     """Cancel the run's grace or lease timer, if it has one."""

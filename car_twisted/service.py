@@ -14,12 +14,16 @@ daemon left open are ended, so no client ever sees a half-recovered store.
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
 log = Logger()
+
+
+class CannotStart(Exception):
+    """The daemon cannot start; the message says why."""
 
 
 @implementer(IStreamServerEndpoint)
@@ -51,21 +55,35 @@ class AnnouncingEndpoint:
         return port
 
     def _failed(self, failure):
-        self.listened.errback(failure)
+        self.listened.errback(
+            CannotStart(f"cannot listen on {self._description}: {failure.getErrorMessage()}")
+        )
 
 
 class RunStoreService(Service):
-    """Opens an L{IRunStore} when started and closes it when stopped."""
+    """
+    Opens an L{IRunStore} when started and closes it when stopped, if it
+    opened: a store whose open failed has released what it took.
+    """
 
     def __init__(self, store):
         self.store = store
+        self._opened = False
 
     def startService(self):
         super().startService()
-        return self.store.open()
+        d = self.store.open()
+        d.addCallback(self._open)
+        return d
+
+    def _open(self, _):
+        self._opened = True
 
     def stopService(self):
         super().stopService()
+        if not self._opened:
+            return succeed(None)
+        self._opened = False
         return self.store.close()
 
 
@@ -92,8 +110,8 @@ class DaemonService(MultiService):
         self.listeners.setServiceParent(self)
         #: Fires with the listening ports once the daemon serves, or fails.
         self.ready = None
-        #: Called with the failure if the daemon cannot start; by default
-        #: C{ready} fails and nothing else happens.
+        #: Called with the failure if the daemon cannot start (C{ready}
+        #: fails too).
         self.start_failed = None
 
     def listen(self, description: str, endpoint, factory) -> None:
@@ -112,9 +130,13 @@ class DaemonService(MultiService):
         # Not MultiService's: each child starts once the one before is ready.
         Service.startService(self)
         self.ready = Deferred.fromCoroutine(self._start())
-        if self.start_failed is not None:
-            self.ready.addErrback(self.start_failed)
+        self.ready.addErrback(self._failed_to_start)
         return self.ready
+
+    def _failed_to_start(self, failure):
+        if self.start_failed is not None:
+            self.start_failed(failure)
+        return failure
 
     async def _start(self):
         await self.store_service.startService()
@@ -132,7 +154,8 @@ class DaemonService(MultiService):
 
     async def _stop(self):
         if self.ready is not None:
-            await self.ready
+            # A start failure was reported when it happened.
+            await self.ready.addErrback(lambda _: None)
         if self.listeners.running:
             await self.listeners.stopService()
         for factory in self._factories:

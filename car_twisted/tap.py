@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -23,7 +23,7 @@ from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.reads import RunReader
 from car_twisted.runs import DEFAULT_GRACE, RunService
-from car_twisted.service import DaemonService
+from car_twisted.service import CannotStart, DaemonService
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
@@ -85,6 +85,16 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+
+    def parseOptions(self, options=None):
+        """
+        Parse the command line; a bad option ends the process with one line
+        naming it (twistd would print its whole help first) and status 1.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"car-twisted: {e} (twistd car --help lists the options)")
 
     def opt_listen(self, description):
         """Endpoint to listen on (repeatable) [default: tcp:9100:interface=127.0.0.1]."""
@@ -212,34 +222,54 @@ def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
 
 def makeService(options):
     """
-    The daemon twistd runs. A daemon that cannot start writes one line to
-    stderr and exits 1, whether it fails here (the secrets) or once started
-    (the store, recovery, a listener): twistd itself has no exit status for
-    a failed start, and stopping a reactor that is not yet running would
-    hang.
+    The daemon twistd runs. A daemon that cannot start says why in one line
+    on stderr and exits 1, whether it fails here (the secrets) or once
+    started (the store, recovery, a listener).
     """
     from twisted.internet import reactor
 
     try:
         daemon = build_daemon(options, reactor, os.environ)
-    except (OSError, TokenFileError) as e:
-        exit_failed_start(Failure(e))
-    daemon.start_failed = exit_failed_start
+    except EXPLAINED_START_FAILURES as e:
+        raise SystemExit(f"car-twisted could not start: {_one_line(Failure(e))}")
+    daemon.start_failed = lambda failure: exit_process(reactor, failure)
     return daemon
 
 
 #: Start failures whose message says all there is to say: no traceback.
-EXPECTED_START_FAILURES = (OSError, TokenFileError, RunDatabaseError, CannotListenError)
+EXPLAINED_START_FAILURES = (OSError, RuntimeError, TokenFileError, RunDatabaseError, CannotStart)
 
 
-def exit_failed_start(failure) -> None:
-    """Say in one line why the daemon could not start, and exit 1."""
-    line = f"car-twisted could not start: {failure.getErrorMessage()}"
-    if failure.check(*EXPECTED_START_FAILURES):
-        log.critical("{line}", line=line)
-    else:
-        log.failure(line, failure)
-    sys.stdout.flush()
-    # Straight to the process's stderr: twistd has made sys.stderr a log.
-    os.write(2, line.encode() + b"\n")
-    os._exit(1)
+def _one_line(failure) -> str:
+    return " ".join(failure.getErrorMessage().split()) or failure.type.__name__
+
+
+def exit_process(reactor, failure) -> None:
+    """
+    End a daemon that could not start, so a supervisor sees it: one line on
+    the process's stderr (twistd sends C{sys.stderr} to the log), a clean
+    stop once the reactor runs (a stop before it runs would hang), then exit
+    status 1 (twistd exits 0 after any stop).
+    """
+    reason = _one_line(failure)
+    if not failure.check(*EXPLAINED_START_FAILURES):
+        log.failure("car-twisted could not start", failure)
+    log.error("car-twisted could not start: {reason}", reason=reason)
+    sys.__stderr__.write(f"car-twisted could not start: {reason}\n")
+    sys.__stderr__.flush()
+    reactor.addSystemEventTrigger("after", "shutdown", _exit, 1)
+    reactor.callWhenRunning(_stop_reactor, reactor)
+
+
+def _stop_reactor(reactor) -> None:
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping: the shutdown trigger still exits
+
+
+def _exit(status: int) -> None:
+    """Exit now, the log written out: the services have stopped."""
+    for stream in (sys.__stdout__, sys.__stderr__):
+        stream.flush()
+    os._exit(status)

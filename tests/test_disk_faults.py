@@ -19,6 +19,7 @@ from twisted.trial import unittest
 from car_twisted.errors import StoreUnavailable
 from car_twisted.interfaces import StoreWriteFailed
 from car_twisted.records import ended_record
+from car_twisted.records import keyed_run_id
 from car_twisted.runs import DEFAULT_GRACE
 from car_twisted.store import layout
 from car_twisted.store.file import FileRunStore
@@ -214,8 +215,9 @@ class RunServiceWriteFailureTests(unittest.TestCase):
         with self.assertRaises(StoreUnavailable) as caught:
             await daemon.runs.start(session, params)
         self.assertStoreUnavailable(caught.exception, NO_SPACE)
-        self.assertEqual(await daemon.runs.start(session, params), {"run_id": "key-1", "agent_id": "agent-a"})
-        self.assertEqual((await daemon.runs.store.get_run("key-1")).status, "in_progress")
+        run_id = keyed_run_id("agent-a", "key-1")
+        self.assertEqual(await daemon.runs.start(session, params), {"run_id": run_id, "agent_id": "agent-a"})
+        self.assertEqual((await daemon.store.get_run(run_id)).status, "in_progress")
 
     async def check_failed_complete_is_retried(self, daemon, fail_next, detail):
         session = self.session(daemon)

@@ -2,14 +2,19 @@
 it makes at start, and what it logs."""
 
 import os
+import sys
 
 from twisted.internet import error, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python import usage
 from twisted.trial import unittest
 
+from car_twisted.auth import SECRET_FILE, ensure_token
 from car_twisted.limits import WireLimits
+from car_twisted.store.sqlite import DATABASE_NAME
 from car_twisted.tap import DEFAULT_LISTEN, Options, build_daemon, makeService
+from tests.daemon_process import SOURCE_ROOT, DaemonProcess, daemon_environment
 from tests.support import RPCClient, private_dir
 
 
@@ -53,8 +58,9 @@ class OptionsTests(unittest.TestCase):
         self.patch(os.environ, "get", {"CAR_HOME": "/srv/car"}.get)
         self.assertEqual(self.parse()["data-dir"], "/srv/car")
 
-    def test_bad_options_are_usage_errors(self):
-        """Bad values are usage errors naming the option, not tracebacks."""
+    def test_bad_options_are_one_line(self):
+        """Bad values end the process (status 1) with one line naming the
+        option, not a traceback or the whole help."""
         for argv, needle in [
             (["--store", "nope"], "--store"),
             (["--listen", "bogus:1"], "--listen"),
@@ -68,8 +74,11 @@ class OptionsTests(unittest.TestCase):
             (["--max-in-flight", "lots"], "invalid literal"),
         ]:
             with self.subTest(argv=argv):
-                error = self.assertRaises(usage.UsageError, self.parse, *argv)
-                self.assertIn(needle, str(error))
+                exit = self.assertRaises(SystemExit, self.parse, *argv)
+                self.assertIsInstance(exit.code, str)
+                self.assertEqual(len(exit.code.splitlines()), 1, exit.code)
+                self.assertTrue(exit.code.startswith("car-twisted: "), exit.code)
+                self.assertIn(needle, exit.code)
 
 
 class ServiceTests(unittest.TestCase):
@@ -142,3 +151,112 @@ class DaemonServiceAuthTests(unittest.TestCase):
         listed = await ws.call("runs.list", {"agent_id": "agent-A"})
         self.assertEqual(listed["runs"], [])
         await ws.close()
+
+
+class StartAttempt(ProcessProtocol):
+    """A ``twistd -n car`` child: its stdout, its stderr and its exit code."""
+
+    def __init__(self):
+        self.out = self.err = b""
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    def errReceived(self, data):
+        self.err += data
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
+class StartFailureTests(unittest.TestCase):
+    """
+    A daemon that cannot start, run as a supervisor runs it (``twistd -n
+    car`` in a child process): it exits with status 1 and one line on
+    stderr saying why, and never hangs (a child still running after the
+    bounded wait is killed and the test fails).
+    """
+
+    async def assert_cannot_start(self, needle, *argv, environ=None):
+        attempt = StartAttempt()
+        command = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "car", *argv,
+        ]  # fmt: skip
+        env = {**daemon_environment(), "CAR_AUTH_TOKEN": "", **(environ or {})}
+        reactor.spawnProcess(attempt, command[0], command, env=env, path=SOURCE_ROOT)
+        hung = reactor.callLater(60, attempt.transport.signalProcess, "KILL")
+        code = await attempt.ended
+        if not hung.active():
+            self.fail(f"the daemon neither started nor exited: {attempt.out.decode()}")
+        hung.cancel()
+        lines = attempt.err.decode().splitlines()
+        self.assertEqual((code, len(lines)), (1, 1), attempt.err.decode() + attempt.out.decode())
+        self.assertTrue(lines[0].startswith("car-twisted"), lines)
+        self.assertIn(needle, lines[0])
+        self.assertNotIn("listening on", attempt.out.decode())
+
+    async def test_bad_option(self):
+        """A bad option: one line, no help text, status 1."""
+        await self.assert_cannot_start("--store", "--store", "nope")
+
+    async def test_short_environment_secret(self):
+        """A CAR_AUTH_TOKEN under 16 bytes is refused at start."""
+        await self.assert_cannot_start(
+            "$CAR_AUTH_TOKEN is 1 bytes", "--data-dir", private_dir(self), "--listen", "tcp:0",
+            environ={"CAR_AUTH_TOKEN": "x"},
+        )  # fmt: skip
+
+    async def test_token_file_readable_by_others(self):
+        """A token file others may read is refused at start."""
+        data_dir = private_dir(self)
+        path = os.path.join(data_dir, SECRET_FILE)
+        ensure_token(path)
+        os.chmod(path, 0o644)
+        await self.assert_cannot_start("readable by other users", "--data-dir", data_dir, "--listen", "tcp:0")
+
+    async def test_unusable_data_dir(self):
+        """A data dir that cannot be made (a file is in its place: root
+        ignores a read-only directory) is refused at start, by name."""
+        path = os.path.join(private_dir(self), "not-a-directory")
+        open(path, "w").close()
+        await self.assert_cannot_start(path, "--no-auth", "--data-dir", path, "--listen", "tcp:0")
+
+    async def test_damaged_database(self):
+        """A SQLite store whose file is not a database is refused at start."""
+        data_dir = private_dir(self)
+        with open(os.path.join(data_dir, DATABASE_NAME), "wb") as f:
+            f.write(b"not a database " * 1000)
+        await self.assert_cannot_start(
+            DATABASE_NAME, "--no-auth", "--store", "sqlite", "--data-dir", data_dir, "--listen", "tcp:0"
+        )
+
+    async def test_port_in_use(self):
+        """A port another process listens on is refused at start."""
+        taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        listen = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        await self.assert_cannot_start(
+            f"cannot listen on {listen}", "--no-auth", "--store", "memory",
+            "--data-dir", private_dir(self), "--listen", listen,
+        )  # fmt: skip
+
+    async def test_port_out_of_range(self):
+        """A port number no socket can have is refused at start."""
+        await self.assert_cannot_start(
+            "cannot listen on tcp:99999", "--no-auth", "--store", "memory",
+            "--data-dir", private_dir(self), "--listen", "tcp:99999",
+        )  # fmt: skip
+
+    async def test_second_daemon_on_one_data_dir(self):
+        """A second daemon on a data dir a running daemon holds is refused
+        at start; the first keeps running."""
+        data_dir = private_dir(self)
+        first = DaemonProcess("file", data_dir)
+        self.addCleanup(first.kill)
+        await first.start()
+        await self.assert_cannot_start(
+            "in use by another daemon", "--no-auth", "--data-dir", data_dir, "--listen", "tcp:0"
+        )
+        self.assertFalse(first.ended.called)

@@ -632,8 +632,6 @@ class SQLiteRunStore:
         return closed
 
     async def _close(self):
-        if self._writer is None:
-            return  # never opened
         await DeferredList(list(self._reads))
         # The readers are idle now, so joining their threads is immediate.
         self._readers.stop()
