@@ -186,7 +186,7 @@ class LoopbackDaemon:
 
     async def start(self):
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        self.factory = factory = RunTracingFactory(self.registry, self.limits)
+        self.factory = factory = RunTracingFactory(self.registry, self.limits, clock=self.clock)
         if self.extra_methods:
             factory.dispatcher = Dispatcher(
                 {**self.registry.methods(), **self.extra_methods},
