@@ -278,8 +278,6 @@ class RunTracingProtocol(WebSocketServerProtocol):
         return d
 
     def _answer(self, reply):
-        if reply.close_code is not None:
-            self.stop_handling()
         if reply.frame is not None:
             self.outbox.answer(reply.frame)
         if reply.close_code is not None:
@@ -303,8 +301,11 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self.sendClose(code, reason[:120])
 
     def _auth_timed_out(self):
+        # At once, not after waiting answers: a client that never reads
+        # must not keep its slot by leaving them unread.
         self._auth_deadline = None
-        self._close(
+        self.stop_handling()
+        self._send_close(
             AuthRequired.close_code,
             f"auth timeout: no session.auth within {self.factory.limits.auth_timeout:g} s of connecting",
         )
