@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from car_twisted.limits import WireLimits
-from car_twisted.protocol import MAX_PENDING_EVENT_BYTES
+from car_twisted.protocol import MAX_PENDING_EVENT_BYTES, Outbox
 from car_twisted.store.memory import MemoryRunStore
 from tests.support import SUCCESS_OUTCOME, HeldStore, serve, wait_for
 
@@ -97,6 +97,42 @@ def held_for(connection) -> int:
     """
     transport = connection.transport
     return connection.outbox.waiting_bytes + len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+class OutboxTests(unittest.TestCase):
+    def test_frames_keep_their_order_and_a_close_waits_for_them(self):
+        """While the transport is paused, answers and events wait in the
+        order they came and what must follow them (a close) waits too; on
+        resume they are written in that order, then the close runs."""
+        written = []
+        outbox = Outbox(written.append, high_water=10)
+        outbox.answer(b"a1")
+        outbox.pauseProducing()
+        outbox.event(b"e1")
+        outbox.answer(b"a2")
+        outbox.event(b"e2")
+        outbox.after_waiting(lambda: written.append(b"close"))
+        self.assertEqual(written, [b"a1"])
+        outbox.resumeProducing()
+        self.assertEqual(written, [b"a1", b"e1", b"a2", b"e2", b"close"])
+
+    def test_event_cap_counts_what_the_transport_holds(self):
+        """Waiting events are dropped oldest first once they and the bytes
+        handed to the paused transport pass the cap; answers are kept and
+        the session counts as over its unsent cap."""
+        written = []
+        outbox = Outbox(written.append, high_water=10, event_cap=100)
+        outbox.answer(b"x" * 60)
+        outbox.pauseProducing()
+        for n in range(5):
+            outbox.event(b"%d" % n * 20)
+        outbox.answer(b"y" * 50)
+        self.assertEqual(outbox.dropped, 3)
+        self.assertEqual(outbox.unsent_bytes, 60 + 40 + 50)
+        self.assertTrue(outbox.over(100))
+        outbox.resumeProducing()
+        self.assertEqual(written[1:], [b"3" * 20, b"4" * 20, b"y" * 50])
+        self.assertFalse(outbox.over(0))
 
 
 class UnsentBytesTests(unittest.TestCase):
