@@ -65,7 +65,6 @@ class Outbox:
         self._event_bytes = 0
         self._written = 0
         self._paused = False
-        self._after_waiting = []
         #: Events not delivered (dropped here or too large to send).
         self.dropped = 0
 
@@ -105,12 +104,24 @@ class Outbox:
             self._event_bytes -= len(self._events.popleft()[1])
             self.dropped += 1
 
-    def after_waiting(self, f) -> None:
-        """Call C{f} once no frame waits here (now, if none does)."""
-        if self._answers or self._events:
-            self._after_waiting.append(f)
+    def flush(self) -> None:
+        """
+        Hand every waiting frame to the transport now, paused or not: the
+        session is closing and its close frame must follow them. They are
+        already counted against the session's caps, and the close
+        handshake timeout drops a client that does not take them.
+        """
+        while self._answers or self._events:
+            self._hand(self._pop_oldest())
+
+    def _pop_oldest(self) -> bytes:
+        if self._events and (not self._answers or self._events[0][0] < self._answers[0][0]):
+            frame = self._events.popleft()[1]
+            self._event_bytes -= len(frame)
         else:
-            f()
+            frame = self._answers.popleft()[1]
+            self._answer_bytes -= len(frame)
+        return frame
 
     def _next_sequence(self) -> int:
         self._sequence += 1
@@ -129,24 +140,13 @@ class Outbox:
         self._paused = False
         self._written = 0
         while not self._paused and (self._answers or self._events):
-            if self._events and (not self._answers or self._events[0][0] < self._answers[0][0]):
-                frame = self._events.popleft()[1]
-                self._event_bytes -= len(frame)
-            else:
-                frame = self._answers.popleft()[1]
-                self._answer_bytes -= len(frame)
-            self._hand(frame)
-        if not (self._answers or self._events):
-            waiting, self._after_waiting = self._after_waiting, []
-            for f in waiting:
-                f()
+            self._hand(self._pop_oldest())
         self._drained()
 
     def stopProducing(self):
         self._answers.clear()
         self._events.clear()
         self._answer_bytes = self._event_bytes = 0
-        self._after_waiting.clear()
 
 
 class RunTracingProtocol(WebSocketServerProtocol):
@@ -267,6 +267,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
 
     def going_away(self):
         """Close with 1001, which Autobahn's C{sendClose} does not offer."""
+        self.outbox.flush()
         self.sendCloseFrame(self.CLOSE_STATUS_CODE_GOING_AWAY, SHUTDOWN_REASON.encode(), isReply=False)
 
     def settled(self) -> Deferred:
@@ -286,11 +287,9 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self._cancel_auth_deadline()
 
     def _close(self, code, reason):
-        """Close with C{code} once the answers before it are sent."""
+        """Handle no more frames and close with C{code}, after what was sent."""
         self.stop_handling()
-        self.outbox.after_waiting(lambda: self._send_close(code, reason))
-
-    def _send_close(self, code, reason):
+        self.outbox.flush()
         if self.state == self.STATE_OPEN:
             log.info(
                 "closing session {client_id} from {peer}: {reason}",
@@ -301,11 +300,8 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self.sendClose(code, reason[:120])
 
     def _auth_timed_out(self):
-        # At once, not after waiting answers: a client that never reads
-        # must not keep its slot by leaving them unread.
         self._auth_deadline = None
-        self.stop_handling()
-        self._send_close(
+        self._close(
             AuthRequired.close_code,
             f"auth timeout: no session.auth within {self.factory.limits.auth_timeout:g} s of connecting",
         )

@@ -100,10 +100,9 @@ def held_for(connection) -> int:
 
 
 class OutboxTests(unittest.TestCase):
-    def test_frames_keep_their_order_and_a_close_waits_for_them(self):
+    def test_frames_keep_their_order(self):
         """While the transport is paused, answers and events wait in the
-        order they came and what must follow them (a close) waits too; on
-        resume they are written in that order, then the close runs."""
+        order they came; on resume they are written in that order."""
         written = []
         outbox = Outbox(written.append, high_water=10)
         outbox.answer(b"a1")
@@ -111,10 +110,21 @@ class OutboxTests(unittest.TestCase):
         outbox.event(b"e1")
         outbox.answer(b"a2")
         outbox.event(b"e2")
-        outbox.after_waiting(lambda: written.append(b"close"))
         self.assertEqual(written, [b"a1"])
         outbox.resumeProducing()
-        self.assertEqual(written, [b"a1", b"e1", b"a2", b"e2", b"close"])
+        self.assertEqual(written, [b"a1", b"e1", b"a2", b"e2"])
+
+    def test_flush_writes_what_waits_though_paused(self):
+        """A closing session's waiting frames are handed to the paused
+        transport in order, so its close frame comes after them."""
+        written = []
+        outbox = Outbox(written.append, high_water=10)
+        outbox.pauseProducing()
+        outbox.answer(b"a1")
+        outbox.event(b"e1")
+        outbox.flush()
+        self.assertEqual(written, [b"a1", b"e1"])
+        self.assertEqual(outbox.waiting_bytes, 0)
 
     def test_event_cap_counts_what_the_transport_holds(self):
         """Waiting events are dropped oldest first once they and the bytes
