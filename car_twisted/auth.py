@@ -13,11 +13,12 @@ import hashlib
 import hmac
 import os
 import stat
-from typing import Mapping, Optional
+import time
+from typing import Callable, Mapping, Optional
 
 from twisted.logger import Logger
 
-from car_twisted.errors import AuthFailed, AuthRequired, InvalidParams
+from car_twisted.errors import AuthFailed, AuthFailedTooOften, AuthRequired, InvalidParams
 from car_twisted.records import id_param
 from car_twisted.session import Session
 
@@ -33,6 +34,13 @@ OPEN_METHODS = frozenset({"session.auth", "server.handshake"})
 _TOKEN_BYTES = 32
 #: The shortest C{CAR_AUTH_TOKEN} accepted as the daemon secret (UTF-8 bytes).
 MIN_SECRET_BYTES = 16
+
+#: Token mismatches one connection may make; the last is answered and the
+#: connection closed with 4001.
+MAX_AUTH_FAILURES = 3
+#: Seconds between two log lines about refused tokens; the refusals in
+#: between are counted in the next line.
+AUTH_FAILURE_LOG_INTERVAL = 10.0
 
 
 def b64url_nopad(data: bytes) -> str:
@@ -158,13 +166,22 @@ class Authenticator:
 
     @param secret: the daemon secret; agent tokens are derived from it.
     @param host_token: the token of the host role.
+    @param seconds: the current time, for spacing the refusal log lines.
     Use L{Authenticator.disabled} for a daemon that accepts every session.
     """
 
-    def __init__(self, secret: Optional[str], host_token: Optional[str]):
+    def __init__(
+        self,
+        secret: Optional[str],
+        host_token: Optional[str],
+        seconds: Callable[[], float] = time.monotonic,
+    ):
         self.enabled = secret is not None
         self._secret = secret
         self._host_token = host_token
+        self._seconds = seconds
+        self._last_refusal_logged = None
+        self._refusals_not_logged = 0
 
     @classmethod
     def disabled(cls) -> "Authenticator":
@@ -223,13 +240,33 @@ class Authenticator:
         return {"ok": True, "auth_enabled": True}
 
     def _check(self, session: Session, matched: bool) -> None:
-        if not matched:
-            log.warn(
-                "session.auth refused for session {client_id} from {peer}: token mismatch",
-                client_id=session.client_id,
-                peer=session.peer,
+        if matched:
+            return
+        session.auth_failures += 1
+        self._log_refusal(session)
+        if session.auth_failures >= MAX_AUTH_FAILURES:
+            raise AuthFailedTooOften(
+                f"auth failed: token mismatch, {session.auth_failures} times on this connection; "
+                "closing it"
             )
-            raise AuthFailed("auth failed: token mismatch")
+        raise AuthFailed("auth failed: token mismatch")
+
+    def _log_refusal(self, session: Session) -> None:
+        """Log a refused token, at most once per L{AUTH_FAILURE_LOG_INTERVAL}."""
+        now = self._seconds()
+        last = self._last_refusal_logged
+        if last is not None and now - last < AUTH_FAILURE_LOG_INTERVAL:
+            self._refusals_not_logged += 1
+            return
+        log.warn(
+            "session.auth refused for session {client_id} from {peer}: token mismatch "
+            "({more} more refused since the last such line)",
+            client_id=session.client_id,
+            peer=session.peer,
+            more=self._refusals_not_logged,
+        )
+        self._last_refusal_logged = now
+        self._refusals_not_logged = 0
 
 
 def _token_param(params: dict, name: str) -> Optional[str]:

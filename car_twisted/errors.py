@@ -61,6 +61,12 @@ class AuthFailed(RPCError):
     code = -32603
 
 
+class AuthFailedTooOften(AuthFailed):
+    """A session.auth token did not match, once too often: the connection is then closed."""
+
+    close_code = 4001
+
+
 class AuthRequired(RPCError):
     """The session must authenticate first; the connection is then closed."""
 

@@ -6,7 +6,7 @@ A follower that is still taking its snapshot buffers events; when the
 snapshot is read, the buffered events it does not already hold (by record
 position) extend it, so the snapshot and the stream meet with no gap and no
 duplicate. The events carry CAR's cursor, the run's turn count, which the
-registry computes (see docs/protocol.md).
+run service computes (see docs/protocol.md).
 """
 
 from car_twisted.session import Session

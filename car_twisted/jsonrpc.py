@@ -89,7 +89,8 @@ class Dispatcher:
         error.
     @param admit: C{f(session, method_name)}, called before each request
         (known method or not); it raises L{RPCError} to refuse it. An error
-        with a C{close_code} also closes the connection.
+        with a C{close_code} also closes the connection, and the requests
+        after it in the same batch do not run: each is answered that error.
     @param limits: the batch length, nesting depth and message size it
         enforces.
     """
@@ -189,6 +190,11 @@ class Dispatcher:
             name, params = _parse(request, id_)
         except InvalidRequest as e:
             return succeed(error_response(None if id_ is _NO_ID else id_, e.code, e.message))
+        if closing:
+            # An earlier request of the batch closes the connection: this
+            # one does not run, and is refused with the same error.
+            refusal = closing[0]
+            return succeed(None if id_ is _NO_ID else error_response(id_, refusal.code, refusal.message))
         d = maybeDeferred(self._call, name, session, params)
         d.addErrback(_note_closing, closing)
         if id_ is _NO_ID:

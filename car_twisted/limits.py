@@ -37,6 +37,13 @@ class WireLimits:
     #: Frames of one session handled at once; past it the daemon stops
     #: reading that client's socket until answers drain.
     max_in_flight: int = 64
+    #: Bytes of one session's answers and events not yet sent (waiting in the
+    #: daemon or in its transport) past which the daemon stops reading that
+    #: client's socket until they drain.
+    max_unsent_bytes: int = 4 * MIB
+    #: Seconds a session has, with auth on, from the WebSocket upgrade to a
+    #: successful session.auth; then it is closed with 4001.
+    auth_timeout: float = 10.0
 
     def autobahn_options(self) -> dict:
         """The keyword arguments for Autobahn's C{setProtocolOptions}."""

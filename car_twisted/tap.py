@@ -59,6 +59,8 @@ LIMIT_OPTIONS = {
     "max-batch": ("max_batch", int, 1, "Requests in one JSON-RPC batch; a longer batch gets one -32600 error and nothing runs."),
     "max-depth": ("max_depth", int, 2, f"Nesting of arrays and objects in one frame (at most {MAX_DEPTH}); deeper frames get -32600."),
     "max-in-flight": ("max_in_flight", int, 1, "Frames of one session handled at once; past it the daemon stops reading that client until answers drain."),
+    "max-unsent-bytes": ("max_unsent_bytes", int, 64 * 1024, "Bytes of answers and events one session has not yet been sent; past it the daemon stops reading that client until they drain."),
+    "auth-timeout": ("auth_timeout", float, 1, "Seconds a client has, with auth on, to succeed at session.auth after connecting; then it is closed with 4001."),
 }
 
 
@@ -192,7 +194,8 @@ def assemble(
     reader = RunReader(store, fanout, policy)
     methods = wire_methods(authenticator, runs, reader)
     dispatcher = Dispatcher(methods, authenticator.admit, limits)
-    return Daemon(store, fanout, runs, reader, methods, dispatcher, RunTracingFactory(dispatcher, runs, limits))
+    factory = RunTracingFactory(dispatcher, runs, limits, clock, authenticator.enabled)
+    return Daemon(store, fanout, runs, reader, methods, dispatcher, factory)
 
 
 def build_daemon(options, reactor, environ=os.environ) -> DaemonService:

@@ -265,7 +265,9 @@ class LoopbackDaemon(InProcessDaemon):
         if extra_methods:
             methods = {**self.parts.methods, **extra_methods}
             dispatcher = Dispatcher(methods, self.authenticator.admit, self.limits)
-            self.factory = RunTracingFactory(dispatcher, self.runs, self.limits)
+            self.factory = RunTracingFactory(
+                dispatcher, self.runs, self.limits, self.clock, self.authenticator.enabled
+            )
         self.port = None
 
     async def start(self):

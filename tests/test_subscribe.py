@@ -145,7 +145,7 @@ class SlowSubscriberTests(unittest.TestCase):
         for _ in range(40):
             answer = await producer.call("runs.record_turns", {"run_id": run_id, "turns": turns})
             self.assertTrue(answer["ok"])
-            self.assertLessEqual(outbox._pending_bytes, 1024 * 1024)
+            self.assertLessEqual(outbox.unsent_bytes, 1024 * 1024)
         await producer.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
         self.assertGreater(outbox.dropped, 0)
         follower.protocol.transport.resumeProducing()

@@ -38,13 +38,15 @@ class OptionsTests(unittest.TestCase):
             "--data-dir", "d", "--max-message-size", "2097152", "--ping-interval", "10",
             "--ping-timeout", "25", "--open-handshake-timeout", "3", "--close-handshake-timeout", "1.5",
             "--max-connections", "20000", "--max-batch", "10", "--max-depth", "16", "--max-in-flight", "8",
+            "--max-unsent-bytes", "1048576", "--auth-timeout", "2.5",
         )  # fmt: skip
         self.assertEqual(
             options["limits"],
             WireLimits(
                 max_message_size=2097152, auto_ping_interval=10, auto_ping_timeout=25,
                 open_handshake_timeout=3, close_handshake_timeout=1.5, max_connections=20000,
-                max_batch=10, max_depth=16, max_in_flight=8,
+                max_batch=10, max_depth=16, max_in_flight=8, max_unsent_bytes=1048576,
+                auth_timeout=2.5,
             ),
         )  # fmt: skip
 
@@ -72,6 +74,8 @@ class OptionsTests(unittest.TestCase):
             (["--max-batch", "0"], "--max-batch"),
             (["--ping-timeout", "-1"], "--ping-timeout"),
             (["--max-in-flight", "lots"], "invalid literal"),
+            (["--max-unsent-bytes", "1000"], "--max-unsent-bytes"),
+            (["--auth-timeout", "0"], "--auth-timeout"),
         ]:
             with self.subTest(argv=argv):
                 exit = self.assertRaises(SystemExit, self.parse, *argv)
