@@ -538,7 +538,9 @@ class RunRegistry:
         L{PAGE_BYTES}, so a large run is never read whole.
         """
         summary = await self.store.get_run(run_id)
-        held = 0 if summary is None else summary.turn_count + (summary.status != "in_progress") + 1
+        held = 0
+        if summary is not None:
+            held = summary.turn_count + (1 if summary.status == "in_progress" else 2)
         records, cursor = [], 0
         while len(records) < held:
             page, cursor = await self.store.read_records(run_id, cursor, MAX_TURNS_PER_RUN + 2)
