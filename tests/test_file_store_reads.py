@@ -9,6 +9,7 @@ import shutil
 
 from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from car_twisted.errors import RunRefused
@@ -130,15 +131,21 @@ class FileStoreReadTests(unittest.TestCase):
     # A run file that is a directory or a FIFO
 
     async def test_directory_run_file_hides_only_its_run(self):
-        """An open run whose file became a directory is not served; the
-        agent's other runs still are."""
+        """An open run whose file became a directory is not served, with
+        one warning naming it; the agent's other runs still are."""
         ended, open_ = await self.two_runs(await self.open())
         os.remove(self.run_path(open_))
         os.mkdir(self.run_path(open_))
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         store = await self.open()
         runs, _ = await store.list_runs("agent-a", None, 10, None)
         self.assertEqual([r.run_id for r in runs], [ended])
         self.assertEqual(len((await store.read_records(ended, 0, 100))[0]), 4)
+        warnings = [formatEvent(e) for e in events if self.run_path(open_) in formatEvent(e)]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("not a regular file", warnings[0])
 
     async def test_fifo_run_file_does_not_block_start(self):
         """An open run whose file became a FIFO is skipped at start, without
