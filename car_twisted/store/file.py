@@ -16,10 +16,11 @@ See docs/storage.md.
 import bisect
 import fcntl
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,6 +45,11 @@ from car_twisted.store.memory import parse_position_cursor
 log = Logger()
 
 DURABILITIES = ("fsync", "none")
+#: File bytes one read_records page reads at most (one record alone may be
+#: more): a full runs.get_trace page, whatever the size of the run.
+PAGE_READ_BYTES = 512 * 1024
+#: Runs whose record offsets are kept, the most recently read.
+OFFSETS_KEPT = 256
 
 
 class AgentRuns:
@@ -81,6 +87,14 @@ class AgentRuns:
             more = end - limit > 0
         page = [self.runs[position].summary() for position in chosen]
         return page, (str(chosen[-1]) if more else None)
+
+
+@dataclass(eq=False)
+class _Offsets:
+    """A run's record offsets as last scanned, and one scan at a time."""
+
+    offsets: layout.RecordOffsets = field(default_factory=layout.RecordOffsets)
+    scanning: DeferredLock = field(default_factory=DeferredLock)
 
 
 @dataclass(eq=False)
@@ -134,6 +148,7 @@ class FileRunStore:
         self._agents = {}  # agent_id -> AgentRuns
         #: Ids of runs found with damaged lines; their readable records are served.
         self.corrupt_runs = set()
+        self._offsets = OrderedDict()  # run_id -> _Offsets, least recently read first
         self._queue = []
         self._committing = None  # the Deferred of the batch on disk
         self._closed = None
@@ -446,25 +461,82 @@ class FileRunStore:
         run = self._runs.get(run_id)
         if run is None:
             return fail(RunNotFound(run_id))
-        d = Deferred()
-        if run.last_write is not None and not run.last_write.finished:
-            run.last_write.waiters.append(d)
-        else:
-            d.callback(None)
-        d.addCallback(lambda _: self._in_thread(layout.read_run_file, run.path))
-        d.addCallback(self._page_of_records, run, cursor, limit)
-        return d
+        return Deferred.fromCoroutine(self._read_records(run, cursor, limit))
 
-    def _page_of_records(self, run_file, run, cursor, limit):
-        if run_file.damaged and run.run_id not in self.corrupt_runs:
+    async def _read_records(self, run: RunState, cursor: int, limit: int):
+        """
+        One page by byte offset: scan only the lines written since the last
+        scan, then read only the page's bytes. A run file that is not a
+        regular file serves no records.
+        """
+        if run.last_write is not None and not run.last_write.finished:
+            written = Deferred()
+            run.last_write.waiters.append(written)
+            await written
+            if self._runs.get(run.run_id) is not run:
+                raise RunNotFound(run.run_id)  # its start failed
+        try:
+            for _ in range(2):
+                kept = self._offsets_of(run)
+                offsets = kept.offsets
+                if not offsets.covers(cursor, limit, PAGE_READ_BYTES):
+                    offsets = await self._scan(run, kept, cursor, limit)
+                count = offsets.page(cursor, limit, PAGE_READ_BYTES)
+                records = await self._in_thread(
+                    layout.read_records_at, run.path, offsets, cursor, count
+                )
+                if records is not None:
+                    return records, cursor + len(records)
+                self._offsets.pop(run.run_id, None)  # the file changed: scan it afresh
+        except layout.NotRegularFile:
+            self._mark_corrupt(run, "not a regular file")
+            return [], cursor
+        raise RuntimeError(f"{run.path} changed while it was read")
+
+    def _offsets_of(self, run: RunState) -> _Offsets:
+        kept = self._offsets.get(run.run_id)
+        if kept is None:
+            kept = self._offsets[run.run_id] = _Offsets()
+            if len(self._offsets) > OFFSETS_KEPT:
+                self._offsets.popitem(last=False)
+        else:
+            self._offsets.move_to_end(run.run_id)
+        return kept
+
+    async def _scan(self, run: RunState, kept: _Offsets, cursor: int, limit: int):
+        """
+        Scan a run file past C{kept} as far as the page needs, one scan of
+        a run at a time. The result is kept only if no write to the run was
+        on its way meanwhile: a failed write's bytes may yet be cut off.
+        """
+        async with kept.scanning:
+            if kept.offsets.covers(cursor, limit, PAGE_READ_BYTES):
+                return kept.offsets  # scanned while this one waited
+            last_write = run.last_write
+            quiet = last_write is None or last_write.finished
+            offsets = await self._in_thread(
+                layout.scan_records,
+                run.path,
+                kept.offsets,
+                cursor,
+                limit,
+                PAGE_READ_BYTES,
+                quiet and run.status != "in_progress",
+            )
+            if quiet and run.last_write is last_write:
+                kept.offsets = offsets
+        if offsets.damaged:
+            self._mark_corrupt(run, f"damaged line(s) {list(offsets.damaged)}")
+        elif not offsets.started:
+            self._mark_corrupt(run, "no readable started record")
+        return offsets
+
+    def _mark_corrupt(self, run: RunState, finding: str) -> None:
+        if run.run_id not in self.corrupt_runs:
             self.corrupt_runs.add(run.run_id)
             log.warn(
-                "file store: {path}: damaged line(s) {lines}; run marked corrupt",
-                path=run.path,
-                lines=run_file.damaged,
+                "file store: {path}: {finding}; run marked corrupt", path=run.path, finding=finding
             )
-        page = run_file.records[cursor : cursor + limit]
-        return page, cursor + len(page)
 
     def list_runs(self, agent_id, cursor, limit, status):
         agent = self._agents.get(agent_id)

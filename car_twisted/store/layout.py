@@ -12,6 +12,8 @@ threads, never on the reactor thread.
 import hashlib
 import json
 import os
+import stat
+from array import array
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -145,21 +147,175 @@ class RunFile:
     torn: int = 0
 
 
+class NotRegularFile(OSError):
+    """A run file or index that is a directory, a FIFO, a device...: never read."""
+
+
+def open_regular(path: str):
+    """
+    Open a file for reading only if it is a regular file. The open does not
+    block: a FIFO would block a plain open() for ever.
+
+    @raise NotRegularFile: C{path} is something else.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotRegularFile("not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def parse_record(line: bytes) -> Optional[dict]:
+    """The record a line holds, or None if it is damaged."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(record, dict) and isinstance(record.get("record"), str):
+        return record
+    return None
+
+
 def read_run_file(path: str) -> RunFile:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         data = f.read()
     complete = data.rfind(b"\n") + 1
     records, damaged = [], []
     for number, line in enumerate(data[:complete].split(b"\n")[:-1], 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("record"), str):
+        record = parse_record(line)
+        if record is not None:
             records.append(record)
         else:
             damaged.append(number)
     return RunFile(records, damaged, len(data) - complete)
+
+
+#: A longer line is damaged: a record is at most 256 KiB encoded, and its
+#: ASCII escapes can triple that.
+MAX_LINE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RecordOffsets:
+    """
+    Where each readable record of a run file lies, for the complete lines
+    scanned so far: a page is read by byte offset, not by reading the file.
+    Never changed once built: a scan returns a new one.
+    """
+
+    #: Byte offsets where record N starts and where its line ends.
+    starts: array = field(default_factory=lambda: array("q"))
+    ends: array = field(default_factory=lambda: array("q"))
+    #: Bytes and number of the complete lines scanned.
+    scanned: int = 0
+    lines: int = 0
+    #: Whether the first readable record is a ``started`` record.
+    started: bool = False
+    #: 1-based numbers of the damaged lines the last scan found.
+    damaged: tuple = ()
+    #: Scanned after the run ended: the file will not grow.
+    settled: bool = False
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def page(self, cursor: int, limit: int, budget: int) -> int:
+        """
+        How many records from C{cursor} make one page: at most C{limit}, and
+        at most C{budget} bytes of the file unless one record alone is more.
+        """
+        end = min(cursor + limit, len(self.starts))
+        count = 0
+        while cursor + count < end and (
+            count == 0 or self.ends[cursor + count] - self.starts[cursor] <= budget
+        ):
+            count += 1
+        return count
+
+    def covers(self, cursor: int, limit: int, budget: int) -> bool:
+        """Whether the page from C{cursor} is whole without scanning further."""
+        count = self.page(cursor, limit, budget)
+        return self.settled or count == limit or cursor + count < len(self.starts)
+
+
+def scan_records(
+    path: str, known: RecordOffsets, cursor: int, limit: int, budget: int, ended: bool
+) -> RecordOffsets:
+    """
+    Extend C{known} with the complete lines written after it, parsing each
+    once, until the page C{known.page(cursor, limit, budget)} is whole: a
+    run read from its start is scanned no further than it is read. Start
+    over if the file no longer continues the lines C{known} holds (it was
+    truncated or replaced).
+
+    @param ended: the run has ended, so a scan to the end settles it.
+    """
+    with open_regular(path) as f:
+        if known.scanned:
+            f.seek(known.scanned - 1)
+            if f.read(1) != b"\n":
+                known = RecordOffsets()
+                f.seek(0)
+        starts, ends = array("q", known.starts), array("q", known.ends)
+        lines, started, damaged = known.lines, known.started, []
+        offset = position = known.scanned  # where the line starts, how far read
+        overlong, settled = False, ended
+        while True:
+            if len(starts) >= cursor + limit or (
+                len(starts) > cursor and ends[-1] - starts[cursor] > budget
+            ):
+                settled = False
+                break
+            chunk = f.readline(MAX_LINE)
+            position += len(chunk)
+            if not chunk.endswith(b"\n"):
+                if len(chunk) < MAX_LINE:
+                    break  # the end; a torn last line is left for a later scan
+                overlong = True
+                continue
+            lines += 1
+            record = None if overlong else parse_record(chunk)
+            overlong = False
+            if record is None:
+                damaged.append(lines)
+            else:
+                if not starts:
+                    started = record["record"] == "started"
+                starts.append(offset)
+                ends.append(position)
+            offset = position
+    return RecordOffsets(starts, ends, offset, lines, started, tuple(damaged), settled)
+
+
+def read_records_at(path: str, offsets: RecordOffsets, cursor: int, count: int):
+    """
+    Read records C{cursor} to C{cursor + count} by their offsets, in one
+    read of just their bytes.
+
+    @return: the records, or None if the file no longer holds a record at
+        each offset (it changed after the scan).
+    """
+    if not count:
+        return []
+    first, last = offsets.starts[cursor], offsets.ends[cursor + count - 1]
+    before = 1 if first else 0
+    with open_regular(path) as f:
+        data = os.pread(f.fileno(), last - first + before, first - before)
+    if before and data[:1] != b"\n":
+        return None
+    records = []
+    for n in range(cursor, cursor + count):
+        line = data[offsets.starts[n] - first + before : offsets.ends[n] - first + before]
+        record = parse_record(line) if line.find(b"\n") == len(line) - 1 else None
+        if record is None:
+            return None
+        records.append(record)
+    return records
 
 
 def cut_torn_line(path: str, run_file: RunFile, sync: bool) -> None:
@@ -210,10 +366,12 @@ def read_index(agent_dir: str) -> "tuple[str, list[RunState]]":
     @raise StaleIndex: the index is missing, torn or damaged.
     """
     try:
-        with open(os.path.join(agent_dir, INDEX), "rb") as f:
+        with open_regular(os.path.join(agent_dir, INDEX)) as f:
             data = f.read()
     except FileNotFoundError:
         raise StaleIndex("missing")
+    except NotRegularFile:
+        raise StaleIndex("not a regular file")
     if not data.endswith(b"\n"):
         raise StaleIndex("torn")
     runs = {}
@@ -360,11 +518,15 @@ def load_agent(agent_dir: str, sync: bool, findings: Findings):
     except StaleIndex as e:
         findings.notes.append(f"{agent_dir}: index {e}; rebuilt from the run files")
         return _rebuild(agent_dir, names, sync, findings)
-    ended = []
+    ended, served = [], []
     for run in indexed:
         if run.status == "in_progress":
-            run_file = read_run_file(run.path)
-            findings.check(run.path, run_file, sync)
+            try:
+                run_file = read_run_file(run.path)
+                findings.check(run.path, run_file, sync)
+            except OSError as e:
+                findings.notes.append(f"{run.path}: unreadable ({e}); not served")
+                continue
             if run_file.damaged:
                 findings.corrupt.add(run.run_id)
             state = state_from_file(run.path, run_file)
@@ -372,9 +534,10 @@ def load_agent(agent_dir: str, sync: bool, findings: Findings):
                 run.take_summary(state.summary())
                 if run.status != "in_progress":
                     ended.append(run.end_entry())
+        served.append(run)
     if ended:
         append_to_index(agent_dir, b"".join(ended))
-    return agent_id, indexed
+    return agent_id, served
 
 
 def _rebuild(agent_dir: str, names: set, sync: bool, findings: Findings):
