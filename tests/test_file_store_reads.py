@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from car_twisted.errors import RunRefused
 from car_twisted.records import ended_record
-from car_twisted.store import layout
+from car_twisted.store import naming, runfiles
 from car_twisted.store.file import PAGE_READ_BYTES, FileRunStore
 from tests.store_conformance import started, turn
 from tests.support import SUCCESS_OUTCOME, InProcessDaemon
@@ -50,7 +50,7 @@ class FileStoreReadTests(unittest.TestCase):
 
     def run_path(self, run_id, agent_id="agent-a"):
         return os.path.join(
-            self.data_dir, "runs", layout.encode_name(agent_id), layout.encode_name(run_id) + ".jsonl"
+            self.data_dir, "runs", naming.encode_name(agent_id), naming.encode_name(run_id) + ".jsonl"
         )
 
     def replace_with_fifo(self, path):
@@ -233,14 +233,14 @@ class FileStoreReadTests(unittest.TestCase):
         store = await self.open()
         run_id = await self.big_run(store, 300, 8192)
         with open(store._runs[run_id].path, "rb") as f:
-            expected = [layout.parse_record(line) for line in f]
+            expected = [runfiles.parse_record(line) for line in f]
         records, cursor = [], 0
         while True:
             before = bytes_read()
             page, cursor = await store.read_records(run_id, cursor, 5000)
             if not page:
                 break
-            self.assertLess(sum(len(layout.encode_line(r)) for r in page), PAGE_READ_BYTES + 1)
+            self.assertLess(sum(len(runfiles.encode_line(r)) for r in page), PAGE_READ_BYTES + 1)
             self.assertLess(bytes_read() - before, 3 * PAGE_READ_BYTES)
             records.extend(page)
         self.assertEqual(records, expected)

@@ -38,9 +38,11 @@ from car_twisted.interfaces import (
     TurnLimitReached,
     status_of,
 )
-from car_twisted.store import layout
-from car_twisted.store.layout import RunState
-from car_twisted.store.memory import parse_position_cursor
+from car_twisted import disk
+from car_twisted.store import index, naming, runfiles
+from car_twisted.store.cursors import parse_position_cursor
+from car_twisted.store.pending import PendingWrite
+from car_twisted.store.runfiles import RunState
 
 log = Logger()
 
@@ -93,12 +95,12 @@ class AgentRuns:
 class _Offsets:
     """A run's record offsets as last scanned, and one scan at a time."""
 
-    offsets: layout.RecordOffsets = field(default_factory=layout.RecordOffsets)
+    offsets: runfiles.RecordOffsets = field(default_factory=runfiles.RecordOffsets)
     scanning: DeferredLock = field(default_factory=DeferredLock)
 
 
 @dataclass(eq=False)
-class _Write:
+class _Write(PendingWrite):
     """Bytes for one run file, queued for the disk thread."""
 
     run: RunState
@@ -111,19 +113,9 @@ class _Write:
     #: The run's summary before this write changed it (None for a start):
     #: restored if the write fails.
     previous: Optional[RunSummary] = None
-    result: Deferred = field(default_factory=Deferred)
-    finished: bool = False
-    #: Reads of this run waiting for the write to finish.
-    waiters: list = field(default_factory=list)
 
-    def finish(self, error: Optional[BaseException]) -> None:
-        self.finished = True
-        for waiter in self.waiters:
-            waiter.callback(None)
-        if error is None:
-            self.result.callback(self.value)
-        else:
-            self.result.errback(error)
+    def __post_init__(self):
+        PendingWrite.__init__(self)
 
 
 @implementer(IRunStore)
@@ -142,7 +134,7 @@ class FileRunStore:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         self._reactor = reactor
         self.data_dir = data_dir
-        self.runs_dir = os.path.join(data_dir, layout.RUNS)
+        self.runs_dir = os.path.join(data_dir, naming.RUNS)
         self._sync = durability == "fsync"
         self._runs = {}  # run_id -> RunState
         self._agents = {}  # agent_id -> AgentRuns
@@ -176,13 +168,13 @@ class FileRunStore:
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
     def _load(self):
-        os.makedirs(self.data_dir, mode=layout.DIR_MODE, exist_ok=True)
-        if layout.make_directory(self.runs_dir) and self._sync:
-            layout.sync_directory(self.data_dir)
+        os.makedirs(self.data_dir, mode=disk.DIR_MODE, exist_ok=True)
+        if disk.make_directory(self.runs_dir) and self._sync:
+            disk.sync_directory(self.data_dir)
         self._lock_fd = os.open(
-            os.path.join(self.runs_dir, layout.LOCK),
+            os.path.join(self.runs_dir, naming.LOCK),
             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-            layout.FILE_MODE,
+            disk.FILE_MODE,
         )
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -190,7 +182,7 @@ class FileRunStore:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise RuntimeError(f"{self.runs_dir} is in use by another daemon")
-        findings = layout.Findings()
+        findings = index.Findings()
         loaded = []
         for entry in sorted(os.scandir(self.runs_dir), key=lambda e: e.name):
             if entry.name.startswith("."):
@@ -199,7 +191,7 @@ class FileRunStore:
                 findings.notes.append(f"{entry.path}: not an agent directory; ignored")
                 continue
             try:
-                agent = layout.load_agent(entry.path, self._sync, findings)
+                agent = index.load_agent(entry.path, self._sync, findings)
             except OSError as e:
                 findings.notes.append(f"{entry.path}: unreadable ({e}); its runs are not served")
                 continue
@@ -236,15 +228,15 @@ class FileRunStore:
         agent_id = started["agent_id"]
         agent = self._agents.get(agent_id)
         if agent is None:
-            agent = AgentRuns(agent_id, os.path.join(self.runs_dir, layout.encode_name(agent_id)))
+            agent = AgentRuns(agent_id, os.path.join(self.runs_dir, naming.encode_name(agent_id)))
         run = self._runs[run_id] = RunState(
             run_id=run_id,
             agent_id=agent_id,
-            path=os.path.join(agent.directory, layout.encode_name(run_id) + layout.RUN_SUFFIX),
+            path=os.path.join(agent.directory, naming.encode_name(run_id) + naming.RUN_SUFFIX),
             intent=started["intent"],
             started_at=started["started_at"],
         )
-        write = _Write(run, layout.encode_line(started), agent=agent, index_entry=run.start_entry())
+        write = _Write(run, runfiles.encode_line(started), agent=agent, index_entry=run.start_entry())
         d = self._submit(write)
         d.addCallbacks(self._started, self._not_started, (write,), errbackArgs=(write,))
         return d
@@ -275,7 +267,7 @@ class FileRunStore:
         base = run.turn_count
         if base + len(turns) > max_turns:
             return fail(TurnLimitReached(run_id))
-        data = b"".join(layout.encode_line(dict(t, index=base + i)) for i, t in enumerate(turns))
+        data = b"".join(runfiles.encode_line(dict(t, index=base + i)) for i, t in enumerate(turns))
         write = _Write(run, data, value=base, previous=run.summary())
         run.turn_count = base + len(turns)
         return self._submit(write)
@@ -294,7 +286,7 @@ class FileRunStore:
         if agent is not None:
             agent.moved(run, "in_progress")
         return self._submit(
-            _Write(run, layout.encode_line(ended), index_entry=run.end_entry(), previous=previous)
+            _Write(run, runfiles.encode_line(ended), index_entry=run.end_entry(), previous=previous)
         )
 
     def _submit(self, write: _Write) -> Deferred:
@@ -304,7 +296,7 @@ class FileRunStore:
         write.run.last_write = write
         if self._committing is None:
             self._commit_next()
-        return write.result
+        return write.deferred
 
     def _commit_next(self) -> None:
         batch, self._queue = self._queue, []
@@ -328,7 +320,7 @@ class FileRunStore:
         for note in notes:
             log.warn("file store: {note}", note=note)
         for write, error in [*zip(batch, errors), *dependent]:
-            write.finish(None if error is None else _write_error(error))
+            write.settle(write.value if error is None else _write_error(error))
         if self._committing is None and self._closed is not None and not self._closed.called:
             self._closed.callback(None)
 
@@ -377,13 +369,13 @@ class FileRunStore:
                 try:
                     if write.agent is not None:
                         self._prepare(write.agent, directories)
-                        files[path] = layout.create_file(path)
+                        files[path] = disk.create_file(path)
                         sizes[path] = None
                         directories.add(write.agent.directory)
                     elif path not in files:
                         files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
                         sizes[path] = os.fstat(files[path]).st_size
-                    layout.write_all(files[path], write.data)
+                    disk.write_all(files[path], write.data)
                 except OSError as e:
                     broken[path] = e
             if self._sync:
@@ -394,7 +386,7 @@ class FileRunStore:
                         broken.setdefault(path, e)
                 for directory in directories:
                     try:
-                        layout.sync_directory(directory)
+                        disk.sync_directory(directory)
                     except OSError as e:
                         for path in files:
                             if os.path.dirname(path) == directory:
@@ -428,7 +420,7 @@ class FileRunStore:
         notes = []
         for directory, lines in entries.items():
             try:
-                layout.append_to_index(directory, b"".join(lines))
+                index.append_to_index(directory, b"".join(lines))
             except OSError as e:
                 notes.append(f"{directory}: index not updated ({e}); rebuilt at next start")
         return notes
@@ -436,15 +428,15 @@ class FileRunStore:
     def _prepare(self, agent: AgentRuns, directories: set) -> None:
         """Create an agent's directory and index, unless done already."""
         if agent.agent_id in self._agents or os.path.exists(
-            os.path.join(agent.directory, layout.INDEX)
+            os.path.join(agent.directory, naming.INDEX)
         ):
             return
-        if layout.make_directory(agent.directory):
+        if disk.make_directory(agent.directory):
             directories.add(self.runs_dir)
-        index = os.path.join(agent.directory, layout.INDEX)
-        fd = layout.create_file(index, exclusive=False)
+        index = os.path.join(agent.directory, naming.INDEX)
+        fd = disk.create_file(index, exclusive=False)
         try:
-            layout.write_all(fd, layout.encode_line({"agent_id": agent.agent_id}))
+            disk.write_all(fd, runfiles.encode_line({"agent_id": agent.agent_id}))
         except OSError:
             os.unlink(index)
             raise
@@ -469,10 +461,8 @@ class FileRunStore:
         scan, then read only the page's bytes. A run file that is not a
         regular file serves no records.
         """
-        if run.last_write is not None and not run.last_write.finished:
-            written = Deferred()
-            run.last_write.waiters.append(written)
-            await written
+        if run.last_write is not None and not run.last_write.settled:
+            await run.last_write.wait()
             if self._runs.get(run.run_id) is not run:
                 raise RunNotFound(run.run_id)  # its start failed
         try:
@@ -483,12 +473,12 @@ class FileRunStore:
                     offsets = await self._scan(run, kept, cursor, limit)
                 count = offsets.page(cursor, limit, PAGE_READ_BYTES)
                 records = await self._in_thread(
-                    layout.read_records_at, run.path, offsets, cursor, count
+                    runfiles.read_records_at, run.path, offsets, cursor, count
                 )
                 if records is not None:
                     return records, cursor + len(records)
                 self._offsets.pop(run.run_id, None)  # the file changed: scan it afresh
-        except layout.NotRegularFile:
+        except disk.NotRegularFile:
             self._mark_corrupt(run, "not a regular file")
             return [], cursor
         raise RuntimeError(f"{run.path} changed while it was read")
@@ -513,9 +503,9 @@ class FileRunStore:
             if kept.offsets.covers(cursor, limit, PAGE_READ_BYTES):
                 return kept.offsets  # scanned while this one waited
             last_write = run.last_write
-            quiet = last_write is None or last_write.finished
+            quiet = last_write is None or last_write.settled
             offsets = await self._in_thread(
-                layout.scan_records,
+                runfiles.scan_records,
                 run.path,
                 kept.offsets,
                 cursor,
