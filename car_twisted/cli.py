@@ -27,7 +27,7 @@ from car_twisted.auth import (
 )
 from car_twisted.client import DEFAULT_URL, ConnectionClosed, DaemonClient, RemoteError
 from car_twisted.data_dir import default_data_dir
-from car_twisted.interfaces import RUN_STATUSES
+from car_twisted.interfaces import RUN_STATUSES, TURN_RECORDS
 from car_twisted.limits import MAX_ID
 
 #: How many trace records one runs.get_trace call asks for.
@@ -309,7 +309,7 @@ async def _tail(client, args, environ, out, err) -> int:
         record, cursor = event.get("record"), event.get("cursor")
         if not isinstance(record, dict) or type(cursor) is not int:
             continue
-        before = cursor - 1 if record.get("record") in ("turn", "model_turn") else cursor
+        before = cursor - 1 if record.get("record") in TURN_RECORDS else cursor
         if before < held:
             continue
         if before > held:

@@ -9,6 +9,7 @@ duplicate. The events carry CAR's cursor, the run's turn count, which the
 run service computes (see docs/protocol.md).
 """
 
+from car_twisted.interfaces import position_after, turns_held
 from car_twisted.session import Session
 
 
@@ -46,20 +47,21 @@ class TraceFanout:
         for run_id in list(session.following):
             self.unfollow(session, run_id)
 
-    def publish(self, run_id: str, agent_id: str, record: dict, position: int, cursor: int, status: str) -> None:
+    def publish(self, run_id: str, agent_id: str, record: dict, turns: int, status: str) -> None:
         """
-        Deliver a durable record, the run's record C{position - 1}, to the
-        run's followers; C{cursor} is the run's turn count once it is in.
+        Deliver a durable record of a run that has C{turns} turns to the
+        run's followers.
         """
         followers = self._followers.get(run_id)
         if not followers:
             return
+        cursor = turns_held(record, turns)
         event = {"run_id": run_id, "agent_id": agent_id, "record": record, "cursor": cursor, "status": status}
         for session, buffered in list(followers.items()):
             if buffered is None:
                 session.notify("runs.trace.event", event)
             else:
-                buffered.append((position, record))
+                buffered.append((position_after(record, turns), record))
         if status != "in_progress":
             for session in list(followers):
                 if followers.get(session) is None:

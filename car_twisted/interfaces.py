@@ -15,6 +15,8 @@ from zope.interface import Interface
 
 #: The run statuses a summary (and ``runs.list``'s filter) can carry.
 RUN_STATUSES = ("in_progress", "completed", "incomplete", "cancelled")
+#: The records that are turns: they count toward a run's turns.
+TURN_RECORDS = frozenset({"turn", "model_turn"})
 
 
 class RunStoreError(Exception):
@@ -79,7 +81,7 @@ def summarize(records: list) -> RunSummary:
     """
     started = records[0]
     ended = records[-1] if records[-1]["record"] == "ended" else None
-    turns = sum(1 for r in records if r["record"] in ("turn", "model_turn"))
+    turns = sum(1 for r in records if r["record"] in TURN_RECORDS)
     return RunSummary(
         run_id=started["run_id"],
         agent_id=started["agent_id"],
@@ -105,6 +107,31 @@ def status_of(ended: Optional[dict]) -> str:
         "incomplete": "incomplete",
         "cancelled": "cancelled",
     }[ended["termination"]]
+
+
+# Positions. A run's records stand in one sequence: ``started`` at 0, the
+# turn with index i at i + 1, then ``ended``. runs.get_trace's cursor is a
+# position in it; runs.subscribe's cursor (CAR's) counts turns only.
+
+
+def end_position(turns: int) -> int:
+    """Where the ``ended`` record of a run with C{turns} turns stands."""
+    return 1 + turns
+
+
+def position_after(record: dict, turns: int) -> int:
+    """The position after C{record}, in a run that has C{turns} turns."""
+    if record["record"] in TURN_RECORDS:
+        return record["index"] + 2
+    return end_position(turns) + 1 if record["record"] == "ended" else 1
+
+
+def turns_held(record: dict, turns: int) -> int:
+    """
+    CAR's subscription cursor once a follower holds C{record}: the turns so
+    far. A turn counts itself; ``started`` and ``ended`` leave C{turns}.
+    """
+    return record["index"] + 1 if record["record"] in TURN_RECORDS else turns
 
 
 class IRunStore(Interface):
@@ -144,8 +171,8 @@ class IRunStore(Interface):
         Append ``turn`` / ``model_turn`` records, stamping each with its
         ``index`` (0-based, one sequence per run), all or nothing.
 
-        @return: Deferred firing with the index of the first appended record;
-            fails with L{RunNotFound}, L{RunTerminal}, or L{TurnLimitReached}
+        @return: Deferred firing with the appended records as stored, each
+            with its C{index} (copies: the caller may keep them); fails with L{RunNotFound}, L{RunTerminal}, or L{TurnLimitReached}
             if the run would then hold more than C{max_turns} turns.
         """
 

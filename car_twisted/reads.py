@@ -6,7 +6,7 @@ in pages, and live following (a snapshot, then events).
 from car_twisted.access import AccessPolicy
 from car_twisted.errors import InvalidParams, RunRefused
 from car_twisted.fanout import TraceFanout
-from car_twisted.interfaces import RUN_STATUSES, status_of
+from car_twisted.interfaces import RUN_STATUSES, TURN_RECORDS, end_position, status_of
 from car_twisted.limits import MAX_FOLLOWED, MAX_TURNS_PER_RUN, PAGE_BYTES
 from car_twisted.records import encoded_size, id_param, int_param
 from car_twisted.session import Session
@@ -115,7 +115,7 @@ class RunReader:
         status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
         if status != "in_progress":
             self._fanout.unfollow(session, run_id)
-        turns = [r for r in records if r["record"] in ("turn", "model_turn")]
+        turns = [r for r in records if r["record"] in TURN_RECORDS]
         return {
             "run_id": run_id,
             "agent_id": summary.agent_id,
@@ -134,7 +134,7 @@ class RunReader:
         summary = await self._store.get_run(run_id)
         held = 0
         if summary is not None:
-            held = summary.turn_count + (1 if summary.status == "in_progress" else 2)
+            held = end_position(summary.turn_count) + (summary.status != "in_progress")
         records, position = [], 0
         while len(records) < held:
             page, position = await self._store.read_records(run_id, position, MAX_TURNS_PER_RUN + 2)

@@ -28,6 +28,7 @@ from car_twisted.interfaces import (
     RunTerminal,
     StoreWriteFailed,
     TurnLimitReached,
+    end_position,
     status_of,
 )
 from car_twisted.limits import MAX_TURN_BYTES, MAX_TURNS_PER_RUN
@@ -166,7 +167,7 @@ class RunService:
     async def _end(self, live: LiveRun, ended: dict) -> None:
         """Write a run's terminal record and tell its followers."""
         await self._stored(self.store.end_run(live.run_id, ended))
-        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, live.turns, status_of(ended))
+        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns, status_of(ended))
 
     async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
         """
@@ -405,18 +406,18 @@ class RunService:
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
         try:
-            base = await self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN))
+            stamped = await self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN))
         except TurnLimitReached:
             return _dropped(run_id, "run_turn_limit")
         except RunTerminal:
             return _dropped(run_id, "run_terminal")
         except RunNotFound:
             return _dropped(run_id, "run_not_found")
-        live.turns = base + len(records)
-        for offset, record in enumerate(records):
-            record["index"] = base + offset
-            self._fanout.publish(run_id, live.agent_id, record, base + offset + 2, base + offset + 1, "in_progress")
-        return {"run_id": run_id, "base_index": base, "count": len(records), "ok": True}
+        base = live.turns
+        live.turns += len(stamped)
+        for record in stamped:
+            self._fanout.publish(run_id, live.agent_id, record, live.turns, "in_progress")
+        return {"run_id": run_id, "base_index": base, "count": len(stamped), "ok": True}
 
     def _require(self, session: Session, capability: str, method: str) -> None:
         if capability not in session.capabilities:
@@ -447,7 +448,7 @@ class RunService:
             raise RunRefused(
                 f"run {run_id} may be cancelled only by its producer, its agent or the host"
             )
-        ended, _ = await self.store.read_records(run_id, summary.turn_count + 1, 1)
+        ended, _ = await self.store.read_records(run_id, end_position(summary.turn_count), 1)
         repeated = any(
             r.get("idempotency_key") == key and r.get("reason_digest") == digest for r in ended
         )

@@ -98,16 +98,19 @@ class RunStoreConformance:
         self.assertEqual((await store.get_run(record["run_id"])).intent, "first")
 
     async def test_turns_are_indexed_per_run(self):
-        """Turns get 0-based indices on one sequence per run; the base index
-        of each append is returned."""
+        """Turns get 0-based indices on one sequence per run; each append
+        returns the records it stored, stamped, as they read back."""
         store = await self._store()
         a, b = started(), started()
         await store.start_run(a)
         await store.start_run(b)
-        self.assertEqual(await store.append_turns(a["run_id"], [turn("1"), turn("2")], 10), 0)
-        self.assertEqual(await store.append_turns(b["run_id"], [turn("x")], 10), 0)
-        self.assertEqual(await store.append_turns(a["run_id"], [turn("3")], 10), 2)
+        first = await store.append_turns(a["run_id"], [turn("1"), turn("2")], 10)
+        self.assertEqual([r["index"] for r in first], [0, 1])
+        self.assertEqual([r["index"] for r in await store.append_turns(b["run_id"], [turn("x")], 10)], [0])
+        last = await store.append_turns(a["run_id"], [turn("3")], 10)
+        self.assertEqual([r["index"] for r in last], [2])
         records, cursor = await store.read_records(a["run_id"], 0, 100)
+        self.assertEqual(records[1:], first + last)
         self.assertEqual([r.get("index") for r in records], [None, 0, 1, 2])
         self.assertEqual([r.get("prompt") for r in records[1:]], ["1", "2", "3"])
         self.assertEqual(cursor, 4)
@@ -122,7 +125,7 @@ class RunStoreConformance:
         with self.assertRaises(TurnLimitReached):
             await store.append_turns(record["run_id"], [turn()] * 2, 4)
         self.assertEqual((await store.get_run(record["run_id"])).turn_count, 3)
-        self.assertEqual(await store.append_turns(record["run_id"], [turn()], 4), 3)
+        self.assertEqual((await store.append_turns(record["run_id"], [turn()], 4))[0]["index"], 3)
 
     async def test_first_terminal_record_wins(self):
         """Once ended, a run refuses another end and more turns, unchanged."""
@@ -170,7 +173,9 @@ class RunStoreConformance:
                 store.end_run(run_id, ended_record("incomplete", reason="x")),
             ]
         )
-        self.assertEqual(results, [None, 0, 1, None])
+        self.assertEqual(results[0], None)
+        self.assertEqual([[r["index"] for r in results[n]] for n in (1, 2)], [[0], [1]])
+        self.assertEqual(results[3], None)
         records, _ = await store.read_records(run_id, 0, 10)
         self.assertEqual([r["record"] for r in records], ["started", "turn", "turn", "ended"])
 
@@ -218,6 +223,10 @@ class RunStoreConformance:
         page[0]["intent"] = "changed again"
         page, _ = await store.read_records(record["run_id"], 0, 1)
         self.assertEqual(page[0]["intent"], "do it")
+        (stamped,) = await store.append_turns(record["run_id"], [turn("p")], 10)
+        stamped["prompt"] = "changed by caller"
+        page, _ = await store.read_records(record["run_id"], 1, 1)
+        self.assertEqual(page[0]["prompt"], "p")
 
     async def test_list_runs_newest_first_with_cursor(self):
         """An agent's runs page newest first (start order breaks ties within

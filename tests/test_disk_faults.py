@@ -108,7 +108,7 @@ class FileStoreWriteFailureTests(unittest.TestCase):
         self.assertEqual(caught.exception.detail, NO_SPACE)
         self.assertEqual(file_bytes(path), before)
         self.assertEqual((await store.get_run(run_id)).turn_count, 2)
-        self.assertEqual(await store.append_turns(run_id, [turn("2")], 10), 2)
+        self.assertEqual((await store.append_turns(run_id, [turn("2")], 10))[0]["index"], 2)
         await store.close()
         store = await self.open()
         records, _ = await store.read_records(run_id, 0, 10)
@@ -130,7 +130,7 @@ class FileStoreWriteFailureTests(unittest.TestCase):
         for write in (on_disk, queued):
             with self.assertRaises(StoreWriteFailed):
                 await write
-        self.assertEqual(await store.append_turns(run_id, [turn("c")], 10), 0)
+        self.assertEqual((await store.append_turns(run_id, [turn("c")], 10))[0]["index"], 0)
         records, _ = await store.read_records(run_id, 0, 10)
         self.assertEqual([(r.get("prompt"), r.get("index")) for r in records[1:]], [("c", 0)])
 

@@ -88,7 +88,7 @@ class FileRunStoreTests(unittest.TestCase):
         store = await self.open()
         _, open_id, _ = await self.fill(store)
         store = await self.reopen(store)
-        self.assertEqual(await store.append_turns(open_id, [turn("4")], 10), 1)
+        self.assertEqual((await store.append_turns(open_id, [turn("4")], 10))[0]["index"], 1)
         await store.end_run(open_id, ended_record("incomplete", reason="x"))
         store = await self.reopen(store)
         summary = await store.get_run(open_id)

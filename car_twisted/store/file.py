@@ -267,8 +267,9 @@ class FileRunStore:
         base = run.turn_count
         if base + len(turns) > max_turns:
             return fail(TurnLimitReached(run_id))
-        data = b"".join(runfiles.encode_line(dict(t, index=base + i)) for i, t in enumerate(turns))
-        write = _Write(run, data, value=base, previous=run.summary())
+        stamped = [dict(t, index=base + i) for i, t in enumerate(turns)]
+        data = b"".join(runfiles.encode_line(record) for record in stamped)
+        write = _Write(run, data, value=stamped, previous=run.summary())
         run.turn_count = base + len(turns)
         return self._submit(write)
 

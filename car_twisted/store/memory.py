@@ -51,9 +51,10 @@ class MemoryRunStore:
         base = self._turns[run_id]
         if base + len(turns) > max_turns:
             return fail(TurnLimitReached(run_id))
-        records.extend(dict(t, index=base + i) for i, t in enumerate(turns))
+        stamped = [dict(t, index=base + i) for i, t in enumerate(turns)]
+        records.extend(stamped)
         self._turns[run_id] = base + len(turns)
-        return succeed(base)
+        return succeed([dict(r) for r in stamped])
 
     def end_run(self, run_id, ended):
         try:

@@ -390,18 +390,16 @@ class SQLiteRunStore:
             seq, base, position = self._open_run(db, run_id)
             if base + len(turns) > max_turns:
                 raise TurnLimitReached(run_id)
+            stamped = [dict(t, index=base + i) for i, t in enumerate(turns)]
             db.executemany(
                 "INSERT INTO records (run, position, body) VALUES (?, ?, ?)",
-                [
-                    (seq, position + i, _encode(dict(t, index=base + i)))
-                    for i, t in enumerate(turns)
-                ],
+                [(seq, position + i, _encode(record)) for i, record in enumerate(stamped)],
             )
             db.execute(
                 "UPDATE runs SET turn_count = ?, record_count = ? WHERE seq = ?",
                 (base + len(turns), position + len(turns), seq),
             )
-            return base
+            return stamped
 
         return self._submit(run_id, apply)
 
