@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.task import Clock, deferLater
 
-from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_token
+from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_token, new_token
 from car_twisted.jsonrpc import Dispatcher
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
@@ -355,26 +355,30 @@ def private_dir(testcase) -> str:
 
 class AuthDaemon:
     """
-    A daemon with auth on, in process (L{in_process}) or on a loopback
-    port (L{serve}), and its secrets as files hold them.
+    A daemon with auth on, and its secrets: in process (L{in_process}) they
+    are held in memory; on a loopback port (L{serve}) they are made in a
+    private data directory, C{data_dir}, as C{twistd car} makes them.
     """
 
-    def __init__(self, testcase):
-        self.data_dir = data_dir = private_dir(testcase)
-        self.authenticator = Authenticator.from_data_dir(data_dir, {})
-        self.secret = _read(os.path.join(data_dir, SECRET_FILE))
-        self.host_token = _read(os.path.join(data_dir, HOST_TOKEN_FILE))
+    def __init__(self, secret, host_token, data_dir=None):
+        self.secret = secret
+        self.host_token = host_token
+        self.data_dir = data_dir
+        self.authenticator = Authenticator(secret, host_token)
         self.daemon = None
 
     @classmethod
     def in_process(cls, testcase, **kwargs) -> "AuthDaemon":
-        self = cls(testcase)
+        self = cls(new_token(), new_token())
         self.daemon = in_process(testcase, authenticator=self.authenticator, **kwargs)
         return self
 
     @classmethod
     async def serve(cls, testcase, **kwargs) -> "AuthDaemon":
-        self = cls(testcase)
+        data_dir = private_dir(testcase)
+        Authenticator.from_data_dir(data_dir, {})
+        secret = _read(os.path.join(data_dir, SECRET_FILE))
+        self = cls(secret, _read(os.path.join(data_dir, HOST_TOKEN_FILE)), data_dir)
         self.daemon = await serve(testcase, authenticator=self.authenticator, **kwargs)
         return self
 
