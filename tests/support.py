@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.task import Clock, deferLater
 
-from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_token
+from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_token, new_token
 from car_twisted.jsonrpc import Dispatcher
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
@@ -104,6 +104,10 @@ class RPCClient:
     def receive(self):
         """The next frame the daemon sent, decoded."""
         return self.protocol.frames.get()
+
+    def unread(self):
+        """The frames the daemon sent that were not received yet, decoded."""
+        return list(self.protocol.frames.pending)
 
     async def call_raw(self, method, params=None):
         self.request(method, params)
@@ -217,7 +221,10 @@ class InProcessClient(RPCClient):
     """
     L{RPCClient}'s calls on one session of an L{InProcessDaemon}: each frame
     goes to the dispatcher, each answer and notification comes back in the
-    order it is ready, as the protocol would send them.
+    order it is ready, as the protocol would send them. When an answer says
+    to close the connection (C{Reply.close_code}), the client records the
+    code and closes: the run service hears it at once, and frames sent
+    afterwards are not handled.
     """
 
     def __init__(self, daemon):
@@ -225,28 +232,51 @@ class InProcessClient(RPCClient):
         self._daemon = daemon
         self._frames = DeferredQueue()
         self.closed = False
+        #: The code the daemon closed this connection with, if it did.
+        self.close_code = None
         self.session = daemon.runs.open_session("in-process", self._notify)
 
     def _notify(self, method, params):
         self._frames.put({"jsonrpc": "2.0", "method": method, "params": params})
 
     def send_text(self, text):
+        if self.closed:
+            return
         payload = text.encode() if isinstance(text, str) else text
         d = self._daemon.dispatcher.dispatch(self.session, payload)
         d.addCallback(self._answer)
 
     def _answer(self, reply):
-        if reply.frame is not None and not self.closed:
+        if self.closed:
+            return
+        if reply.frame is not None:
             self._frames.put(json.loads(reply.frame))
+        if reply.close_code is not None:
+            self.close_code = reply.close_code
+            self._close()
 
     def receive(self):
         return self._frames.get()
 
-    async def close(self):
-        """The connection closes: the run service hears it at once."""
+    def unread(self):
+        return list(self._frames.pending)
+
+    async def closed_by_daemon(self, timeout=None):
+        """
+        The code the daemon closed this connection with; it must have by
+        now, as nothing in process waits on a socket.
+        """
+        assert self.close_code is not None, "the daemon did not close the connection"
+        return self.close_code
+
+    def _close(self):
         if not self.closed:
             self.closed = True
             self._daemon.runs.close_session(self.session)
+
+    async def close(self):
+        """The connection closes: the run service hears it at once."""
+        self._close()
 
     drop = close
 
@@ -324,16 +354,32 @@ def private_dir(testcase) -> str:
 
 
 class AuthDaemon:
-    """A loopback daemon with auth on, and its secrets as files hold them."""
+    """
+    A daemon with auth on, and its secrets: in process (L{in_process}) they
+    are held in memory; on a loopback port (L{serve}) they are made in a
+    private data directory, C{data_dir}, as C{twistd car} makes them.
+    """
+
+    def __init__(self, secret, host_token, data_dir=None):
+        self.secret = secret
+        self.host_token = host_token
+        self.data_dir = data_dir
+        self.authenticator = Authenticator(secret, host_token)
+        self.daemon = None
 
     @classmethod
-    async def serve(cls, testcase, **kwargs):
-        self = cls()
-        self.data_dir = data_dir = private_dir(testcase)
-        authenticator = Authenticator.from_data_dir(data_dir, {})
-        self.secret = _read(os.path.join(data_dir, SECRET_FILE))
-        self.host_token = _read(os.path.join(data_dir, HOST_TOKEN_FILE))
-        self.daemon = await serve(testcase, authenticator=authenticator, **kwargs)
+    def in_process(cls, testcase, **kwargs) -> "AuthDaemon":
+        self = cls(new_token(), new_token())
+        self.daemon = in_process(testcase, authenticator=self.authenticator, **kwargs)
+        return self
+
+    @classmethod
+    async def serve(cls, testcase, **kwargs) -> "AuthDaemon":
+        data_dir = private_dir(testcase)
+        Authenticator.from_data_dir(data_dir, {})
+        secret = _read(os.path.join(data_dir, SECRET_FILE))
+        self = cls(secret, _read(os.path.join(data_dir, HOST_TOKEN_FILE)), data_dir)
+        self.daemon = await serve(testcase, authenticator=self.authenticator, **kwargs)
         return self
 
     async def agent(self, agent_id):

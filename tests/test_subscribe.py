@@ -1,9 +1,12 @@
-"""runs.subscribe / runs.unsubscribe and the runs.trace.event stream."""
+"""
+runs.subscribe / runs.unsubscribe and the runs.trace.event stream, in
+process; on a loopback port, a follower that stops reading its socket.
+"""
 
 from twisted.trial import unittest
 
 from car_twisted.store.memory import MemoryRunStore
-from tests.support import SUCCESS_OUTCOME, HeldStore, serve, wait_for
+from tests.support import SUCCESS_OUTCOME, HeldStore, in_process, serve, wait_for
 
 START = {"agent_id": "agent-a", "intent": "do it"}
 
@@ -13,7 +16,7 @@ class SubscribeTests(unittest.TestCase):
         """The snapshot holds the turns so far; each later record arrives
         once, each turn one cursor further, the end at the last turn's
         cursor, and the status flips on the end."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         producer, follower = await daemon.connect(), await daemon.connect()
         run_id = (await producer.call("runs.start", START))["run_id"]
         await producer.call("runs.record_turns", {"run_id": run_id, "turns": [{"prompt": "one"}]})
@@ -38,7 +41,7 @@ class SubscribeTests(unittest.TestCase):
         turn or model_turn event advances it by one, the ended event does
         not, so after every event the cursor equals the turns a client
         holds (the started record never counts)."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         producer, follower = await daemon.connect(), await daemon.connect()
         run_id = (await producer.call("runs.start", START))["run_id"]
         await producer.call("runs.record_turns", {"run_id": run_id, "turns": [{"prompt": "a"}, {"prompt": "b"}]})
@@ -64,7 +67,7 @@ class SubscribeTests(unittest.TestCase):
         """A turn that becomes durable while the snapshot is being read is
         in the snapshot exactly once and not streamed again."""
         store = HeldStore(MemoryRunStore(), "read_records")
-        daemon = await serve(self, store=store)
+        daemon = in_process(self, store=store)
         producer, follower = await daemon.connect(), await daemon.connect()
         run_id = (await producer.call("runs.start", START))["run_id"]
         follower.request("runs.subscribe", {"run_id": run_id})
@@ -82,7 +85,7 @@ class SubscribeTests(unittest.TestCase):
         """A turn still being written when the snapshot is read is not in
         it, and is streamed once it is durable: no gap."""
         store = HeldStore(MemoryRunStore(), "append_turns")
-        daemon = await serve(self, store=store)
+        daemon = in_process(self, store=store)
         producer, follower = await daemon.connect(), await daemon.connect()
         run_id = (await producer.call("runs.start", START))["run_id"]
         producer.request("runs.record_turns", {"run_id": run_id, "turns": [{"prompt": "pending"}]})
@@ -96,7 +99,7 @@ class SubscribeTests(unittest.TestCase):
     async def test_unsubscribe_and_disconnect(self):
         """Unsubscribe stops the stream and says whether it removed one; a
         closing session's subscriptions go with it."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         producer, follower = await daemon.connect(), await daemon.connect()
         run_id = (await producer.call("runs.start", START))["run_id"]
         await follower.call("runs.subscribe", {"run_id": run_id})
@@ -112,7 +115,7 @@ class SubscribeTests(unittest.TestCase):
     async def test_refusals(self):
         """Unknown runs, and runs of another agent for a bound session, are
         refused alike; a terminal run gives its snapshot and no stream."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         producer, follower = await daemon.connect(), await daemon.connect()
         run_id = (await producer.call("runs.start", START))["run_id"]
         unknown = await follower.call_raw("runs.subscribe", {"run_id": "nope"})

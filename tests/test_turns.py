@@ -1,4 +1,4 @@
-"""runs.record_turns, runs.record_model_turn and idempotent starts."""
+"""runs.record_turns, runs.record_model_turn and idempotent starts, in process."""
 
 from twisted.internet import reactor
 from twisted.trial import unittest
@@ -8,14 +8,14 @@ from car_twisted.records import TRUNCATION_MARKER, keyed_run_id
 from car_twisted.store.file import FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.sqlite import SQLiteRunStore
-from tests.support import SUCCESS_OUTCOME, HeldStore, LoopbackDaemon, private_dir, serve
+from tests.support import SUCCESS_OUTCOME, HeldStore, InProcessDaemon, in_process, private_dir
 
 START = {"agent_id": "agent-a", "intent": "do it"}
 
 
 class RecordTurnsTests(unittest.TestCase):
     async def started(self):
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         run_id = (await ws.call("runs.start", START))["run_id"]
         return daemon, ws, run_id
@@ -70,7 +70,7 @@ class RecordTurnsTests(unittest.TestCase):
         """Turns that arrive after the run's runs.complete, while its terminal
         record is still being written, are dropped as run_terminal."""
         store = HeldStore(MemoryRunStore(), "end_run")
-        daemon = await serve(self, store=store)
+        daemon = in_process(self, store=store)
         ws = await daemon.connect()
         run_id = (await ws.call("runs.start", START))["run_id"]
         complete_id = ws.request("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
@@ -128,7 +128,7 @@ class IdempotentStartTests(unittest.TestCase):
     async def test_retried_start_returns_the_same_run(self):
         """A start retried with the same idempotency_key (even on a new
         connection) returns the same run and makes it the current run."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         params = dict(START, idempotency_key="job-42")
         first = await ws.call("runs.start", params)
@@ -144,7 +144,7 @@ class IdempotentStartTests(unittest.TestCase):
 
     async def test_open_run_retry_on_same_session(self):
         """Retrying a start for an open run returns it without a new run."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         params = dict(START, idempotency_key="job-7")
         self.assertEqual(await ws.call("runs.start", params), await ws.call("runs.start", params))
@@ -155,7 +155,7 @@ class IdempotentStartTests(unittest.TestCase):
         agent B starting with A's key gets a run of its own (no error to
         learn A's keys from), and A's later start with a key B used first
         still makes A's run, which A's retry returns."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         a_first = await ws.call("runs.start", dict(START, idempotency_key="shared"))
         b_first = await ws.call("runs.start", dict(START, agent_id="agent-b", idempotency_key="shared"))
@@ -179,7 +179,7 @@ class DurableIdempotentStartTests(unittest.TestCase):
         data_dir = private_dir(self)
         store = make_store(data_dir)
         await store.open()
-        first_daemon = await LoopbackDaemon(store=store).start()
+        first_daemon = InProcessDaemon(store=store)
         ws = await first_daemon.connect()
         first = await ws.call("runs.start", dict(START, idempotency_key="job-1"))
         await ws.call("runs.complete", {"run_id": first["run_id"], "outcome": SUCCESS_OUTCOME})
@@ -189,7 +189,7 @@ class DurableIdempotentStartTests(unittest.TestCase):
         store = make_store(data_dir)
         await store.open()
         self.addCleanup(store.close)
-        daemon = await serve(self, store=store)
+        daemon = in_process(self, store=store)
         again = await daemon.connect()
         self.assertEqual(await again.call("runs.start", dict(START, idempotency_key="job-1")), first)
         other = await again.call("runs.start", dict(START, agent_id="agent-b", idempotency_key="job-1"))
