@@ -146,6 +146,11 @@ class Authenticator:
         self._secret = secret
         self._host_token = host_token
 
+    @property
+    def host_token(self) -> Optional[str]:
+        """The host token (None with auth off): the dashboard logs in with it."""
+        return self._host_token
+
     @classmethod
     def disabled(cls) -> "Authenticator":
         """No checking: every session is accepted (``--no-auth``)."""

@@ -13,6 +13,7 @@ from zope.interface import implementer
 
 from car_twisted.jsonrpc import Dispatcher, encode, error_response, notification
 from car_twisted.limits import WireLimits
+from car_twisted.metrics import DaemonMetrics
 
 log = Logger()
 
@@ -39,8 +40,9 @@ class EventOutbox:
     client that stops reading cannot grow the daemon's memory.
     """
 
-    def __init__(self, send, cap=MAX_PENDING_EVENT_BYTES):
+    def __init__(self, send, cap=MAX_PENDING_EVENT_BYTES, on_drop=lambda: None):
         self._send = send
+        self._on_drop = on_drop
         self._cap = cap
         self._pending = deque()
         self._pending_bytes = 0
@@ -56,6 +58,7 @@ class EventOutbox:
         while self._pending_bytes > self._cap:
             self._pending_bytes -= len(self._pending.popleft())
             self.dropped += 1
+            self._on_drop()
 
     def pauseProducing(self):
         self._paused = True
@@ -94,7 +97,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self._reading_paused = False
         self._handing_on = False
         self._idle = []
-        self.outbox = EventOutbox(self._send)
+        self.outbox = EventOutbox(self._send, on_drop=self.factory.metrics.events_dropped.inc)
         self.registerProducer(self.outbox, True)
         self.session = self.factory.registry.open_session(self.peer, self._notify)
         self.factory.connections.add(self)
@@ -107,16 +110,19 @@ class RunTracingProtocol(WebSocketServerProtocol):
         # Answers can be ready after the client has gone; they are dropped.
         if self.state == self.STATE_OPEN:
             self.sendMessage(frame)
+            self.factory.metrics.frames_sent.inc()
 
     def _notify(self, method, params):
         frame = notification(method, params)
         if len(frame) > self.factory.limits.max_message_size:
             # Cannot be sent: counted as dropped, so the cursor jumps.
             self.outbox.dropped += 1
+            self.factory.metrics.events_dropped.inc()
             return
         self.outbox.push(frame)
 
     def onMessage(self, payload, isBinary):
+        self.factory.metrics.frames_received.inc()
         if self.closing:
             return
         if isBinary:
@@ -202,6 +208,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         if code == 503:
+            self.factory.metrics.connections_refused.inc()
             log.warn(
                 "refused a connection from {peer}: {count} connections are open, the limit is {limit}",
                 peer=self.peer,
@@ -230,23 +237,27 @@ class RunTracingFactory(WebSocketServerFactory):
     Serves a L{RunRegistry} over WebSocket.
 
     Listen with any stream endpoint: C{endpoint.listen(RunTracingFactory(registry))}.
-    C{limits} are the L{WireLimits} it enforces (the defaults when omitted).
+    C{limits} are the L{WireLimits} it enforces (the defaults when omitted);
+    C{metrics} the L{DaemonMetrics} it counts frames and errors in.
     """
 
     protocol = RunTracingProtocol
     #: Set by L{stop_serving}: connections opened from now on are closed.
     stopping = False
 
-    def __init__(self, registry, limits: WireLimits = WireLimits(), url=None):
+    def __init__(self, registry, limits: WireLimits = WireLimits(), url=None, metrics=None):
         # The Server header names the software, never its version.
         super().__init__(url, server="car-twisted")
         self.setProtocolOptions(**limits.autobahn_options())
         self.noisy = False
         self.limits = limits
         self.registry = registry
+        self.metrics = metrics if metrics is not None else DaemonMetrics()
         #: The open connections (their protocols).
         self.connections = set()
-        self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit, limits)
+        self.dispatcher = Dispatcher(
+            registry.methods(), registry.authenticator.admit, limits, self.metrics.error
+        )
 
     def stop_serving(self) -> Deferred:
         """

@@ -47,6 +47,7 @@ from car_twisted.records import (
     text_param,
     too_large,
 )
+from car_twisted.metrics import DaemonMetrics
 from car_twisted.session import Session
 
 log = Logger()
@@ -85,6 +86,7 @@ class RunRegistry:
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
     @param authenticator: checks ``session.auth``; None accepts every
         session (``--no-auth``).
+    @param metrics: the L{DaemonMetrics} runs are counted in.
     """
 
     def __init__(
@@ -95,8 +97,10 @@ class RunRegistry:
         environ=os.environ,
         resume_lease=DEFAULT_RESUME_LEASE,
         authenticator=None,
+        metrics=None,
     ):
         self.store = store
+        self.metrics = metrics if metrics is not None else DaemonMetrics()
         self.authenticator = authenticator or Authenticator.disabled()
         self.sessions = {}  # client_id -> Session
         self._clock = clock
@@ -124,6 +128,16 @@ class RunRegistry:
             "runs.subscribe": self.subscribe,
             "runs.unsubscribe": self.unsubscribe,
         }
+
+    @property
+    def open_run_count(self) -> int:
+        """Open runs this daemon produces (or waits on a grace timer for)."""
+        return len(self._live)
+
+    @property
+    def grace_timer_count(self) -> int:
+        """Open runs whose producer left, waiting out their grace window."""
+        return sum(1 for live in self._live.values() if live.expiry is not None)
 
     # Sessions
 
@@ -157,6 +171,7 @@ class RunRegistry:
     async def _end(self, live: LiveRun, ended: dict) -> None:
         """Write a run's terminal record and tell its followers."""
         await self.store.end_run(live.run_id, ended)
+        self.metrics.run_ended(ended["termination"])
         self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, status_of(ended))
 
     def _finish(self, live: LiveRun) -> None:
@@ -205,6 +220,7 @@ class RunRegistry:
         for summary, (ok, result) in zip(stale, results):
             if ok:
                 ended += 1
+                self.metrics.run_ended("incomplete")
                 log.info("run {run_id} ended incomplete: the daemon restarted", run_id=summary.run_id)
             elif not result.check(RunTerminal, RunNotFound):
                 log.failure("run {run_id} could not be ended", result, run_id=summary.run_id)
@@ -280,6 +296,7 @@ class RunRegistry:
                 existing = await self.store.get_run(run_id)
                 return self._restart(session, run_id, existing.agent_id, agent_id)
             raise
+        self.metrics.runs_started.inc()
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
@@ -464,8 +481,8 @@ class RunRegistry:
         }
 
     async def list_runs(self, session: Session, params: dict) -> dict:
-        agent_id = id_param(params, "agent_id", required=session.agent_id is None)
-        agent_id = agent_id or session.agent_id
+        # Without agent_id: the bound agent's runs, or every agent's (None).
+        agent_id = id_param(params, "agent_id") or session.agent_id
         if not self._may_read(session, agent_id):
             raise InvalidParams(
                 f"invalid params: this session may list only agent {session.agent_id!r}"

@@ -10,6 +10,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from car_twisted import __version__
 from car_twisted.auth import (
     HOST_TOKEN_FILE,
     SECRET_ENV,
@@ -18,15 +19,22 @@ from car_twisted.auth import (
     TokenFileError,
 )
 from car_twisted.limits import WireLimits
+from car_twisted.metrics import DaemonMetrics
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.sqlite import SQLiteRunStore
+from car_twisted.web.health import DaemonHealth
+from car_twisted.web.live import DashboardFactory
+from car_twisted.web.login import DashboardLogin
+from car_twisted.web.site import dashboard_site
 
 log = Logger()
 
 DEFAULT_LISTEN = "tcp:9100:interface=127.0.0.1"
+#: The HTTP side (dashboard, health, metrics): the WebSocket port + 1.
+DEFAULT_HTTP = "tcp:9101:interface=127.0.0.1"
 
 #: --store name -> f(reactor, options) returning the store, or a Deferred of it.
 STORES = {
@@ -78,6 +86,7 @@ class Options(usage.Options):
         ["data-dir", None, None, "Where runs and tokens are kept [default: $CAR_HOME or ~/.car]."],
         ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
+        ["http", None, DEFAULT_HTTP, "Endpoint of the dashboard, /healthz and /metrics (none: no HTTP side)."],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
     ] + [
         [name, None, getattr(_DEFAULT_LIMITS, field), description, kind]
@@ -111,6 +120,13 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--listen {description!r} is not a server endpoint: {e}")
         self["endpoints"] = endpoints
+        if self["http"] == "none":
+            self["http-endpoint"] = None
+        else:
+            try:
+                self["http-endpoint"] = serverFromString(reactor, self["http"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"--http {self['http']!r} is not a server endpoint (or none): {e}")
         self["data-dir"] = os.path.abspath(self["data-dir"] or default_data_dir())
 
     def _limits(self) -> WireLimits:
@@ -136,6 +152,9 @@ class DaemonService(Service):
         self._ports = []
         self.registry = None
         self.factory = None
+        self.health = None
+        self._http_port = None
+        self._dashboard = None
         self.ready = None
 
     def startService(self):
@@ -147,12 +166,17 @@ class DaemonService(Service):
         options = self._options
         authenticator = self._authenticator()
         store = await maybeDeferred(STORES[options["store"]], self._reactor, options)
+        metrics = DaemonMetrics()
+        if hasattr(store, "on_commit"):
+            store.on_commit = metrics.commit
         self.registry = RunRegistry(
-            store, self._reactor, options["grace"], authenticator=authenticator
+            store, self._reactor, options["grace"], authenticator=authenticator, metrics=metrics
         )
-        self.factory = factory = RunTracingFactory(self.registry, options["limits"])
+        metrics.watch(self.registry)
+        self.factory = factory = RunTracingFactory(self.registry, options["limits"], metrics=metrics)
         log.info(
-            "car-twisted: {store} store, data in {data_dir}, auth {auth}",
+            "car-twisted {version}: {store} store, data in {data_dir}, auth {auth}",
+            version=__version__,
             store=options["store"],
             data_dir=options["data-dir"],
             auth="off" if options["no-auth"] else "on",
@@ -163,6 +187,23 @@ class DaemonService(Service):
             port = await endpoint.listen(factory)
             self._ports.append(port)
             log.info("car-twisted listening on {endpoint} ({address})", endpoint=description, address=port.getHost())
+        if options["http-endpoint"] is not None:
+            await self._serve_http(authenticator, metrics)
+
+    async def _serve_http(self, authenticator, metrics):
+        """Serve the dashboard, /healthz and /metrics on the --http endpoint."""
+        options = self._options
+        self.health = DaemonHealth(self.registry, metrics, options["store"])
+        self._dashboard = DashboardFactory(self.registry, options["limits"], metrics)
+        site = dashboard_site(
+            DashboardLogin(authenticator.host_token), self.health, metrics, self._dashboard
+        )
+        self._http_port = await options["http-endpoint"].listen(site)
+        log.info(
+            "car-twisted dashboard on {endpoint} ({address})",
+            endpoint=options["http"],
+            address=self._http_port.getHost(),
+        )
 
     def _authenticator(self):
         """
@@ -205,6 +246,8 @@ class DaemonService(Service):
     async def _stop(self):
         if self.ready is not None:
             await self.ready
+        if self.health is not None:
+            self.health.stopping = True
         ports, self._ports = self._ports, []
         await gatherResults([port.stopListening() for port in ports])
         if self.factory is not None:
@@ -213,8 +256,13 @@ class DaemonService(Service):
                 count=len(self.factory.connections),
             )
             await self.factory.stop_serving()
+        if self._dashboard is not None:
+            await self._dashboard.stop_serving()
         if self.registry is not None:
             await self.registry.stop()
+        if self._http_port is not None:
+            # Last, so /healthz answers 503 while the daemon stops.
+            await self._http_port.stopListening()
         log.info("car-twisted stopped: the store is closed")
 
 

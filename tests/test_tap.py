@@ -77,7 +77,7 @@ class ServiceTests(unittest.TestCase):
         """The service listens on its endpoint, answers JSON-RPC, and stops
         listening when stopped."""
         options = Options()
-        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--store", "memory", "--no-auth", "--data-dir", self.mktemp()])
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--http", "none", "--store", "memory", "--no-auth", "--data-dir", self.mktemp()])
         service = makeService(options)
         service.startService()
         await service.ready
@@ -95,7 +95,9 @@ class DaemonServiceAuthTests(unittest.TestCase):
     async def start(self, *argv, environ=None):
         """Start the service on an ephemeral loopback port; its log texts."""
         options = Options()
-        options.parseOptions(["--store", "memory", "--listen", "tcp:0:interface=127.0.0.1", *argv])
+        options.parseOptions(
+            ["--store", "memory", "--listen", "tcp:0:interface=127.0.0.1", "--http", "none", *argv]
+        )
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)

@@ -14,6 +14,7 @@ See docs/storage.md.
 import bisect
 import fcntl
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,27 +43,27 @@ log = Logger()
 DURABILITIES = ("fsync", "none")
 
 
-class AgentRuns:
-    """One agent's durable runs in start order, with positions by status."""
+class RunIndex:
+    """Durable runs in start order, with positions by status."""
 
-    def __init__(self, agent_id: str, directory: str):
-        self.agent_id = agent_id
-        self.directory = directory
+    def __init__(self):
         self.runs = []
+        self._position = {}  # run_id -> position in self.runs
         self._positions = {status: [] for status in RUN_STATUSES}
 
     def add(self, run: RunState) -> None:
-        run.position = len(self.runs)
+        position = self._position[run.run_id] = len(self.runs)
         self.runs.append(run)
-        self._positions[run.status].append(run.position)
+        self._positions[run.status].append(position)
 
     def moved(self, run: RunState, old_status: str) -> None:
         """Re-file a run whose status changed."""
-        if run.position is None:
+        position = self._position.get(run.run_id)
+        if position is None:
             return
         positions = self._positions[old_status]
-        del positions[bisect.bisect_left(positions, run.position)]
-        bisect.insort(self._positions[run.status], run.position)
+        del positions[bisect.bisect_left(positions, position)]
+        bisect.insort(self._positions[run.status], position)
 
     def page(self, cursor, limit: int, status: Optional[str]):
         """Newest first from below C{cursor}; cost grows with C{limit} only."""
@@ -77,6 +78,15 @@ class AgentRuns:
             more = end - limit > 0
         page = [self.runs[position].summary() for position in chosen]
         return page, (str(chosen[-1]) if more else None)
+
+
+class AgentRuns(RunIndex):
+    """One agent's durable runs, and the directory they are kept in."""
+
+    def __init__(self, agent_id: str, directory: str):
+        super().__init__()
+        self.agent_id = agent_id
+        self.directory = directory
 
 
 @dataclass(eq=False)
@@ -114,6 +124,9 @@ class FileRunStore:
     @param durability: C{"fsync"} acknowledges writes once on stable
         storage; C{"none"} once handed to the operating system (they survive
         a daemon crash, not a power cut).
+    @ivar on_commit: C{f(writes, seconds, error)}, called after each batch
+        with its size, how long it took and the error that kept it off the
+        disk, or None (the daemon's metrics and health).
     """
 
     def __init__(self, reactor, data_dir: str, durability: str = "fsync"):
@@ -125,11 +138,13 @@ class FileRunStore:
         self._sync = durability == "fsync"
         self._runs = {}  # run_id -> RunState
         self._agents = {}  # agent_id -> AgentRuns
+        self._everyone = RunIndex()  # every agent's runs
         #: Ids of runs found with damaged lines; their readable records are served.
         self.corrupt_runs = set()
         self._queue = []
         self._committing = None  # the Deferred of the batch on disk
         self._closed = None
+        self.on_commit = lambda writes, seconds, error: None
         self._lock_fd = None
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="car-file-store")
         self._pool.start()
@@ -199,6 +214,9 @@ class FileRunStore:
                     continue
                 self._runs[run.run_id] = run
                 agent.add(run)
+        # Sorting is stable: runs of one agent started in one millisecond keep their order.
+        for run in sorted(self._runs.values(), key=lambda run: run.started_at):
+            self._everyone.add(run)
         self.corrupt_runs |= findings.corrupt
         for note in findings.notes:
             log.warn("file store: {note}", note=note)
@@ -234,6 +252,7 @@ class FileRunStore:
 
     def _started(self, _, write: _Write):
         self._agents.setdefault(write.run.agent_id, write.agent).add(write.run)
+        self._everyone.add(write.run)
 
     def _not_started(self, failure, write: _Write):
         if self._runs.get(write.run.run_id) is write.run:
@@ -274,6 +293,7 @@ class FileRunStore:
         agent = self._agents.get(run.agent_id)
         if agent is not None:
             agent.moved(run, "in_progress")
+            self._everyone.moved(run, "in_progress")
         return self._submit(_Write(run, layout.encode_line(ended), index_entry=run.end_entry()))
 
     def _submit(self, write: _Write) -> Deferred:
@@ -288,9 +308,9 @@ class FileRunStore:
     def _commit_next(self) -> None:
         batch, self._queue = self._queue, []
         self._committing = self._in_thread(self._write_batch, batch)
-        self._committing.addBoth(self._committed, batch)
+        self._committing.addBoth(self._committed, batch, time.monotonic())
 
-    def _committed(self, outcome, batch):
+    def _committed(self, outcome, batch, started):
         self._committing = None
         if self._queue:
             self._commit_next()
@@ -299,6 +319,8 @@ class FileRunStore:
             errors, notes = [outcome.value] * len(batch), []
         else:
             errors, notes = outcome
+        failed = next((error for error in errors if error is not None), None)
+        self.on_commit(len(batch), time.monotonic() - started, failed)
         for note in notes:
             log.warn("file store: {note}", note=note)
         for write, error in zip(batch, errors):
@@ -411,12 +433,12 @@ class FileRunStore:
         return page, cursor + len(page)
 
     def list_runs(self, agent_id, cursor, limit, status):
-        agent = self._agents.get(agent_id)
+        runs = self._everyone if agent_id is None else self._agents.get(agent_id)
         try:
-            if agent is None:
+            if runs is None:
                 parse_position_cursor(cursor, 0)
                 return succeed(([], None))
-            return succeed(agent.page(cursor, limit, status))
+            return succeed(runs.page(cursor, limit, status))
         except ValueError as e:
             return fail(e)
 
