@@ -22,6 +22,9 @@ READ_METHODS = frozenset(
 
 class DashboardProtocol(RunTracingProtocol):
     def onOpen(self):
+        # The connection was taken over from twisted.web, whose HTTP channel
+        # is still the transport's producer; the session's outbox replaces it.
+        self.transport.unregisterProducer()
         super().onOpen()
         # The login cookie was checked before the upgrade.
         self.session.role = "host"

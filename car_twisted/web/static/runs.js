@@ -47,7 +47,8 @@ function runRow(run) {
   intent.append(link);
   row.append(intent);
   const status = Car.element("td");
-  const label = run.outcome_status ? run.status + " (" + run.outcome_status + ")" : run.status;
+  const shown = run.status.replace("_", " ");
+  const label = run.outcome_status ? shown + " (" + run.outcome_status + ")" : shown;
   status.append(Car.element("span", label, "status " + run.status));
   row.append(status);
   row.append(Car.element("td", run.turn_count, "number"));
@@ -76,10 +77,10 @@ function drawCounts(runs) {
   const counts = document.getElementById("counts");
   counts.replaceChildren(
     ...Car.statuses.map((status) => {
-      const item = Car.element("li", null, "status " + status);
+      const item = Car.element("li", null, "key " + status);
       item.dataset.status = status;
       item.append(Car.element("span", runs.filter((run) => run.status === status).length, "count"));
-      item.append(Car.element("span", " " + status.replace("_", " ")));
+      item.append(Car.element("span", status.replace("_", " ")));
       return item;
     })
   );
