@@ -2,19 +2,22 @@
 The ``car-twisted`` command, for operators and supervisors.
 
 ``car-twisted agent-token AGENT_ID`` prints an agent's token from the daemon
-secret; ``car-twisted runs list|show|tail`` read a running daemon's runs as
-the host. Tables for people, ``--json`` for scripts.
+secret; ``car-twisted dashboard`` the dashboard's login link;
+``car-twisted runs list|show|tail`` read a running daemon's runs as the
+host. Tables for people, ``--json`` for scripts.
 """
 
 import argparse
 import json
 import os
 import sys
+from urllib.parse import quote
 
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.error import ConnectError
 from twisted.internet.task import react
 
+from car_twisted import __version__
 from car_twisted.auth import (
     HOST_TOKEN_FILE,
     SECRET_ENV,
@@ -28,6 +31,8 @@ from car_twisted.interfaces import RUN_STATUSES
 from car_twisted.records import MAX_ID
 from car_twisted.tap import default_data_dir
 
+#: Where the dashboard is when the daemon runs with its default --http.
+DEFAULT_DASHBOARD_URL = "http://127.0.0.1:9101"
 #: How many trace records one runs.get_trace call asks for.
 TRACE_PAGE = 500
 
@@ -42,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="car-twisted", description="Operate a car-twisted run-tracing daemon."
     )
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data_dir = argparse.ArgumentParser(add_help=False)
     data_dir.add_argument(
@@ -52,6 +58,13 @@ def parser() -> argparse.ArgumentParser:
         "agent-token", parents=[data_dir], help="print the token an agent authenticates with"
     )
     token.add_argument("agent_id", metavar="AGENT_ID")
+    dashboard = commands.add_parser(
+        "dashboard", parents=[data_dir], help="print the dashboard's login link (it holds the host token)"
+    )
+    dashboard.add_argument(
+        "--url", default=DEFAULT_DASHBOARD_URL,
+        help=f"the daemon's --http address [default: {DEFAULT_DASHBOARD_URL}]",
+    )  # fmt: skip
 
     daemon = argparse.ArgumentParser(add_help=False, parents=[data_dir])
     daemon.add_argument(
@@ -79,6 +92,8 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.command == "agent-token":
         sys.exit(print_agent_token(args, os.environ, sys.stdout, sys.stderr))
+    if args.command == "dashboard":
+        sys.exit(print_dashboard_link(args, os.environ, sys.stdout, sys.stderr))
     react(_react_main, (args,))
 
 
@@ -106,6 +121,24 @@ def print_agent_token(args, environ, out, err) -> int:
         err.write(f"car-twisted: {e}\n")
         return 1
     out.write(agent_token(secret, args.agent_id) + "\n")
+    return 0
+
+
+def print_dashboard_link(args, environ, out, err) -> int:
+    """``car-twisted dashboard``: the exit status."""
+    data_dir = args.data_dir or default_data_dir(environ)
+    try:
+        host_token = read_token(os.path.join(data_dir, HOST_TOKEN_FILE))
+    except FileNotFoundError as e:
+        err.write(
+            f"car-twisted: no host token at {e.filename}; start the daemon once "
+            "(it creates the token) or pass the daemon's --data-dir\n"
+        )
+        return 1
+    except (TokenFileError, OSError) as e:
+        err.write(f"car-twisted: {e}\n")
+        return 1
+    out.write(f"{args.url.rstrip('/')}/login?token={quote(host_token, safe='')}\n")
     return 0
 
 

@@ -8,8 +8,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
+from car_twisted import __version__
 from car_twisted.limits import WireLimits
-from car_twisted.tap import DEFAULT_LISTEN, DaemonService, Options, makeService
+from car_twisted.tap import DEFAULT_HTTP, DEFAULT_LISTEN, DaemonService, Options, makeService
 from tests.support import RPCClient, private_dir
 
 
@@ -24,6 +25,12 @@ class OptionsTests(unittest.TestCase):
         options = self.parse("--data-dir", self.mktemp())
         self.assertEqual(options["listen"], [DEFAULT_LISTEN])
         self.assertEqual(options["grace"], 0.25)
+        self.assertEqual(options["http"], DEFAULT_HTTP)
+        self.assertIsNotNone(options["http-endpoint"])
+
+    def test_http_none_turns_the_http_side_off(self):
+        """--http none: no HTTP endpoint."""
+        self.assertIsNone(self.parse("--http", "none", "--data-dir", "d")["http-endpoint"])
 
     def test_limits_default_and_set(self):
         """Without limit options the wire limits are the defaults; each
@@ -58,6 +65,7 @@ class OptionsTests(unittest.TestCase):
         for argv, needle in [
             (["--store", "nope"], "--store"),
             (["--listen", "bogus:1"], "--listen"),
+            (["--http", "bogus:1"], "--http"),
             (["--grace", "-1"], "--grace"),
             (["--grace", "soon"], "could not convert"),
             (["--no-such-option"], "no-such-option"),
@@ -126,6 +134,11 @@ class DaemonServiceAuthTests(unittest.TestCase):
         refused = await ws.call_raw("runs.list", {"agent_id": "agent-A"})
         self.assertEqual(refused["error"]["code"], -32001)
         self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_startup_line_names_the_version(self):
+        """The startup log line names the package's version."""
+        _, logged = await self.start("--data-dir", private_dir(self), "--no-auth")
+        self.assertTrue(any(text.startswith(f"car-twisted {__version__}: memory store") for text in logged), logged)
 
     async def test_environment_secret_is_named_not_logged(self):
         """With CAR_AUTH_TOKEN set, the log names the variable, not its value."""
