@@ -30,6 +30,7 @@ from car_twisted.interfaces import (
     TurnLimitReached,
     status_of,
 )
+from car_twisted.metrics import DaemonMetrics
 from car_twisted.records import (
     MAX_TURNS_PER_RUN,
     agent_slug,
@@ -47,7 +48,6 @@ from car_twisted.records import (
     text_param,
     too_large,
 )
-from car_twisted.metrics import DaemonMetrics
 from car_twisted.session import Session
 
 log = Logger()
