@@ -1,6 +1,8 @@
 """``/healthz`` and ``/metrics`` of a daemon service, with real traffic."""
 
+import errno
 import json
+import os
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
@@ -60,17 +62,29 @@ class HealthTests(unittest.TestCase):
         await stopped
 
     async def test_healthz_is_503_while_the_store_cannot_write(self):
-        """A failed store commit makes /healthz 503 with the store's error;
-        the next good commit makes it healthy again."""
-        service = await start_service(self, "--store", "memory", "--no-auth", "--data-dir", private_dir(self))
-        metrics = service.registry.metrics
-        metrics.commit(1, 0.01, OSError(28, "No space left on device"))
+        """While the file store's commits fail (the disk is full), /healthz
+        is 503 with the store's error; the next good commit makes it
+        healthy again."""
+        service = await start_service(self, "--store", "file", "--no-auth", "--data-dir", private_dir(self))
+        agent = await RPCClient.connect(service.port)
+        real_fsync = os.fsync
+
+        def full_disk(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "fsync", full_disk)
+        refused = await agent.call_raw("runs.start", {"agent_id": "a", "intent": "x"})
+        self.assertEqual(refused["error"]["code"], -32603)
+        self.flushLoggedErrors(OSError)
         code, _, body = await get(service.http_url + "/healthz")
         self.assertEqual(code, 503)
+        self.assertIn("the store cannot write: ", json.loads(body)["reason"])
         self.assertIn("No space left on device", json.loads(body)["reason"])
-        metrics.commit(1, 0.01, None)
+        self.patch(os, "fsync", real_fsync)
+        await agent.call("runs.start", {"agent_id": "a", "intent": "x"})
         code, _, _ = await get(service.http_url + "/healthz")
         self.assertEqual(code, 200)
+        await agent.close()
 
 
 class MetricsTests(unittest.TestCase):
@@ -120,6 +134,18 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(moved("car_store_write_seconds_count"), moved("car_store_commit_batch_size_count"))
         labels = {label for (_, labelled) in after for label in labelled}
         self.assertFalse({value for _, value in labels} & {run_id, "agent-7", "agent-8"})
+        await agent.close()
+
+    async def test_sqlite_commits_are_measured(self):
+        """The SQLite store's commits move the write latency and batch size
+        histograms too."""
+        service = await start_service(self, "--store", "sqlite", "--no-auth", "--data-dir", private_dir(self))
+        before = await scrape(service)
+        agent = await RPCClient.connect(service.port)
+        await agent.call("runs.start", {"agent_id": "a", "intent": "x"})
+        after = await scrape(service)
+        for name in ("car_store_commit_batch_size_sum", "car_store_write_seconds_count"):
+            self.assertEqual(value(after, name) - value(before, name), 1, name)
         await agent.close()
 
     async def test_each_daemon_has_its_own_registry(self):
