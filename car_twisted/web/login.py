@@ -44,12 +44,11 @@ class DashboardLogin:
 
     def log_in(self, request, token: str) -> bool:
         """Set the cookie if C{token} is the host token."""
-        if self._cookie is not None and not tokens_match(token, self._host_token):
+        if self._cookie is None:
+            return True
+        if not tokens_match(token, self._host_token):
             return False
-        if self._cookie is not None:
-            request.addCookie(
-                COOKIE, self._cookie.encode(), path=b"/", httpOnly=True, sameSite="strict"
-            )
+        request.addCookie(COOKIE, self._cookie.encode(), path=b"/", httpOnly=True, sameSite="strict")
         return True
 
 

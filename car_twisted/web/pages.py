@@ -85,7 +85,9 @@ class Assets(Resource):
         self._assets = {name.encode(): asset(name) for name in names}
 
     def getChild(self, path, request):
-        return _Asset(self._assets[path], path) if path in self._assets else Resource.getChild(self, path, request)
+        if path not in self._assets:
+            return Resource.getChild(self, path, request)
+        return _Asset(self._assets[path], path)
 
 
 class _Asset(Resource):
