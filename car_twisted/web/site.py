@@ -2,7 +2,6 @@
 The HTTP side's resource tree: which path serves what.
 """
 
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from car_twisted.web.health import Health, Metrics
@@ -14,13 +13,12 @@ ASSETS = ("dashboard.css", "rpc.js", "runs.js", "run.js")
 
 
 class DashboardSite(Site):
-    """A L{Site} without an access log: a ``/login`` URL carries the host token."""
+    """A L{Site} that shows no tracebacks and keeps no access log."""
 
-    noisy = False
     displayTracebacks = False
 
     def log(self, request):
-        pass
+        """Nothing: a ``/login`` URL carries the host token."""
 
 
 def dashboard_site(login, health, metrics, live_factory) -> DashboardSite:

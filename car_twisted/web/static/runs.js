@@ -5,8 +5,10 @@
 const PAGE_SIZE = 25;
 const REFRESH_MS = 2000;
 const CHART_REFRESH_MS = 5000;
-// The chart reads at most this many pages of 500 runs.
-const CHART_PAGES = 20;
+// The chart reads at most CHART_PAGES pages of CHART_PAGE runs; a page of
+// 50 summaries fits the smallest message limit even with 16 KiB intents.
+const CHART_PAGE = 50;
+const CHART_PAGES = 100;
 const SVG = "http://www.w3.org/2000/svg";
 
 const query = new URLSearchParams(location.search);
@@ -61,7 +63,7 @@ async function refreshChart() {
   const runs = [];
   let cursor = null;
   for (let n = 0; n < CHART_PAGES; n++) {
-    const params = listParams({ limit: 500 });
+    const params = listParams({ limit: CHART_PAGE });
     if (cursor !== null) params.cursor = cursor;
     const page = await Car.call("runs.list", params);
     const recent = page.runs.filter((run) => Date.parse(run.started_at) >= since);
