@@ -120,6 +120,25 @@ def counted(page, expected):
     return page.locator("#counts .count").all_inner_texts()
 
 
+def shown_rows(page, count):
+    """Wait for C{count} run rows; their C{(run id, status)}."""
+    page.wait_for_function("(count) => document.querySelectorAll('#runs tr').length === count", arg=count)
+    rows = page.locator("#runs tr")
+    return [(rows.nth(n).get_attribute("data-run-id"), rows.nth(n).get_attribute("data-status")) for n in range(count)]
+
+
+def click_and_show(page, button, count):
+    page.click(button)
+    return shown_rows(page, count)
+
+
+def filter_runs(page, agent, status, count):
+    page.fill("#agent", agent)
+    page.select_option("#status", status)
+    page.click("#filter button[type=submit]")
+    return shown_rows(page, count)
+
+
 def go_home(page, url):
     page.goto(url + "/")
     page.wait_for_selector('#connection[data-state="live"]')
@@ -191,6 +210,30 @@ class DashboardBrowserTests(unittest.TestCase):
         counts = await dashboard.run(counted, {"in_progress": 1, "completed": 2, "incomplete": 1, "cancelled": 0})
         self.assertEqual(counts, ["1", "2", "1", "0"])
         await dashboard.run(screenshot, "runs")
+        await agent.close()
+        await other.close()
+
+    async def test_pages_and_filters(self):
+        """The runs page shows 25 runs a page, newest first, with Older and
+        Newer; the agent and status filters narrow it."""
+        dashboard = await Dashboard.start(self)
+        agent = await dashboard.agent("agent-a")
+        runs = []
+        for n in range(27):
+            run_id = (await agent.call("runs.start", {"intent": f"goal {n}"}))["run_id"]
+            if n % 3 == 0:
+                await agent.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+            runs.append((run_id, "completed" if n % 3 == 0 else "in_progress"))
+        other = await dashboard.agent("agent-b")
+        lone = (await other.call("runs.start", {"intent": "alone"}))["run_id"]
+        await dashboard.log_in()
+        newest = [(lone, "in_progress")] + runs[::-1]
+        self.assertEqual(await dashboard.run(shown_rows, 25), newest[:25])
+        self.assertEqual(await dashboard.run(click_and_show, "#older", 3), newest[25:])
+        self.assertEqual(await dashboard.run(click_and_show, "#newer", 25), newest[:25])
+        self.assertEqual(await dashboard.run(filter_runs, "agent-b", "", 1), [(lone, "in_progress")])
+        completed = [row for row in newest if row[1] == "completed"]
+        self.assertEqual(await dashboard.run(filter_runs, "agent-a", "completed", 9), completed)
         await agent.close()
         await other.close()
 
