@@ -136,6 +136,17 @@ class MetricsTests(unittest.TestCase):
         self.assertFalse({value for _, value in labels} & {run_id, "agent-7", "agent-8"})
         await agent.close()
 
+    async def test_connections_refused_at_the_cap(self):
+        """A connection refused at --max-connections is counted."""
+        service = await start_service(
+            self, "--store", "memory", "--no-auth", "--data-dir", private_dir(self), "--max-connections", "1"
+        )
+        first = await RPCClient.connect(service.port)
+        with self.assertRaises(ConnectionError):
+            await RPCClient.connect(service.port)
+        self.assertEqual(value(await scrape(service), "car_connections_refused_total"), 1)
+        await first.close()
+
     async def test_sqlite_commits_are_measured(self):
         """The SQLite store's commits move the write latency and batch size
         histograms too."""
