@@ -21,6 +21,7 @@ _CONTENT_TYPES = {
     "html": b"text/html; charset=utf-8",
     "css": b"text/css; charset=utf-8",
     "js": b"text/javascript; charset=utf-8",
+    "svg": b"image/svg+xml",
 }
 
 

@@ -9,7 +9,7 @@ from car_twisted.web.live import LiveSocket
 from car_twisted.web.login import Login
 from car_twisted.web.pages import Assets, Page, RunPages, asset
 
-ASSETS = ("dashboard.css", "rpc.js", "runs.js", "run.js")
+ASSETS = ("dashboard.css", "favicon.svg", "rpc.js", "runs.js", "run.js")
 
 
 class DashboardSite(Site):
