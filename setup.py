@@ -1,8 +1,17 @@
+import re
+
 from setuptools import find_packages, setup
+
+
+def version() -> str:
+    """The version, kept once: in car_twisted/__init__.py."""
+    with open("car_twisted/__init__.py", encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
+
 
 setup(
     name="car-twisted",
-    version="0.1.0",
+    version=version(),
     description="The CAR daemon's agent-run-tracing service, on Twisted.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

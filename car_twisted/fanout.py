@@ -3,8 +3,10 @@ Live trace following: which sessions follow which runs, and delivery of
 each newly durable record to them as a ``runs.trace.event`` notification.
 
 A follower that is still taking its snapshot buffers events; when the
-snapshot is read, the buffered events it does not already hold extend it,
-so the snapshot and the stream meet with no gap and no duplicate.
+snapshot is read, the buffered events it does not already hold (by record
+position) extend it, so the snapshot and the stream meet with no gap and no
+duplicate. The events carry CAR's cursor, the run's turn count, which the
+run service computes (see docs/protocol.md).
 """
 
 from car_twisted.session import Session
@@ -19,19 +21,17 @@ class TraceFanout:
         self._followers.setdefault(run_id, {})[session] = []
         session.following.add(run_id)
 
-    def snapshot_taken(self, session: Session, run_id: str, records: list, cursor: int) -> int:
+    def snapshot_taken(self, session: Session, run_id: str, records: list, position: int) -> None:
         """
         Merge the events that arrived while the snapshot was read into
-        C{records} (in place), switch the follower to live delivery, and
-        return the cursor after the merged records.
+        C{records} (in place), and switch the follower to live delivery.
+        C{position} is the record position after the snapshot's records.
         """
-        buffered = self._followers[run_id][session]
-        for record, event_cursor in buffered:
-            if event_cursor > cursor:
+        for event_position, record in self._followers[run_id][session]:
+            if event_position > position:
                 records.append(record)
-                cursor = event_cursor
+                position = event_position
         self._followers[run_id][session] = None
-        return cursor
 
     def unfollow(self, session: Session, run_id: str) -> bool:
         followers = self._followers.get(run_id, {})
@@ -46,8 +46,11 @@ class TraceFanout:
         for run_id in list(session.following):
             self.unfollow(session, run_id)
 
-    def publish(self, run_id: str, agent_id: str, record: dict, cursor: int, status: str) -> None:
-        """Deliver a durable record at position C{cursor - 1} to the run's followers."""
+    def publish(self, run_id: str, agent_id: str, record: dict, position: int, cursor: int, status: str) -> None:
+        """
+        Deliver a durable record, the run's record C{position - 1}, to the
+        run's followers; C{cursor} is the run's turn count once it is in.
+        """
         followers = self._followers.get(run_id)
         if not followers:
             return
@@ -56,7 +59,7 @@ class TraceFanout:
             if buffered is None:
                 session.notify("runs.trace.event", event)
             else:
-                buffered.append((record, cursor))
+                buffered.append((position, record))
         if status != "in_progress":
             for session in list(followers):
                 if followers.get(session) is None:

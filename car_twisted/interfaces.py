@@ -41,6 +41,18 @@ class TurnLimitReached(RunStoreError):
     """The run cannot take that many more turns."""
 
 
+class StoreWriteFailed(Exception):
+    """
+    The store could not write (disk full, I/O error): nothing of the write
+    was kept, on disk or in memory, so the same call may be retried.
+    """
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        #: What went wrong, e.g. C{"No space left on device"}.
+        self.detail = detail
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """One run as ``runs.list`` shows it."""
@@ -103,8 +115,20 @@ class IRunStore(Interface):
     in the order they were made, even when the caller does not wait for one
     to fire before making the next, and their Deferreds fire in that order.
     A Deferred that fires means the change is as durable as the store
-    promises (on stable storage, for the file store).
+    promises (on stable storage, for the file store). A write the store
+    could not make fails with L{StoreWriteFailed} and changes nothing, so
+    the same call can be made again.
     """
+
+    def open():
+        """
+        Load or create what the store keeps; called once, before any other
+        method (the daemon does it before it listens).
+
+        @return: Deferred firing with None once the store is ready; it fails
+            if the store cannot be used, with an error whose message says
+            why in one line.
+        """
 
     def start_run(started):
         """
@@ -172,7 +196,8 @@ class IRunStore(Interface):
 
     def close():
         """
-        Finish pending writes and release resources.
+        Finish pending writes and release resources; called once, after
+        L{open} succeeded.
 
         @return: Deferred firing with None once everything acknowledged is
             durable.

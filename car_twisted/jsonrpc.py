@@ -21,14 +21,12 @@ from twisted.internet.defer import gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from car_twisted.errors import InvalidParams, InvalidRequest, MethodNotFound, RPCError
-from car_twisted.limits import WireLimits
+from car_twisted.limits import MAX_ID_CHARS, WireLimits
 
 log = Logger()
 
 PARSE_ERROR = -32700
 INTERNAL_ERROR = -32603
-#: Longest string id the daemon reads; a longer one is answered with id null.
-MAX_ID_CHARS = 256
 
 _NO_ID = object()
 
@@ -60,8 +58,11 @@ def notification(method: str, params: dict) -> bytes:
     return encode({"jsonrpc": "2.0", "method": method, "params": params})
 
 
-def error_response(id_, code: int, message: str) -> dict:
-    return {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": id_}
+def error_response(id_, code: int, message: str, data=None) -> dict:
+    error = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "error": error, "id": id_}
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class Dispatcher:
         error.
     @param admit: C{f(session, method_name)}, called before each request
         (known method or not); it raises L{RPCError} to refuse it. An error
-        with a C{close_code} also closes the connection.
+        with a C{close_code} also closes the connection, and the requests
+        after it in the same batch do not run: each is answered that error.
     @param limits: the batch length, nesting depth and message size it
         enforces.
     @param on_error: C{f(code)}, called for each error object it answers
@@ -202,6 +204,11 @@ class Dispatcher:
         except InvalidRequest as e:
             self._on_error(e.code)
             return succeed(error_response(None if id_ is _NO_ID else id_, e.code, e.message))
+        if closing:
+            # An earlier request of the batch closes the connection: this
+            # one does not run, and is refused with the same error.
+            refusal = closing[0]
+            return succeed(None if id_ is _NO_ID else error_response(id_, refusal.code, refusal.message))
         d = maybeDeferred(self._call, name, session, params)
         d.addErrback(_note_closing, closing)
         if id_ is _NO_ID:
@@ -225,7 +232,7 @@ class Dispatcher:
     def _error(self, failure, id_) -> dict:
         self._on_error(failure.value.code if failure.check(RPCError) else INTERNAL_ERROR)
         if failure.check(RPCError):
-            return error_response(id_, failure.value.code, failure.value.message)
+            return error_response(id_, failure.value.code, failure.value.message, failure.value.data)
         log.failure("request {id} failed", failure, id=id_)
         return error_response(id_, INTERNAL_ERROR, "internal error: the request could not be handled")
 

@@ -20,8 +20,9 @@ class DaemonMetrics:
     """
     The counters and gauges one daemon updates, and their registry.
 
-    Gauges of state the run registry already holds (sessions, open runs,
-    grace timers) are read from it when scraped, once L{watch} is called.
+    Gauges of state the run service already holds (sessions, open runs,
+    grace timers, a failing store) are read from it when scraped, once
+    L{watch} is called.
     """
 
     def __init__(self, registry: CollectorRegistry = None):
@@ -37,16 +38,15 @@ class DaemonMetrics:
         self.write_seconds = Histogram("car_store_write_seconds", "Seconds from a store commit's start until it is durable.", buckets=WRITE_SECONDS_BUCKETS, registry=registry)
         self.commit_batch = Histogram("car_store_commit_batch_size", "Writes made durable by one store commit.", buckets=BATCH_SIZE_BUCKETS, registry=registry)
         self.events_dropped = Counter("car_follower_events_dropped", "Live trace events dropped for followers that did not read.", registry=registry)
-        self.store_failing = Gauge("car_store_failing", "1 while the store's last commit failed.", registry=registry)
-        #: Why the store's last commit failed, or None.
-        self.store_error = None
+        self.store_failing = Gauge("car_store_failing", "1 while the store's last write failed.", registry=registry)
         self.connections_refused = Counter("car_connections_refused", "Connections refused at the connection cap.", registry=registry)
 
     def watch(self, runs) -> None:
-        """Read the session, open-run and grace-timer gauges from a L{RunRegistry}."""
+        """Read the session, open-run, grace-timer and store gauges from a L{RunService}."""
         self.sessions.set_function(lambda: len(runs.sessions))
         self.open_runs.set_function(lambda: runs.open_run_count)
         self.grace_timers.set_function(lambda: runs.grace_timer_count)
+        self.store_failing.set_function(lambda: runs.store_failure is not None)
 
     def error(self, code: int) -> None:
         self.errors.labels(code=str(code)).inc()
@@ -54,15 +54,10 @@ class DaemonMetrics:
     def run_ended(self, termination: str) -> None:
         self.runs_ended.labels(termination=termination).inc()
 
-    def commit(self, size: int, seconds: float, error) -> None:
-        """
-        A store commit of C{size} writes took C{seconds}; C{error} is None,
-        or why it did not reach the disk (kept until a commit succeeds).
-        """
+    def commit(self, size: int, seconds: float) -> None:
+        """A store commit of C{size} writes took C{seconds}."""
         self.commit_batch.observe(size)
         self.write_seconds.observe(seconds)
-        self.store_error = error
-        self.store_failing.set(error is not None)
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""

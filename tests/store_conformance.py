@@ -6,7 +6,7 @@ defines C{make_store()} (returning a store, or a Deferred/coroutine of one)
 and closes it in a cleanup.
 """
 
-from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.defer import gatherResults
 from zope.interface.verify import verifyObject
 
 from car_twisted.interfaces import (
@@ -44,8 +44,16 @@ def turn(prompt="p"):
 
 
 class RunStoreConformance:
+    """
+    The IRunStore contract. A test case mixes it in and defines
+    C{make_store()}, returning a new store that is not yet open (and
+    arranging for it to be closed).
+    """
+
     async def _store(self):
-        return await maybeDeferred(self.make_store)
+        store = self.make_store()
+        await store.open()
+        return store
 
     async def test_provides_interface(self):
         """The store and the summaries it returns provide what they claim."""

@@ -1,8 +1,10 @@
 """
-Test support: a real daemon on a loopback port and a real WebSocket client.
+Test support: the daemon's parts in process (semantics, no socket), a real
+daemon on a loopback port and a real WebSocket client (what only the wire
+shows).
 
-The registry runs on a L{Clock} so tests move the grace window by hand,
-while the sockets use the real reactor.
+Both run the run service on a L{Clock}, so tests move the grace window by
+hand, while the sockets use the real reactor.
 """
 
 import json
@@ -20,8 +22,8 @@ from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_
 from car_twisted.jsonrpc import Dispatcher
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
-from car_twisted.registry import RunRegistry
 from car_twisted.store.memory import MemoryRunStore
+from car_twisted.tap import assemble
 
 SUCCESS_OUTCOME = {
     "status": "success",
@@ -157,43 +159,120 @@ class HeldStore:
             getattr(self._store, name)(*args).chainDeferred(d)
 
 
-class LoopbackDaemon:
+class InProcessDaemon:
     """
-    A registry on a memory store, served on an ephemeral loopback port.
-
-    Without an C{authenticator} every session is accepted (``--no-auth``).
-    C{extra_methods} (wire name -> method) stand in for methods the
-    registry does not have yet.
+    A daemon's parts wired as C{twistd car} wires them, on a memory store
+    (or C{store}) and a L{Clock}, with no socket: each L{InProcessClient}
+    hands its frames straight to the dispatcher, and a memory store
+    answers at once, so semantics tests run without polling. Without an
+    C{authenticator} every session is accepted (``--no-auth``).
     """
 
-    def __init__(
-        self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None, limits=None
-    ):
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, limits=None):
         self.clock = Clock()
         self.store = store if store is not None else MemoryRunStore()
-        self.registry = RunRegistry(
+        self.limits = limits or WireLimits()
+        self.authenticator = authenticator or Authenticator.disabled()
+        self.parts = assemble(
             self.store,
             self.clock,
+            self.authenticator,
+            self.limits,
             grace,
             environ if environ is not None else {},
-            authenticator=authenticator,
         )
-        self.extra_methods = extra_methods or {}
-        self.limits = limits or WireLimits()
-        self.factory = None
-        self.port = None
+        self.runs = self.parts.runs
+        self.dispatcher = self.parts.dispatcher
         self.clients = []
+
+    def session(self, notify=None):
+        """A new session; C{notify(method, params)} receives its notifications."""
+        return self.runs.open_session("in-process", notify or (lambda method, params: None))
+
+    async def connect(self):
+        client = InProcessClient(self)
+        self.clients.append(client)
+        return client
+
+    def only_session(self):
+        (session,) = self.runs.sessions.values()
+        return session
+
+    async def wait_closed(self):
+        """Every client's close reached the run service as it happened."""
+        assert not self.runs.sessions, self.runs.sessions
+
+    async def stop(self):
+        """
+        Close every client, let every window run out, and check that no
+        timer is left behind.
+        """
+        for client in self.clients:
+            await client.drop()
+        self.clock.advance(24 * 3600)
+        assert not self.clock.getDelayedCalls(), self.clock.getDelayedCalls()
+
+
+class InProcessClient(RPCClient):
+    """
+    L{RPCClient}'s calls on one session of an L{InProcessDaemon}: each frame
+    goes to the dispatcher, each answer and notification comes back in the
+    order it is ready, as the protocol would send them.
+    """
+
+    def __init__(self, daemon):
+        super().__init__(None)
+        self._daemon = daemon
+        self._frames = DeferredQueue()
+        self.closed = False
+        self.session = daemon.runs.open_session("in-process", self._notify)
+
+    def _notify(self, method, params):
+        self._frames.put({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def send_text(self, text):
+        payload = text.encode() if isinstance(text, str) else text
+        d = self._daemon.dispatcher.dispatch(self.session, payload)
+        d.addCallback(self._answer)
+
+    def _answer(self, reply):
+        if reply.frame is not None and not self.closed:
+            self._frames.put(json.loads(reply.frame))
+
+    def receive(self):
+        return self._frames.get()
+
+    async def close(self):
+        """The connection closes: the run service hears it at once."""
+        if not self.closed:
+            self.closed = True
+            self._daemon.runs.close_session(self.session)
+
+    drop = close
+
+
+class LoopbackDaemon(InProcessDaemon):
+    """
+    An L{InProcessDaemon} served on an ephemeral loopback port.
+
+    C{extra_methods} (wire name -> method) stand in for methods the daemon
+    does not have yet.
+    """
+
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None, limits=None):
+        super().__init__(store, grace, environ, authenticator, limits)
+        self.factory = self.parts.factory
+        if extra_methods:
+            methods = {**self.parts.methods, **extra_methods}
+            dispatcher = Dispatcher(methods, self.authenticator.admit, self.limits)
+            self.factory = RunTracingFactory(
+                dispatcher, self.runs, self.limits, self.clock, self.authenticator.enabled
+            )
+        self.port = None
 
     async def start(self):
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        self.factory = factory = RunTracingFactory(self.registry, self.limits)
-        if self.extra_methods:
-            factory.dispatcher = Dispatcher(
-                {**self.registry.methods(), **self.extra_methods},
-                self.registry.authenticator.admit,
-                self.limits,
-            )
-        self.port = await endpoint.listen(factory)
+        self.port = await endpoint.listen(self.factory)
         return self
 
     @property
@@ -205,13 +284,9 @@ class LoopbackDaemon:
         self.clients.append(client)
         return client
 
-    def only_session(self):
-        (session,) = self.registry.sessions.values()
-        return session
-
     async def wait_closed(self):
         """Wait until the daemon has seen every connection close."""
-        await wait_for(lambda: not self.registry.sessions, "sessions to close")
+        await wait_for(lambda: not self.runs.sessions, "sessions to close")
 
     async def stop(self):
         """
@@ -230,6 +305,13 @@ class LoopbackDaemon:
 async def serve(testcase, **kwargs):
     """Start a L{LoopbackDaemon} that stops when C{testcase} ends."""
     daemon = await LoopbackDaemon(**kwargs).start()
+    testcase.addCleanup(daemon.stop)
+    return daemon
+
+
+def in_process(testcase, **kwargs) -> InProcessDaemon:
+    """An L{InProcessDaemon} that stops when C{testcase} ends."""
+    daemon = InProcessDaemon(**kwargs)
     testcase.addCleanup(daemon.stop)
     return daemon
 

@@ -3,9 +3,14 @@ session.auth, the auth-required close and who may read and write which
 runs, over a real WebSocket on a loopback port.
 """
 
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from car_twisted.auth import agent_token
+from car_twisted.auth import AUTH_FAILURE_LOG_INTERVAL, Authenticator, agent_token
+from car_twisted.errors import AuthFailed
+from car_twisted.limits import WireLimits
+from car_twisted.session import Session
 from car_twisted.store.memory import MemoryRunStore
 from tests.support import SUCCESS_OUTCOME, AuthDaemon, serve
 
@@ -212,6 +217,106 @@ class AuthRequiredTests(unittest.TestCase):
         self.assertEqual(wrong["error"], MISMATCH)
         await ws.call("session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")})
         self.assertTrue((await ws.call("runs.start", {"intent": "after retry"}))["run_id"])
+
+
+    async def test_batch_stops_at_auth_required(self):
+        """A batch [runs.start, session.auth, runs.start] before auth: the
+        first start is refused -32001, and the requests after it do not run
+        (each is answered the same -32001), so no run is started and the
+        session is not authenticated; then the connection closes with 4001."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        token = agent_token(auth.secret, "agent-A")
+        ws.send([
+            {"jsonrpc": "2.0", "id": 1, "method": "runs.start", "params": {"agent_id": "agent-A", "intent": "early"}},
+            {"jsonrpc": "2.0", "id": 2, "method": "session.auth", "params": {"agent_id": "agent-A", "token": token}},
+            {"jsonrpc": "2.0", "id": 3, "method": "runs.start", "params": {"intent": "late"}},
+        ])
+        answers = await ws.receive()
+        self.assertEqual([a["id"] for a in answers], [1, 2, 3])
+        self.assertEqual([a["error"]["code"] for a in answers], [-32001] * 3)
+        self.assertFalse(auth.daemon.only_session().authenticated)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        self.assertEqual(await auth.daemon.store.open_runs(), [])
+        runs, _ = await auth.daemon.store.list_runs("agent-A", None, 10, None)
+        self.assertEqual(runs, [])
+
+
+class AuthDeadlineTests(unittest.TestCase):
+    """The auth deadline runs on the daemon's Clock."""
+
+    async def test_unauthenticated_session_is_closed_at_the_deadline(self):
+        """With auth on, a session that has not authenticated auth_timeout
+        seconds after the upgrade is closed with 4001 and a reason saying
+        so; until then it stays open."""
+        auth = await AuthDaemon.serve(self, limits=WireLimits(auth_timeout=10))
+        ws = await auth.daemon.connect()
+        (connection,) = auth.daemon.factory.connections
+        auth.daemon.clock.advance(9.9)
+        self.assertEqual(connection.state, connection.STATE_OPEN)
+        self.assertFalse(connection.closing)
+        auth.daemon.clock.advance(0.1)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        self.assertIn("auth timeout", ws.protocol.remoteCloseReason)
+        await auth.daemon.wait_closed()
+        self.assertEqual(auth.daemon.clock.getDelayedCalls(), [])
+
+    async def test_auth_cancels_the_deadline(self):
+        """session.auth cancels the session's deadline: no timer is left and
+        the session outlives it."""
+        auth = await AuthDaemon.serve(self, limits=WireLimits(auth_timeout=10))
+        ws = await auth.daemon.connect()
+        self.assertEqual(len(auth.daemon.clock.getDelayedCalls()), 1)
+        await ws.call("session.auth", {"host_token": auth.host_token})
+        self.assertEqual(auth.daemon.clock.getDelayedCalls(), [])
+        auth.daemon.clock.advance(60)
+        self.assertEqual((await ws.call("runs.list", {"agent_id": "agent-A"}))["runs"], [])
+
+    async def test_close_cancels_the_deadline(self):
+        """A session that closes before its deadline leaves no timer."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        self.assertEqual(len(auth.daemon.clock.getDelayedCalls()), 1)
+        await ws.close()
+        await auth.daemon.wait_closed()
+        self.assertEqual(auth.daemon.clock.getDelayedCalls(), [])
+
+
+class AuthFailureTests(unittest.TestCase):
+    async def test_third_wrong_token_closes_the_connection(self):
+        """Two token mismatches leave the connection open; the third is
+        answered -32603 saying the connection closes, and it is closed with
+        4001."""
+        auth = await AuthDaemon.serve(self)
+        ws = await auth.daemon.connect()
+        for _ in range(2):
+            self.assertEqual((await ws.call_raw("session.auth", {"token": "guess"}))["error"], MISMATCH)
+        third = await ws.call_raw("session.auth", {"host_token": "guess"})
+        self.assertEqual(third["error"]["code"], -32603)
+        self.assertIn("token mismatch, 3 times on this connection", third["error"]["message"])
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    def test_refusals_are_logged_at_most_once_per_interval(self):
+        """Many refused tokens log one line; the next line, an interval
+        later, counts the refusals that were not logged."""
+        clock = Clock()
+        authenticator = Authenticator("s" * 43, "h" * 43, seconds=clock.seconds)
+        lines = []
+        observer = lines.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+        def refuse(n):
+            session = Session(f"client-{n}", "127.0.0.1:1", lambda *_: None)
+            self.assertRaises(AuthFailed, authenticator.authenticate, session, {"token": "guess"})
+
+        for n in range(50):
+            refuse(n)
+            clock.advance(AUTH_FAILURE_LOG_INTERVAL / 100)
+        clock.advance(AUTH_FAILURE_LOG_INTERVAL)
+        refuse(50)
+        refused = [e for e in lines if e.get("log_namespace") == "car_twisted.auth"]
+        self.assertEqual([e["more"] for e in refused], [0, 49])
 
 
 class OwnershipTests(unittest.TestCase):

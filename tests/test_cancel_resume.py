@@ -12,7 +12,7 @@ START = {"agent_id": "agent-a", "intent": "do it"}
 
 
 def newest_session(daemon):
-    return list(daemon.registry.sessions.values())[-1]
+    return list(daemon.runs.sessions.values())[-1]
 
 
 class CancelTests(unittest.TestCase):
@@ -170,7 +170,7 @@ class NegotiatedOverTheWireTests(unittest.TestCase):
         first = await self.negotiated(auth, "agent-A", "runs.resume.v1")
         run_id = (await first.call("runs.start", {"intent": "long job"}))["run_id"]
         await first.drop()
-        await wait_for(lambda: not auth.daemon.registry.sessions, "the drop")
+        await wait_for(lambda: not auth.daemon.runs.sessions, "the drop")
         auth.daemon.clock.advance(5)
         second = await self.negotiated(auth, "agent-A", "runs.resume.v1")
         resumed = await second.call("runs.resume", {"run_id": run_id})

@@ -5,13 +5,11 @@ examples, adapted to our methods, plus the edge cases SPEC.md names.
 
 import json
 
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from car_twisted.jsonrpc import Dispatcher
-from car_twisted.registry import RunRegistry
 from car_twisted.store.memory import MemoryRunStore
-from tests.support import HeldStore, serve, wait_for
+from tests.support import HeldStore, InProcessDaemon, serve, wait_for
 
 START = {"agent_id": "agent-a", "intent": "goal"}
 ANY_RUN_ID = object()
@@ -129,10 +127,10 @@ def matches(expected, actual):
 
 class SpecExamplesTests(unittest.TestCase):
     def setUp(self):
-        self.store = MemoryRunStore()
-        self.registry = RunRegistry(self.store, Clock(), environ={})
-        self.dispatcher = Dispatcher(self.registry.methods())
-        self.session = self.registry.open_session("test", lambda method, params: None)
+        daemon = InProcessDaemon()
+        self.store = daemon.store
+        self.dispatcher = daemon.dispatcher
+        self.session = daemon.session()
 
     def test_spec_examples(self):
         """Each section 7 example (adapted) gets exactly the answer the
@@ -205,7 +203,7 @@ class WireTests(unittest.TestCase):
         daemon = await serve(self, store=store)
         ws = await daemon.connect()
         start_id = ws.request("runs.start", START)
-        await wait_for(lambda: daemon.registry.sessions and daemon.only_session().current_run_id)
+        await wait_for(lambda: daemon.runs.sessions and daemon.only_session().current_run_id)
         run_id = daemon.only_session().current_run_id
         complete_id = ws.request("runs.complete", {"run_id": run_id, "outcome": {"status": "done"}})
         await wait_for(lambda: len(store.held) == 2, "both writes to reach the store")

@@ -1,6 +1,6 @@
 """
 The seed scenarios (shared/seed/run_lifecycle.rs), over a real WebSocket
-client on a loopback port against the real dispatcher and registry.
+client on a loopback port against the real dispatcher and run service.
 """
 
 from twisted.trial import unittest

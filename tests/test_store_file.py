@@ -11,21 +11,20 @@ import stat
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from car_twisted.records import ended_record
-from car_twisted.registry import RunRegistry
 from car_twisted.store import layout
 from car_twisted.store.file import FileRunStore
 from tests.store_conformance import HOSTILE_IDS, RunStoreConformance, started, turn
+from tests.support import InProcessDaemon
 
 OUTCOME = {"status": "success", "summary": "", "evidence": [], "metrics": {}, "timestamp": "t"}
 
 
 class FileRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
-    async def make_store(self):
-        store = await FileRunStore.open(reactor, self.mktemp())
+    def make_store(self):
+        store = FileRunStore(reactor, self.mktemp())
         self.addCleanup(store.close)
         return store
 
@@ -35,8 +34,9 @@ class FileRunStoreTests(unittest.TestCase):
         self.data_dir = self.mktemp()
 
     async def open(self, **kwargs):
-        store = await FileRunStore.open(reactor, self.data_dir, **kwargs)
+        store = FileRunStore(reactor, self.data_dir, **kwargs)
         self.addCleanup(store.close)
+        await store.open()
         return store
 
     async def reopen(self, store, **kwargs):
@@ -322,19 +322,18 @@ class FileRunStoreTests(unittest.TestCase):
         """Two stores never write the same directory at once."""
         await self.open()
         with self.assertRaises(RuntimeError):
-            await FileRunStore.open(reactor, self.data_dir)
+            await FileRunStore(reactor, self.data_dir).open()
 
-    async def test_registry_recovery_ends_open_runs(self):
-        """RunRegistry.recover() ends every run a crashed daemon left open
+    async def test_recovery_ends_open_runs(self):
+        """RunService.recover() ends every run a crashed daemon left open
         with reason "daemon restarted", leaves ended runs alone, and the
         ends are durable."""
         store = await self.open()
         ended_id, open_id, bare_id = await self.fill(store)
         store = await self.reopen(store)
-        clock = Clock()
-        registry = RunRegistry(store, clock, environ={})
-        self.assertEqual(await registry.recover(), 2)
-        self.assertEqual(clock.getDelayedCalls(), [])
+        daemon = InProcessDaemon(store)
+        self.assertEqual(await daemon.runs.recover(), 2)
+        self.assertEqual(daemon.clock.getDelayedCalls(), [])
         store = await self.reopen(store)
         self.assertEqual(await store.open_runs(), [])
         self.assertEqual((await store.get_run(ended_id)).status, "completed")
@@ -344,4 +343,4 @@ class FileRunStoreTests(unittest.TestCase):
                 (records[-1]["termination"], records[-1]["reason"]),
                 ("incomplete", "daemon restarted"),
             )
-        self.assertEqual(await RunRegistry(store, clock, environ={}).recover(), 0)
+        self.assertEqual(await InProcessDaemon(store).runs.recover(), 0)

@@ -110,9 +110,9 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(value(during, "car_sessions_connected") - value(before, "car_sessions_connected"), 2)
         self.assertEqual(value(during, "car_open_runs"), 1)
         await dropped.drop()
-        await wait_for(lambda: service.registry.grace_timer_count == 1, "the grace timer")
+        await wait_for(lambda: service.runs.grace_timer_count == 1, "the grace timer")
         self.assertEqual(value(await scrape(service), "car_grace_timers_pending"), 1)
-        await wait_for(lambda: service.registry.open_run_count == 0, "the dropped run to end")
+        await wait_for(lambda: service.runs.open_run_count == 0, "the dropped run to end")
         after = await scrape(service)
 
         def moved(name, **labels):

@@ -41,12 +41,12 @@ class LiveSocketTests(unittest.TestCase):
         agent lists every agent's runs newest first, and a run's trace and
         live events are readable."""
         service, live = await self.start()
-        registry = service.registry
+        run_service = service.runs
         runs = []
         for agent_id in ("agent-a", "agent-b", "agent-a"):
-            session = registry.open_session("test", lambda method, params: None)
+            session = run_service.open_session("test", lambda method, params: None)
             session.agent_id, session.authenticated = agent_id, True
-            runs.append((await registry.start(session, {"intent": "x"}))["run_id"])
+            runs.append((await run_service.start(session, {"intent": "x"}))["run_id"])
         listed = await live.call("runs.list", {})
         self.assertEqual([r["run_id"] for r in listed["runs"]], runs[::-1])
         self.assertIsNone(listed["agent_id"])

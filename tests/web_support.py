@@ -7,7 +7,8 @@ from twisted.internet import reactor
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from car_twisted.tap import DaemonService, Options
+from car_twisted.service import DaemonService
+from car_twisted.tap import Options, build_daemon
 
 
 async def get(url: str, headers: dict = None):
@@ -44,10 +45,11 @@ async def start_service(testcase, *argv, environ=None) -> DaemonService:
     options.parseOptions(
         ["--listen", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1", *argv]
     )
-    service = DaemonService(options, reactor, environ or {})
+    service = build_daemon(options, reactor, environ or {})
     service.startService()
     testcase.addCleanup(lambda: service.running and service.stopService())
-    await service.ready
-    service.port = service._ports[0].getHost().port
-    service.http_url = f"http://127.0.0.1:{service._http_port.getHost().port}"
+    # The WebSocket port first, the HTTP port last.
+    ports = await service.ready
+    service.port = ports[0].getHost().port
+    service.http_url = f"http://127.0.0.1:{ports[-1].getHost().port}"
     return service

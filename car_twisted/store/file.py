@@ -8,6 +8,8 @@ batch at a time goes to a disk thread, which writes every queued record,
 fsyncs the touched files and the directories that gained entries, then
 appends the agents' index entries. Everything queued while a
 batch is on disk forms the next batch: concurrent writers share flushes.
+A write the disk refuses is undone on disk and in memory, with the writes
+queued behind it on the same run, and fails with L{StoreWriteFailed}.
 See docs/storage.md.
 """
 
@@ -30,7 +32,9 @@ from car_twisted.interfaces import (
     IRunStore,
     RunExists,
     RunNotFound,
+    RunSummary,
     RunTerminal,
+    StoreWriteFailed,
     TurnLimitReached,
     status_of,
 )
@@ -100,6 +104,9 @@ class _Write:
     #: Set for a start: the agent whose directory holds the new file.
     agent: Optional[AgentRuns] = None
     index_entry: Optional[bytes] = None
+    #: The run's summary before this write changed it (None for a start):
+    #: restored if the write fails.
+    previous: Optional[RunSummary] = None
     result: Deferred = field(default_factory=Deferred)
     finished: bool = False
     #: Reads of this run waiting for the write to finish.
@@ -118,15 +125,14 @@ class _Write:
 @implementer(IRunStore)
 class FileRunStore:
     """
-    Runs as JSONL files under C{<data_dir>/runs/}. Build it with
-    L{FileRunStore.open}, which loads (and repairs) what is on disk.
+    Runs as JSONL files under C{<data_dir>/runs/}; L{open} loads (and
+    repairs) what is on disk.
 
     @param durability: C{"fsync"} acknowledges writes once on stable
         storage; C{"none"} once handed to the operating system (they survive
         a daemon crash, not a power cut).
-    @ivar on_commit: C{f(writes, seconds, error)}, called after each batch
-        with its size, how long it took and the error that kept it off the
-        disk, or None (the daemon's metrics and health).
+    @ivar on_commit: C{f(writes, seconds)}, called after each batch with its
+        size and how long it took (the daemon's metrics).
     """
 
     def __init__(self, reactor, data_dir: str, durability: str = "fsync"):
@@ -144,26 +150,22 @@ class FileRunStore:
         self._queue = []
         self._committing = None  # the Deferred of the batch on disk
         self._closed = None
-        self.on_commit = lambda writes, seconds, error: None
+        self.on_commit = lambda writes, seconds: None
         self._lock_fd = None
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="car-file-store")
+
+    def open(self) -> Deferred:
+        """
+        Load every agent's index (rebuilding the missing or stale ones), cut
+        torn last lines off the runs left open. A bad file is logged and
+        skipped, never fatal.
+        """
         self._pool.start()
-
-    @classmethod
-    def open(cls, reactor, data_dir: str, durability: str = "fsync") -> Deferred:
-        """
-        Open the store in C{data_dir}: load every agent's index (rebuilding
-        the missing or stale ones), cut torn last lines off the runs left
-        open. A bad file is logged and skipped, never fatal.
-
-        @return: Deferred firing with the store.
-        """
-        store = cls(reactor, data_dir, durability)
-        d = store._in_thread(store._load)
-        d.addCallback(store._loaded)
+        d = self._in_thread(self._load)
+        d.addCallback(self._loaded)
 
         def failed(failure):
-            store._stop_threads()
+            self._stop_threads()
             return failure
 
         d.addErrback(failed)
@@ -226,7 +228,6 @@ class FileRunStore:
             agents=len(self._agents),
             path=self.runs_dir,
         )
-        return self
 
     # Writes
 
@@ -278,23 +279,31 @@ class FileRunStore:
         if base + len(turns) > max_turns:
             return fail(TurnLimitReached(run_id))
         data = b"".join(layout.encode_line(dict(t, index=base + i)) for i, t in enumerate(turns))
+        write = _Write(run, data, value=base, previous=run.summary())
         run.turn_count = base + len(turns)
-        return self._submit(_Write(run, data, value=base))
+        return self._submit(write)
 
     def end_run(self, run_id, ended):
         try:
             run = self._open_run(run_id)
         except (RunNotFound, RunTerminal) as e:
             return fail(e)
+        previous = run.summary()
         run.status = status_of(ended)
         run.ended_at = ended["ended_at"]
         if ended["termination"] == "outcome":
             run.outcome_status = ended["outcome"]["status"]
+        self._moved(run, "in_progress")
+        return self._submit(
+            _Write(run, layout.encode_line(ended), index_entry=run.end_entry(), previous=previous)
+        )
+
+    def _moved(self, run: RunState, old_status: str) -> None:
+        """Re-file a run whose status changed in the indexes that hold it."""
         agent = self._agents.get(run.agent_id)
         if agent is not None:
-            agent.moved(run, "in_progress")
-            self._everyone.moved(run, "in_progress")
-        return self._submit(_Write(run, layout.encode_line(ended), index_entry=run.end_entry()))
+            agent.moved(run, old_status)
+        self._everyone.moved(run, old_status)
 
     def _submit(self, write: _Write) -> Deferred:
         if self._closed is not None:
@@ -312,21 +321,44 @@ class FileRunStore:
 
     def _committed(self, outcome, batch, started):
         self._committing = None
-        if self._queue:
-            self._commit_next()
+        self.on_commit(len(batch), time.monotonic() - started)
         if isinstance(outcome, Failure):
             log.failure("file store: a batch of writes failed", outcome)
             errors, notes = [outcome.value] * len(batch), []
         else:
             errors, notes = outcome
-        failed = next((error for error in errors if error is not None), None)
-        self.on_commit(len(batch), time.monotonic() - started, failed)
+        dependent, undone = [], set()
+        for write, error in zip(batch, errors):
+            if error is not None and write.run not in undone:
+                undone.add(write.run)
+                dependent.extend(self._roll_back(write, error))
+        if self._queue:
+            self._commit_next()
         for note in notes:
             log.warn("file store: {note}", note=note)
-        for write, error in zip(batch, errors):
-            write.finish(error)
+        for write, error in [*zip(batch, errors), *dependent]:
+            write.finish(None if error is None else _write_error(error))
         if self._committing is None and self._closed is not None and not self._closed.called:
             self._closed.callback(None)
+
+    def _roll_back(self, write: _Write, error) -> list:
+        """
+        Undo the first failed write of a run in memory: restore the run as
+        it was before it, and take the run's queued writes (built on the
+        failed one) out of the queue. A failed start is undone by
+        L{_not_started}.
+
+        @return: the queued writes taken out, each with C{error}.
+        """
+        run = write.run
+        if write.previous is not None:
+            old_status = run.status
+            run.take_summary(write.previous)
+            if old_status != run.status:
+                self._moved(run, old_status)
+        dependent = [queued for queued in self._queue if queued.run is run]
+        self._queue = [queued for queued in self._queue if queued.run is not run]
+        return [(queued, error) for queued in dependent]
 
     def _write_batch(self, batch):
         """
@@ -335,10 +367,15 @@ class FileRunStore:
         the whole batch to the journal and the others find little left to
         do; then each directory that gained entries is fsynced once.
 
+        A file that failed is put back as it was before the batch: cut back
+        to its old size, or removed if the batch created it.
+
         @return: the error of each write (None when durable), and notes.
         """
         files = {}  # path -> fd
+        sizes = {}  # path -> size before the batch; None for a file it created
         broken = {}  # path -> the error that broke the file
+        notes = []
         directories = set()
         try:
             for write in batch:
@@ -349,9 +386,11 @@ class FileRunStore:
                     if write.agent is not None:
                         self._prepare(write.agent, directories)
                         files[path] = layout.create_file(path)
+                        sizes[path] = None
                         directories.add(write.agent.directory)
                     elif path not in files:
                         files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                        sizes[path] = os.fstat(files[path]).st_size
                     layout.write_all(files[path], write.data)
                 except OSError as e:
                     broken[path] = e
@@ -368,11 +407,25 @@ class FileRunStore:
                         for path in files:
                             if os.path.dirname(path) == directory:
                                 broken.setdefault(path, e)
+            for path in broken.keys() & files.keys():
+                try:
+                    self._put_back(path, files[path], sizes[path])
+                except OSError as e:
+                    notes.append(f"{path}: a failed write could not be undone ({e})")
         finally:
             for fd in files.values():
                 os.close(fd)
         errors = [broken.get(write.run.path) for write in batch]
-        return errors, self._index(batch, errors)
+        return errors, notes + self._index(batch, errors)
+
+    def _put_back(self, path: str, fd: int, size: Optional[int]) -> None:
+        """Remove a file a failed batch created, or cut it back to C{size}."""
+        if size is None:
+            os.unlink(path)
+        else:
+            os.ftruncate(fd, size)
+            if self._sync:
+                os.fsync(fd)
 
     def _index(self, batch, errors) -> list:
         """Append the index entries of the durable writes; notes on failures."""
@@ -396,9 +449,13 @@ class FileRunStore:
             return
         if layout.make_directory(agent.directory):
             directories.add(self.runs_dir)
-        fd = layout.create_file(os.path.join(agent.directory, layout.INDEX), exclusive=False)
+        index = os.path.join(agent.directory, layout.INDEX)
+        fd = layout.create_file(index, exclusive=False)
         try:
             layout.write_all(fd, layout.encode_line({"agent_id": agent.agent_id}))
+        except OSError:
+            os.unlink(index)
+            raise
         finally:
             os.close(fd)
 
@@ -464,3 +521,9 @@ class FileRunStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+
+def _write_error(error: BaseException) -> BaseException:
+    """What a failed write's Deferred fails with: the disk's errors, as one."""
+    if isinstance(error, OSError) and not isinstance(error, FileExistsError):
+        return StoreWriteFailed(error.strerror or str(error))
+    return error

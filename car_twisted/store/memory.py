@@ -35,6 +35,9 @@ class MemoryRunStore:
         self._by_agent = {}  # agent_id -> [run_id] in start order
         self._started = []  # every run_id in start order
 
+    def open(self):
+        return succeed(None)
+
     def start_run(self, started):
         run_id = started["run_id"]
         if run_id in self._records:

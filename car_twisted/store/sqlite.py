@@ -11,13 +11,14 @@ database is in WAL mode with C{synchronous=FULL}: a write's Deferred fires
 after the commit holding it is on stable storage.
 """
 
+import fcntl
 import json
 import os
 import sqlite3
 import threading
 import time
 
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -30,11 +31,17 @@ from car_twisted.interfaces import (
     RunStoreError,
     RunSummary,
     RunTerminal,
+    StoreWriteFailed,
     TurnLimitReached,
     status_of,
 )
 
 DATABASE_NAME = "runs.sqlite3"
+#: Beside the database, C{flock()}ed by the one store using it.
+LOCK_SUFFIX = ".lock"
+#: Databases up to this size get the whole-file integrity check at open;
+#: larger ones only their runs table and its indexes (docs/storage.md).
+FULL_CHECK_BYTES = 256 * 2**20
 
 #: The schema version this code writes and understands (C{PRAGMA user_version}).
 SCHEMA_VERSION = 1
@@ -141,6 +148,33 @@ def _connect(path: str) -> sqlite3.Connection:
     return connection
 
 
+def lock_database(path: str) -> int:
+    """
+    Take the exclusive lock of the run database at C{path}: an C{flock} on
+    C{<path>.lock}, held while the returned descriptor stays open. SQLite's
+    own locks only serialize transactions: a second daemon would get in
+    and end the first one's live runs as left open by a crash.
+
+    @raise RunDatabaseError: another store (another daemon) holds it.
+    """
+    lock_path = path + LOCK_SUFFIX
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise RunDatabaseError(f"cannot open the lock file {lock_path}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise RunDatabaseError(
+                f"the run database {path} is in use by another daemon (it holds "
+                f"{lock_path}); stop that daemon or choose another --data-dir"
+            ) from e
+        raise RunDatabaseError(f"cannot lock {lock_path}: {e}") from e
+    return fd
+
+
 def open_database(path: str) -> sqlite3.Connection:
     """
     Open (creating it, mode 0600, if absent) the run database at C{path} for
@@ -197,6 +231,8 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
                 f"than the {SCHEMA_VERSION} this car-twisted understands: it was "
                 "written by a newer release; run that release or upgrade"
             )
+        else:
+            _check_integrity(connection, path)
         connection.execute("COMMIT")
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
@@ -204,6 +240,29 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
         connection.execute("PRAGMA synchronous = FULL")
     except sqlite3.Error as e:
         raise RunDatabaseError(f"cannot open the run database {path}: {e}") from e
+
+
+def _check_integrity(connection: sqlite3.Connection, path: str) -> None:
+    """
+    Refuse a database with a damaged page, which would otherwise fail
+    calls once the daemon listens. C{quick_check} reads every page it
+    checks, so a large database has only what every call reads checked:
+    the runs table and its indexes, not the records (docs/storage.md).
+    """
+    scope = "" if os.path.getsize(path) <= FULL_CHECK_BYTES else "(runs)"
+    try:
+        problem = connection.execute(f"PRAGMA quick_check{scope}").fetchall()[0][0]
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as e:
+        # Some damage (a page of the wrong type) fails the check itself.
+        problem = str(e)
+    if problem != "ok":
+        problem = " ".join(problem.split())
+        raise RunDatabaseError(
+            f"the run database {path} is damaged (quick_check: {problem}); "
+            "restore it from a backup or move it away"
+        )
 
 
 class _WriteBroke(Exception):
@@ -244,23 +303,25 @@ class SQLiteRunStore:
     """
     Runs in C{<data_dir>/runs.sqlite3}.
 
-    Opening happens in the constructor, before the daemon accepts
-    connections: a database that cannot be used raises L{RunDatabaseError}.
+    L{open} opens (or creates) the database, before the daemon accepts
+    connections: a database that cannot be used, or that another store
+    holds, fails it with L{RunDatabaseError}. The store holds the
+    database's lock from then until it is closed.
 
     @param reactor: where results are delivered.
     @ivar commits: transactions the writer has committed (one per batch).
-    @ivar on_commit: C{f(writes, seconds, error)}, called on the reactor
-        after each batch with its size, how long it took and the error that
-        kept it from committing, or None (the daemon's metrics and health).
+    @ivar on_commit: C{f(writes, seconds)}, called on the reactor after
+        each batch with its size and how long it took (the daemon's metrics).
     """
 
     def __init__(self, data_dir: str, reactor):
         self._reactor = reactor
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self._data_dir = data_dir
         self.path = os.path.join(data_dir, DATABASE_NAME)
-        self._writer = open_database(self.path)
+        self._lock = None
+        self._writer = None
         self.commits = 0
-        self.on_commit = lambda writes, seconds, error: None
+        self.on_commit = lambda writes, seconds: None
         # Writes issued on the reactor thread, taken in batches by the writer.
         self._pending = []
         self._wake = threading.Condition(threading.RLock())
@@ -269,9 +330,7 @@ class SQLiteRunStore:
         self._thread = threading.Thread(
             target=self._write_loop, name=f"car-sqlite-writer {self.path}", daemon=True
         )
-        self._thread.start()
         self._readers = ThreadPool(0, _READERS, name=f"car-sqlite-reader {self.path}")
-        self._readers.start()
         self._reader_local = threading.local()
         self._reader_connections = []
         self._reader_lock = threading.Lock()
@@ -279,6 +338,21 @@ class SQLiteRunStore:
         self._last_write = {}  # run_id -> newest _Write issued on that run
         self._newest_write = None
         self._closing = None
+
+    def open(self) -> Deferred:
+        """Open (or create) the database, then start the writer and readers."""
+        try:
+            os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
+            self._lock = lock_database(self.path)
+            self._writer = open_database(self.path)
+        except (OSError, RunDatabaseError) as e:
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
+            return fail(e)
+        self._thread.start()
+        self._readers.start()
+        return succeed(None)
 
     # Writes
 
@@ -392,11 +466,7 @@ class SQLiteRunStore:
                 break
             started = time.monotonic()
             outcomes = self._commit(batch)
-            failed = next(
-                (o.value for o in outcomes if isinstance(o, Failure) and not o.check(RunStoreError)),
-                None,
-            )
-            self._reactor.callFromThread(self.on_commit, len(batch), time.monotonic() - started, failed)
+            self._reactor.callFromThread(self.on_commit, len(batch), time.monotonic() - started)
             self._reactor.callFromThread(self._settle, batch, outcomes)
         self._writer.close()
         self._reactor.callFromThread(self._stopped.callback, None)
@@ -463,6 +533,9 @@ class SQLiteRunStore:
     @staticmethod
     def _settle(batch, outcomes) -> None:
         for write, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Failure) and outcome.check(sqlite3.Error):
+                # Rolled back, so nothing of it was kept: the caller may retry.
+                outcome = Failure(StoreWriteFailed(str(outcome.value)))
             write.settle(outcome)
 
     # Reads
@@ -584,3 +657,4 @@ class SQLiteRunStore:
             self._wake.notify()
         await self._stopped
         self._thread.join()
+        os.close(self._lock)

@@ -13,16 +13,17 @@ from car_twisted import __version__
 
 class DaemonHealth:
     """
-    Whether the daemon serves: not while it is stopping (set by its
-    service), nor while its store's last commit failed (the next good
-    commit clears it; the metrics keep it).
+    Whether the daemon serves: not while it is stopping, nor while the run
+    service's last store write failed (the next good write clears it).
+
+    @param runs: the L{RunService}.
+    @param stopping: C{f()}, true once the daemon is stopping.
     """
 
-    def __init__(self, runs, metrics, store_name: str):
+    def __init__(self, runs, store_name: str, stopping):
         self._runs = runs
-        self._metrics = metrics
         self._store_name = store_name
-        self.stopping = False
+        self._stopping = stopping
 
     def report(self) -> tuple:
         """C{(healthy, body)}: the JSON ``/healthz`` answers with."""
@@ -33,10 +34,10 @@ class DaemonHealth:
             "sessions": len(self._runs.sessions),
             "open_runs": self._runs.open_run_count,
         }
-        if self.stopping:
+        if self._stopping():
             body.update(status="unavailable", reason="the daemon is stopping")
-        elif self._metrics.store_error is not None:
-            body.update(status="unavailable", reason=f"the store cannot write: {self._metrics.store_error}")
+        elif self._runs.store_failure is not None:
+            body.update(status="unavailable", reason=f"the store cannot write: {self._runs.store_failure}")
         return body["status"] == "ok", body
 
 

@@ -11,7 +11,6 @@ gets through is the host, which reads every agent's runs and writes none.
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import Resource
 
-from car_twisted.jsonrpc import Dispatcher
 from car_twisted.protocol import RunTracingFactory, RunTracingProtocol
 
 #: The methods a dashboard session may call.
@@ -32,14 +31,17 @@ class DashboardProtocol(RunTracingProtocol):
 
 
 class DashboardFactory(RunTracingFactory):
-    """L{RunTracingFactory} whose sessions are the host and may only read."""
+    """
+    L{RunTracingFactory} whose sessions are the host; give it a dispatcher
+    of the L{READ_METHODS} only (L{read_methods}).
+    """
 
     protocol = DashboardProtocol
 
-    def __init__(self, registry, limits, metrics):
-        super().__init__(registry, limits, metrics=metrics)
-        methods = {name: f for name, f in registry.methods().items() if name in READ_METHODS}
-        self.dispatcher = Dispatcher(methods, limits=limits, on_error=metrics.error)
+
+def read_methods(methods: dict) -> dict:
+    """The part of a daemon's method table a dashboard session may call."""
+    return {name: method for name, method in methods.items() if name in READ_METHODS}
 
 
 class LiveSocket(Resource):

@@ -23,37 +23,45 @@ async function load() {
     return;
   }
   status = subscribed.status;
-  await catchUp(subscribed.cursor);
+  // The cursor counts turns: the snapshot also holds `started`, and `ended`
+  // once the run is over.
+  await catchUp(subscribed.cursor + (status === "in_progress" ? 1 : 2));
 }
 
-// Read the records from the last one held up to position `until`.
+// Read the records from the last one held up to (not including) position `until`.
 async function catchUp(until) {
   while (records.length < until) {
-    const page = await Car.call("runs.get_trace", { run_id: runId, cursor: records.length });
+    const cursor = records.length;
+    const page = await Car.call("runs.get_trace", { run_id: runId, cursor });
     if (page.not_found) {
       document.getElementById("missing").hidden = false;
       return;
     }
     if (!page.records.length) break;
-    page.records.forEach(add);
+    page.records.forEach((record, offset) => add(record, cursor + offset));
   }
   showHeader();
 }
 
 function onEvent(event) {
   if (event.run_id !== runId) return;
-  const position = event.cursor - 1;
+  // A turn event's cursor is the turns once it is in, so turn k (record
+  // k + 1) comes with cursor k + 1; the ended event's cursor is unchanged.
+  const position = event.record.record === "ended" ? event.cursor + 1 : event.cursor;
   status = event.status;
   if (position === records.length) {
-    add(event.record);
+    add(event.record, position);
     showHeader();
   } else if (position > records.length) {
     // Events were dropped: read what was missed.
-    catchUp(event.cursor).catch(() => {});
+    catchUp(position + 1).catch(() => {});
   }
 }
 
-function add(record) {
+// Add record `position` of the run, unless it is held already (a page read
+// while events came in) or one before it is missing.
+function add(record, position) {
+  if (position !== records.length) return;
   records.push(record);
   if (record.record === "ended") status = statusOf(record);
   document.getElementById("timeline").append(entry(record));
