@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Optional
 from twisted.logger import Logger
 
 from car_twisted.errors import AuthFailed, AuthFailedTooOften, AuthRequired, InvalidParams
+from car_twisted.disk import sync_directory
 from car_twisted.records import id_param
 from car_twisted.session import Session
 
@@ -117,18 +118,10 @@ def ensure_token(path: str) -> str:
         except FileExistsError:
             pass
         else:
-            _fsync_directory(os.path.dirname(path))
+            sync_directory(os.path.dirname(path))
     finally:
         os.unlink(temporary)
     return read_token(path)
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def ensure_data_dir(path: str) -> None:

@@ -170,7 +170,9 @@ class IRunStore(Interface):
         record), at most C{limit} of them.
 
         @return: Deferred firing with C{(records, next_cursor)} where
-            C{next_cursor} is the position after the last record returned;
+            C{next_cursor} is the position after the last record returned
+            (a store may bound a page's bytes, so a page may hold fewer
+            records before the run's end; an empty page is the end);
             fails with L{RunNotFound}.
         """
 

@@ -94,17 +94,22 @@ class RunReader:
         self._fanout.unfollow(session, run_id)
         self._fanout.follow(session, run_id)
         try:
-            records, position = await self._store.read_records(run_id, 0, MAX_TURNS_PER_RUN + 2)
+            records, position = await self._snapshot(run_id)
         except BaseException:
             self._fanout.unfollow(session, run_id)
             raise
         if run_id not in session.following:
             raise RunRefused("the session closed or unsubscribed while subscribing")
-        if _fitting(records) < len(records):
+        if records is None:
             self._fanout.unfollow(session, run_id)
             raise RunRefused(
                 f"the trace of run {run_id} is too large to send in one answer; "
                 "read it with runs.get_trace pages instead"
+            )
+        if not records:
+            self._fanout.unfollow(session, run_id)
+            raise RunRefused(
+                f"run {run_id} has no readable records (its stored trace is damaged)"
             )
         self._fanout.snapshot_taken(session, run_id, records, position)
         status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
@@ -118,6 +123,27 @@ class RunReader:
             "cursor": len(turns),
             "status": status,
         }
+
+    async def _snapshot(self, run_id: str):
+        """
+        A followed run's records from the start, and the position after
+        them: read page by page up to the records it held once followed
+        (later ones reach the follower as events); None as soon as they
+        exceed L{PAGE_BYTES}, so a large run is never read whole.
+        """
+        summary = await self._store.get_run(run_id)
+        held = 0
+        if summary is not None:
+            held = summary.turn_count + (1 if summary.status == "in_progress" else 2)
+        records, position = [], 0
+        while len(records) < held:
+            page, position = await self._store.read_records(run_id, position, MAX_TURNS_PER_RUN + 2)
+            if not page:
+                break
+            records.extend(page)
+            if _fitting(records) < len(records):
+                return None, position
+        return records, position
 
     def unsubscribe(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)

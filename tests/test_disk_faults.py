@@ -3,7 +3,7 @@ Writes the disk refuses: a failed write changes nothing, on disk or in
 memory, the client is told the store cannot write (-32603, reason
 ``store_unavailable``), and the same request succeeds once the disk writes
 again. The store-level tests inject the failure (a patched
-C{layout.write_all}, a SQLite connection whose COMMIT fails); the
+C{disk.write_all}, a SQLite connection whose COMMIT fails); the
 end-to-end test fills a real tmpfs.
 """
 
@@ -21,7 +21,8 @@ from car_twisted.interfaces import StoreWriteFailed
 from car_twisted.records import ended_record
 from car_twisted.records import keyed_run_id
 from car_twisted.runs import DEFAULT_GRACE
-from car_twisted.store import layout
+from car_twisted import disk
+from car_twisted.store import naming
 from car_twisted.store.file import FileRunStore
 from car_twisted.store.sqlite import SQLiteRunStore
 from tests.store_conformance import started, turn
@@ -33,13 +34,13 @@ NO_SPACE = os.strerror(errno.ENOSPC)
 class FullDisk:
     """
     An injected full disk for the file store: the next C{failing} calls of
-    C{layout.write_all} write half their bytes, then fail with ENOSPC (a
+    C{disk.write_all} write half their bytes, then fail with ENOSPC (a
     short write, as a filling disk gives).
     """
 
     def __init__(self, testcase):
         self.failing = 0
-        real_write_all = layout.write_all
+        real_write_all = disk.write_all
 
         def write_all(fd, data):
             if not self.failing:
@@ -48,7 +49,7 @@ class FullDisk:
             os.write(fd, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, NO_SPACE)
 
-        testcase.patch(layout, "write_all", write_all)
+        testcase.patch(disk, "write_all", write_all)
 
 
 class FailingCommits:
@@ -166,8 +167,8 @@ class FileStoreWriteFailureTests(unittest.TestCase):
             path = os.path.join(
                 self.data_dir,
                 "runs",
-                layout.encode_name(agent_id),
-                layout.encode_name(record["run_id"]) + layout.RUN_SUFFIX,
+                naming.encode_name(agent_id),
+                naming.encode_name(record["run_id"]) + naming.RUN_SUFFIX,
             )
             self.disk.failing = 1
             with self.assertRaises(StoreWriteFailed):

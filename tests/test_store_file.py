@@ -14,7 +14,8 @@ from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
 from car_twisted.records import ended_record
-from car_twisted.store import layout
+from car_twisted import disk
+from car_twisted.store import naming, runfiles
 from car_twisted.store.file import FileRunStore
 from tests.store_conformance import HOSTILE_IDS, RunStoreConformance, started, turn
 from tests.support import InProcessDaemon
@@ -56,11 +57,11 @@ class FileRunStoreTests(unittest.TestCase):
 
     def run_path(self, agent_id, run_id):
         return os.path.join(
-            self.data_dir, "runs", layout.encode_name(agent_id), layout.encode_name(run_id) + ".jsonl"
+            self.data_dir, "runs", naming.encode_name(agent_id), naming.encode_name(run_id) + ".jsonl"
         )
 
     def index_path(self, agent_id="agent-a"):
-        return os.path.join(self.data_dir, "runs", layout.encode_name(agent_id), ".index")
+        return os.path.join(self.data_dir, "runs", naming.encode_name(agent_id), ".index")
 
     async def snapshot(self, store, run_ids, agent_id="agent-a"):
         """What a reader sees: summaries, records, and the listing."""
@@ -212,7 +213,7 @@ class FileRunStoreTests(unittest.TestCase):
         with open(self.index_path(), "rb") as f:
             entries = [json.loads(line) for line in f]
         with open(self.index_path(), "wb") as f:
-            f.write(b"".join(layout.encode_line(e) for e in entries if e.get("end") != run_ids[1]))
+            f.write(b"".join(runfiles.encode_line(e) for e in entries if e.get("end") != run_ids[1]))
         store = await self.open()
         self.assertEqual((await store.get_run(run_ids[1])).status, "incomplete")
         self.assertEqual(await store.list_runs("agent-a", None, 10, None), listing)
@@ -266,15 +267,15 @@ class FileRunStoreTests(unittest.TestCase):
         """Plain names decode to exactly their id; long ids get a hashed name
         that decodes to nothing (the id is kept inside) and stays short."""
         for identifier in HOSTILE_IDS + ["", "\ud800", "%41", "a~b"]:
-            name = layout.encode_name(identifier)
+            name = naming.encode_name(identifier)
             self.assertTrue(re.fullmatch(r"[a-z0-9_%~-]{1,120}", name), name)
             if len(identifier) < 40:
-                self.assertEqual(layout.decode_name(name), identifier)
-        self.assertIsNone(layout.decode_name(layout.encode_name("x" * 600)))
-        self.assertNotEqual(layout.encode_name("x" * 600), layout.encode_name("x" * 601))
-        self.assertNotEqual(layout.encode_name("AGENT"), layout.encode_name("agent"))
+                self.assertEqual(naming.decode_name(name), identifier)
+        self.assertIsNone(naming.decode_name(naming.encode_name("x" * 600)))
+        self.assertNotEqual(naming.encode_name("x" * 600), naming.encode_name("x" * 601))
+        self.assertNotEqual(naming.encode_name("AGENT"), naming.encode_name("agent"))
         for foreign in ["..", "A", "%4", "%61", "%zz", "é"]:
-            self.assertIsNone(layout.decode_name(foreign), foreign)
+            self.assertIsNone(naming.decode_name(foreign), foreign)
 
     async def test_acknowledged_only_after_fsync(self):
         """A start is acknowledged after its file and its directory were
@@ -308,8 +309,8 @@ class FileRunStoreTests(unittest.TestCase):
         """Starts issued together are committed in a few batches, one
         directory fsync each, not one per start."""
         directory_syncs = []
-        real_sync = layout.sync_directory
-        self.patch(layout, "sync_directory", lambda p: (directory_syncs.append(p), real_sync(p)))
+        real_sync = disk.sync_directory
+        self.patch(disk, "sync_directory", lambda p: (directory_syncs.append(p), real_sync(p)))
         store = await self.open()
         await store.start_run(started())
         del directory_syncs[:]

@@ -63,8 +63,8 @@ class HealthTests(unittest.TestCase):
 
     async def test_healthz_is_503_while_the_store_cannot_write(self):
         """While the file store's commits fail (the disk is full), /healthz
-        is 503 with the store's error; the next good commit makes it
-        healthy again."""
+        is 503 with the store's error and car_store_failing is 1; the next
+        good commit makes both healthy again."""
         service = await start_service(self, "--store", "file", "--no-auth", "--data-dir", private_dir(self))
         agent = await RPCClient.connect(service.port)
         real_fsync = os.fsync
@@ -80,21 +80,23 @@ class HealthTests(unittest.TestCase):
         self.assertEqual(code, 503)
         self.assertIn("the store cannot write: ", json.loads(body)["reason"])
         self.assertIn("No space left on device", json.loads(body)["reason"])
+        self.assertEqual(value(await scrape(service), "car_store_failing"), 1)
         self.patch(os, "fsync", real_fsync)
         await agent.call("runs.start", {"agent_id": "a", "intent": "x"})
         code, _, _ = await get(service.http_url + "/healthz")
         self.assertEqual(code, 200)
+        self.assertEqual(value(await scrape(service), "car_store_failing"), 0)
         await agent.close()
 
 
 class MetricsTests(unittest.TestCase):
     async def test_counters_move_with_traffic(self):
         """Sessions, frames, errors by code, runs started and ended by
-        termination, open runs, grace timers and the file store's commits
-        all move with real traffic; no label carries a run or agent id."""
+        termination, open runs and the file store's commits all move with
+        real traffic; no label carries a run or agent id."""
         service = await start_service(
             self, "--store", "file", "--durability", "none", "--no-auth", "--data-dir", private_dir(self),
-            "--grace", "0.2",
+            "--grace", "0",
         )  # fmt: skip
         before = await scrape(service)
         agent = await RPCClient.connect(service.port)
@@ -110,8 +112,6 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(value(during, "car_sessions_connected") - value(before, "car_sessions_connected"), 2)
         self.assertEqual(value(during, "car_open_runs"), 1)
         await dropped.drop()
-        await wait_for(lambda: service.runs.grace_timer_count == 1, "the grace timer")
-        self.assertEqual(value(await scrape(service), "car_grace_timers_pending"), 1)
         await wait_for(lambda: service.runs.open_run_count == 0, "the dropped run to end")
         after = await scrape(service)
 
@@ -135,6 +135,20 @@ class MetricsTests(unittest.TestCase):
         labels = {label for (_, labelled) in after for label in labelled}
         self.assertFalse({value for _, value in labels} & {run_id, "agent-7", "agent-8"})
         await agent.close()
+
+    async def test_grace_timers_pending(self):
+        """A dropped producer's open run counts as a pending grace timer,
+        and still as open, while its window lasts."""
+        service = await start_service(
+            self, "--store", "memory", "--no-auth", "--data-dir", private_dir(self), "--grace", "3600"
+        )
+        dropped = await RPCClient.connect(service.port)
+        await dropped.call("runs.start", {"agent_id": "a", "intent": "x"})
+        self.assertEqual(value(await scrape(service), "car_grace_timers_pending"), 0)
+        await dropped.drop()
+        await wait_for(lambda: service.runs.grace_timer_count == 1, "the grace timer")
+        samples = await scrape(service)
+        self.assertEqual((value(samples, "car_grace_timers_pending"), value(samples, "car_open_runs")), (1, 1))
 
     async def test_connections_refused_at_the_cap(self):
         """A connection refused at --max-connections is counted."""

@@ -17,10 +17,11 @@ import bisect
 import fcntl
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,13 +39,20 @@ from car_twisted.interfaces import (
     TurnLimitReached,
     status_of,
 )
-from car_twisted.store import layout
-from car_twisted.store.layout import RunState
-from car_twisted.store.memory import parse_position_cursor
+from car_twisted import disk
+from car_twisted.store import index, naming, runfiles
+from car_twisted.store.cursors import parse_position_cursor
+from car_twisted.store.pending import PendingWrite
+from car_twisted.store.runfiles import RunState
 
 log = Logger()
 
 DURABILITIES = ("fsync", "none")
+#: File bytes one read_records page reads at most (one record alone may be
+#: more): a full runs.get_trace page, whatever the size of the run.
+PAGE_READ_BYTES = 512 * 1024
+#: Runs whose record offsets are kept, the most recently read.
+OFFSETS_KEPT = 256
 
 
 class RunIndex:
@@ -94,7 +102,15 @@ class AgentRuns(RunIndex):
 
 
 @dataclass(eq=False)
-class _Write:
+class _Offsets:
+    """A run's record offsets as last scanned, and one scan at a time."""
+
+    offsets: runfiles.RecordOffsets = field(default_factory=runfiles.RecordOffsets)
+    scanning: DeferredLock = field(default_factory=DeferredLock)
+
+
+@dataclass(eq=False)
+class _Write(PendingWrite):
     """Bytes for one run file, queued for the disk thread."""
 
     run: RunState
@@ -107,19 +123,9 @@ class _Write:
     #: The run's summary before this write changed it (None for a start):
     #: restored if the write fails.
     previous: Optional[RunSummary] = None
-    result: Deferred = field(default_factory=Deferred)
-    finished: bool = False
-    #: Reads of this run waiting for the write to finish.
-    waiters: list = field(default_factory=list)
 
-    def finish(self, error: Optional[BaseException]) -> None:
-        self.finished = True
-        for waiter in self.waiters:
-            waiter.callback(None)
-        if error is None:
-            self.result.callback(self.value)
-        else:
-            self.result.errback(error)
+    def __post_init__(self):
+        PendingWrite.__init__(self)
 
 
 @implementer(IRunStore)
@@ -140,13 +146,14 @@ class FileRunStore:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         self._reactor = reactor
         self.data_dir = data_dir
-        self.runs_dir = os.path.join(data_dir, layout.RUNS)
+        self.runs_dir = os.path.join(data_dir, naming.RUNS)
         self._sync = durability == "fsync"
         self._runs = {}  # run_id -> RunState
         self._agents = {}  # agent_id -> AgentRuns
         self._everyone = RunIndex()  # every agent's runs
         #: Ids of runs found with damaged lines; their readable records are served.
         self.corrupt_runs = set()
+        self._offsets = OrderedDict()  # run_id -> _Offsets, least recently read first
         self._queue = []
         self._committing = None  # the Deferred of the batch on disk
         self._closed = None
@@ -175,13 +182,13 @@ class FileRunStore:
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
     def _load(self):
-        os.makedirs(self.data_dir, mode=layout.DIR_MODE, exist_ok=True)
-        if layout.make_directory(self.runs_dir) and self._sync:
-            layout.sync_directory(self.data_dir)
+        os.makedirs(self.data_dir, mode=disk.DIR_MODE, exist_ok=True)
+        if disk.make_directory(self.runs_dir) and self._sync:
+            disk.sync_directory(self.data_dir)
         self._lock_fd = os.open(
-            os.path.join(self.runs_dir, layout.LOCK),
+            os.path.join(self.runs_dir, naming.LOCK),
             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-            layout.FILE_MODE,
+            disk.FILE_MODE,
         )
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -189,7 +196,7 @@ class FileRunStore:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise RuntimeError(f"{self.runs_dir} is in use by another daemon")
-        findings = layout.Findings()
+        findings = index.Findings()
         loaded = []
         for entry in sorted(os.scandir(self.runs_dir), key=lambda e: e.name):
             if entry.name.startswith("."):
@@ -198,7 +205,7 @@ class FileRunStore:
                 findings.notes.append(f"{entry.path}: not an agent directory; ignored")
                 continue
             try:
-                agent = layout.load_agent(entry.path, self._sync, findings)
+                agent = index.load_agent(entry.path, self._sync, findings)
             except OSError as e:
                 findings.notes.append(f"{entry.path}: unreadable ({e}); its runs are not served")
                 continue
@@ -238,15 +245,15 @@ class FileRunStore:
         agent_id = started["agent_id"]
         agent = self._agents.get(agent_id)
         if agent is None:
-            agent = AgentRuns(agent_id, os.path.join(self.runs_dir, layout.encode_name(agent_id)))
+            agent = AgentRuns(agent_id, os.path.join(self.runs_dir, naming.encode_name(agent_id)))
         run = self._runs[run_id] = RunState(
             run_id=run_id,
             agent_id=agent_id,
-            path=os.path.join(agent.directory, layout.encode_name(run_id) + layout.RUN_SUFFIX),
+            path=os.path.join(agent.directory, naming.encode_name(run_id) + naming.RUN_SUFFIX),
             intent=started["intent"],
             started_at=started["started_at"],
         )
-        write = _Write(run, layout.encode_line(started), agent=agent, index_entry=run.start_entry())
+        write = _Write(run, runfiles.encode_line(started), agent=agent, index_entry=run.start_entry())
         d = self._submit(write)
         d.addCallbacks(self._started, self._not_started, (write,), errbackArgs=(write,))
         return d
@@ -278,7 +285,7 @@ class FileRunStore:
         base = run.turn_count
         if base + len(turns) > max_turns:
             return fail(TurnLimitReached(run_id))
-        data = b"".join(layout.encode_line(dict(t, index=base + i)) for i, t in enumerate(turns))
+        data = b"".join(runfiles.encode_line(dict(t, index=base + i)) for i, t in enumerate(turns))
         write = _Write(run, data, value=base, previous=run.summary())
         run.turn_count = base + len(turns)
         return self._submit(write)
@@ -295,7 +302,7 @@ class FileRunStore:
             run.outcome_status = ended["outcome"]["status"]
         self._moved(run, "in_progress")
         return self._submit(
-            _Write(run, layout.encode_line(ended), index_entry=run.end_entry(), previous=previous)
+            _Write(run, runfiles.encode_line(ended), index_entry=run.end_entry(), previous=previous)
         )
 
     def _moved(self, run: RunState, old_status: str) -> None:
@@ -312,7 +319,7 @@ class FileRunStore:
         write.run.last_write = write
         if self._committing is None:
             self._commit_next()
-        return write.result
+        return write.deferred
 
     def _commit_next(self) -> None:
         batch, self._queue = self._queue, []
@@ -337,7 +344,7 @@ class FileRunStore:
         for note in notes:
             log.warn("file store: {note}", note=note)
         for write, error in [*zip(batch, errors), *dependent]:
-            write.finish(None if error is None else _write_error(error))
+            write.settle(write.value if error is None else _write_error(error))
         if self._committing is None and self._closed is not None and not self._closed.called:
             self._closed.callback(None)
 
@@ -385,13 +392,13 @@ class FileRunStore:
                 try:
                     if write.agent is not None:
                         self._prepare(write.agent, directories)
-                        files[path] = layout.create_file(path)
+                        files[path] = disk.create_file(path)
                         sizes[path] = None
                         directories.add(write.agent.directory)
                     elif path not in files:
                         files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
                         sizes[path] = os.fstat(files[path]).st_size
-                    layout.write_all(files[path], write.data)
+                    disk.write_all(files[path], write.data)
                 except OSError as e:
                     broken[path] = e
             if self._sync:
@@ -402,7 +409,7 @@ class FileRunStore:
                         broken.setdefault(path, e)
                 for directory in directories:
                     try:
-                        layout.sync_directory(directory)
+                        disk.sync_directory(directory)
                     except OSError as e:
                         for path in files:
                             if os.path.dirname(path) == directory:
@@ -436,7 +443,7 @@ class FileRunStore:
         notes = []
         for directory, lines in entries.items():
             try:
-                layout.append_to_index(directory, b"".join(lines))
+                index.append_to_index(directory, b"".join(lines))
             except OSError as e:
                 notes.append(f"{directory}: index not updated ({e}); rebuilt at next start")
         return notes
@@ -444,15 +451,15 @@ class FileRunStore:
     def _prepare(self, agent: AgentRuns, directories: set) -> None:
         """Create an agent's directory and index, unless done already."""
         if agent.agent_id in self._agents or os.path.exists(
-            os.path.join(agent.directory, layout.INDEX)
+            os.path.join(agent.directory, naming.INDEX)
         ):
             return
-        if layout.make_directory(agent.directory):
+        if disk.make_directory(agent.directory):
             directories.add(self.runs_dir)
-        index = os.path.join(agent.directory, layout.INDEX)
-        fd = layout.create_file(index, exclusive=False)
+        index = os.path.join(agent.directory, naming.INDEX)
+        fd = disk.create_file(index, exclusive=False)
         try:
-            layout.write_all(fd, layout.encode_line({"agent_id": agent.agent_id}))
+            disk.write_all(fd, runfiles.encode_line({"agent_id": agent.agent_id}))
         except OSError:
             os.unlink(index)
             raise
@@ -469,25 +476,80 @@ class FileRunStore:
         run = self._runs.get(run_id)
         if run is None:
             return fail(RunNotFound(run_id))
-        d = Deferred()
-        if run.last_write is not None and not run.last_write.finished:
-            run.last_write.waiters.append(d)
-        else:
-            d.callback(None)
-        d.addCallback(lambda _: self._in_thread(layout.read_run_file, run.path))
-        d.addCallback(self._page_of_records, run, cursor, limit)
-        return d
+        return Deferred.fromCoroutine(self._read_records(run, cursor, limit))
 
-    def _page_of_records(self, run_file, run, cursor, limit):
-        if run_file.damaged and run.run_id not in self.corrupt_runs:
+    async def _read_records(self, run: RunState, cursor: int, limit: int):
+        """
+        One page by byte offset: scan only the lines written since the last
+        scan, then read only the page's bytes. A run file that is not a
+        regular file serves no records.
+        """
+        if run.last_write is not None and not run.last_write.settled:
+            await run.last_write.wait()
+            if self._runs.get(run.run_id) is not run:
+                raise RunNotFound(run.run_id)  # its start failed
+        try:
+            for _ in range(2):
+                kept = self._offsets_of(run)
+                offsets = kept.offsets
+                if not offsets.covers(cursor, limit, PAGE_READ_BYTES):
+                    offsets = await self._scan(run, kept, cursor, limit)
+                count = offsets.page(cursor, limit, PAGE_READ_BYTES)
+                records = await self._in_thread(
+                    runfiles.read_records_at, run.path, offsets, cursor, count
+                )
+                if records is not None:
+                    return records, cursor + len(records)
+                self._offsets.pop(run.run_id, None)  # the file changed: scan it afresh
+        except disk.NotRegularFile:
+            self._mark_corrupt(run, "not a regular file")
+            return [], cursor
+        raise RuntimeError(f"{run.path} changed while it was read")
+
+    def _offsets_of(self, run: RunState) -> _Offsets:
+        kept = self._offsets.get(run.run_id)
+        if kept is None:
+            kept = self._offsets[run.run_id] = _Offsets()
+            if len(self._offsets) > OFFSETS_KEPT:
+                self._offsets.popitem(last=False)
+        else:
+            self._offsets.move_to_end(run.run_id)
+        return kept
+
+    async def _scan(self, run: RunState, kept: _Offsets, cursor: int, limit: int):
+        """
+        Scan a run file past C{kept} as far as the page needs, one scan of
+        a run at a time. The result is kept only if no write to the run was
+        on its way meanwhile: a failed write's bytes may yet be cut off.
+        """
+        async with kept.scanning:
+            if kept.offsets.covers(cursor, limit, PAGE_READ_BYTES):
+                return kept.offsets  # scanned while this one waited
+            last_write = run.last_write
+            quiet = last_write is None or last_write.settled
+            offsets = await self._in_thread(
+                runfiles.scan_records,
+                run.path,
+                kept.offsets,
+                cursor,
+                limit,
+                PAGE_READ_BYTES,
+                quiet and run.status != "in_progress",
+            )
+            if quiet and run.last_write is last_write:
+                kept.offsets = offsets
+        if offsets.damaged:
+            self._mark_corrupt(run, f"damaged line(s) {list(offsets.damaged)}")
+        elif not offsets.started:
+            self._mark_corrupt(run, "no readable started record")
+        return offsets
+
+    def _mark_corrupt(self, run: RunState, finding: str) -> None:
+        if run.run_id not in self.corrupt_runs:
             self.corrupt_runs.add(run.run_id)
             log.warn(
-                "file store: {path}: damaged line(s) {lines}; run marked corrupt",
-                path=run.path,
-                lines=run_file.damaged,
+                "file store: {path}: {finding}; run marked corrupt", path=run.path, finding=finding
             )
-        page = run_file.records[cursor : cursor + limit]
-        return page, cursor + len(page)
 
     def list_runs(self, agent_id, cursor, limit, status):
         runs = self._everyone if agent_id is None else self._agents.get(agent_id)

@@ -35,6 +35,7 @@ from car_twisted.interfaces import (
     TurnLimitReached,
     status_of,
 )
+from car_twisted.store.pending import PendingWrite
 
 DATABASE_NAME = "runs.sqlite3"
 #: Beside the database, C{flock()}ed by the one store using it.
@@ -269,33 +270,12 @@ class _WriteBroke(Exception):
     """A write failed partway through; its batch must be replayed isolated."""
 
 
-class _Write:
+class _Write(PendingWrite):
     """One write operation waiting for (or past) the commit that holds it."""
 
     def __init__(self, apply):
+        super().__init__()
         self.apply = apply  # f(connection) -> result, on the writer thread
-        self.deferred = Deferred()
-        self.settled = False
-        self.waiters = []  # Deferreds of reads issued after this write
-
-    def settle(self, outcome) -> None:
-        self.settled = True
-        for waiter in self.waiters:
-            waiter.callback(None)
-        self.waiters = []
-        if isinstance(outcome, Failure):
-            self.deferred.errback(outcome)
-        else:
-            self.deferred.callback(outcome)
-
-    def wait(self) -> Deferred:
-        """A Deferred that fires (with None) once this write is settled."""
-        waiter = Deferred()
-        if self.settled:
-            waiter.callback(None)
-        else:
-            self.waiters.append(waiter)
-        return waiter
 
 
 @implementer(IRunStore)
