@@ -6,7 +6,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
-from car_twisted.auth import HOST_TOKEN_FILE
+from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, agent_token
 from car_twisted.web.login import COOKIE, cookie_value
 from tests.support import ClientProtocol, RPCClient, private_dir
 from tests.web_support import start_service
@@ -34,6 +34,8 @@ class LiveSocketTests(unittest.TestCase):
         service = await start_service(self, "--store", "memory", "--data-dir", data_dir)
         with open(f"{data_dir}/{HOST_TOKEN_FILE}") as f:
             cookie = cookie_value(f.read().strip())
+        with open(f"{data_dir}/{SECRET_FILE}") as f:
+            self.secret = f.read().strip()
         return service, await dashboard_socket(service, cookie)
 
     async def test_reads_every_agents_runs_as_the_host(self):
@@ -41,12 +43,12 @@ class LiveSocketTests(unittest.TestCase):
         agent lists every agent's runs newest first, and a run's trace and
         live events are readable."""
         service, live = await self.start()
-        run_service = service.runs
-        runs = []
+        agents, runs = [], []
         for agent_id in ("agent-a", "agent-b", "agent-a"):
-            session = run_service.open_session("test", lambda method, params: None)
-            session.agent_id, session.authenticated = agent_id, True
-            runs.append((await run_service.start(session, {"intent": "x"}))["run_id"])
+            agent = await RPCClient.connect(service.port)
+            await agent.call("session.auth", {"agent_id": agent_id, "token": agent_token(self.secret, agent_id)})
+            runs.append((await agent.call("runs.start", {"intent": "x"}))["run_id"])
+            agents.append(agent)
         listed = await live.call("runs.list", {})
         self.assertEqual([r["run_id"] for r in listed["runs"]], runs[::-1])
         self.assertIsNone(listed["agent_id"])
@@ -55,8 +57,13 @@ class LiveSocketTests(unittest.TestCase):
         trace = await live.call("runs.get_trace", {"run_id": runs[0]})
         self.assertEqual(trace["records"][0]["record"], "started")
         subscribed = await live.call("runs.subscribe", {"run_id": runs[2]})
-        self.assertEqual(subscribed["status"], "in_progress")
+        self.assertEqual((subscribed["status"], subscribed["cursor"]), ("in_progress", 0))
+        await agents[2].call("runs.record_turns", {"run_id": runs[2], "turns": [{"prompt": "p"}]})
+        event = (await live.receive())["params"]
+        self.assertEqual((event["record"]["record"], event["cursor"]), ("turn", 1))
         await live.close()
+        for agent in agents:
+            await agent.close()
 
     async def test_only_reads(self):
         """The dashboard session cannot start, cancel or re-authenticate:
