@@ -17,16 +17,18 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["car_twisted", "car_twisted.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/car_plugin.py"]},
+    package_data={"twisted": ["plugins/car_plugin.py"], "car_twisted.web": ["static/*"]},
     install_requires=[
         "twisted>=24.7",
         "autobahn>=24.4",
         "orjson>=3.9",
+        "prometheus_client>=0.20",
         "txaio>=23.1",
         "zope.interface>=6.0",
     ],
     entry_points={"console_scripts": ["car-twisted = car_twisted.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"],
+        # The browser tests drive Debian's chromium: set PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1.
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "playwright>=1.40"],
     },
 )

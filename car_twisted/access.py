@@ -18,11 +18,12 @@ class AccessPolicy:
     def __init__(self, auth_enabled: bool):
         self._auth_enabled = auth_enabled
 
-    def may_read(self, session: Session, agent_id: str) -> bool:
+    def may_read(self, session: Session, agent_id: Optional[str]) -> bool:
         """
-        Whether C{session} may read C{agent_id}'s runs. The host reads all;
-        a session bound to an agent reads only that agent's runs; an unbound
-        session reads all when it holds the daemon secret or auth is off.
+        Whether C{session} may read C{agent_id}'s runs (every agent's when
+        None). The host reads all; a session bound to an agent reads only
+        that agent's runs; an unbound session reads all when it holds the
+        daemon secret or auth is off.
         """
         if session.role == "host":
             return True

@@ -176,6 +176,11 @@ class Authenticator:
         self._last_refusal_logged = None
         self._refusals_not_logged = 0
 
+    @property
+    def host_token(self) -> Optional[str]:
+        """The host token (None with auth off): the dashboard logs in with it."""
+        return self._host_token
+
     @classmethod
     def disabled(cls) -> "Authenticator":
         """No checking: every session is accepted (``--no-auth``)."""

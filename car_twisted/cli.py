@@ -2,8 +2,9 @@
 The ``car-twisted`` command, for operators and supervisors.
 
 ``car-twisted agent-token AGENT_ID`` prints an agent's token from the daemon
-secret; ``car-twisted runs list|show|tail`` read a running daemon's runs as
-the host. Tables for people, ``--json`` for scripts.
+secret; ``car-twisted dashboard`` the dashboard's login link;
+``car-twisted runs list|show|tail`` read a running daemon's runs as the
+host. Tables for people, ``--json`` for scripts.
 """
 
 import argparse
@@ -11,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+from urllib.parse import quote
 
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.error import ConnectError
@@ -30,6 +32,8 @@ from car_twisted.data_dir import default_data_dir
 from car_twisted.interfaces import RUN_STATUSES, TURN_RECORDS
 from car_twisted.limits import MAX_ID
 
+#: Where the dashboard is when the daemon runs with its default --http.
+DEFAULT_DASHBOARD_URL = "http://127.0.0.1:9101"
 #: How many trace records one runs.get_trace call asks for.
 TRACE_PAGE = 500
 #: Runs per ``runs list`` page unless --limit says otherwise.
@@ -62,6 +66,13 @@ def parser() -> argparse.ArgumentParser:
         "agent-token", parents=[data_dir], help="print the token an agent authenticates with"
     )
     token.add_argument("agent_id", metavar="AGENT_ID")
+    dashboard = commands.add_parser(
+        "dashboard", parents=[data_dir], help="print the dashboard's login link (it holds the host token)"
+    )
+    dashboard.add_argument(
+        "--url", default=DEFAULT_DASHBOARD_URL,
+        help=f"the daemon's --http address [default: {DEFAULT_DASHBOARD_URL}]",
+    )  # fmt: skip
 
     daemon = _Parser(add_help=False, parents=[data_dir])
     daemon.add_argument(
@@ -89,6 +100,8 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.command == "agent-token":
         sys.exit(print_agent_token(args, os.environ, sys.stdout, sys.stderr))
+    if args.command == "dashboard":
+        sys.exit(print_dashboard_link(args, os.environ, sys.stdout, sys.stderr))
     react(_react_main, (args,))
 
 
@@ -117,6 +130,24 @@ def print_agent_token(args, environ, out, err) -> int:
         _fail(err, str(e))
         return 1
     out.write(agent_token(secret, args.agent_id) + "\n")
+    return 0
+
+
+def print_dashboard_link(args, environ, out, err) -> int:
+    """``car-twisted dashboard``: the exit status."""
+    data_dir = args.data_dir or default_data_dir(environ)
+    try:
+        host_token = read_token(os.path.join(data_dir, HOST_TOKEN_FILE))
+    except FileNotFoundError as e:
+        err.write(
+            f"car-twisted: no host token at {e.filename}; start the daemon once "
+            "(it creates the token) or pass the daemon's --data-dir\n"
+        )
+        return 1
+    except (TokenFileError, OSError) as e:
+        err.write(f"car-twisted: {e}\n")
+        return 1
+    out.write(f"{args.url.rstrip('/')}/login?token={quote(host_token, safe='')}\n")
     return 0
 
 

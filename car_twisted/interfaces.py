@@ -205,8 +205,9 @@ class IRunStore(Interface):
 
     def list_runs(agent_id, cursor, limit, status):
         """
-        One page of an agent's runs, newest first (runs started in the same
-        millisecond keep their start order, the later one first).
+        One page of an agent's runs (every agent's when C{agent_id} is
+        None), newest first (runs started in the same millisecond keep
+        their start order, the later one first).
 
         @param cursor: None for the first page, else a C{next_cursor} this
             store returned for the same query.

@@ -93,6 +93,8 @@ class Dispatcher:
         after it in the same batch do not run: each is answered that error.
     @param limits: the batch length, nesting depth and message size it
         enforces.
+    @param on_error: C{f(code)}, called for each error object it answers
+        with (the metrics count them).
     """
 
     def __init__(
@@ -100,8 +102,10 @@ class Dispatcher:
         methods: Mapping[str, Callable[[Any, dict], Any]],
         admit: Callable[[Any, str], None] = _admit_all,
         limits: WireLimits = WireLimits(),
+        on_error: Callable[[int], None] = lambda code: None,
     ):
         self._methods = methods
+        self._on_error = on_error
         self._admit = admit
         self._max_batch = limits.max_batch
         self._max_depth = limits.max_depth
@@ -126,7 +130,7 @@ class Dispatcher:
         try:
             message = decode(payload)
         except ValueError:
-            return succeed(self._parse_error)
+            return self._refuse(self._parse_error, PARSE_ERROR)
         # A frame with few brackets cannot nest deeply: most frames skip the walk.
         if payload.count(b"[") + payload.count(b"{") > self._max_depth and _deeper_than(
             message, self._max_depth
@@ -134,13 +138,16 @@ class Dispatcher:
             id_ = _request_id(message)
             if id_ is _NO_ID:
                 return succeed(Reply(None))
-            return succeed(Reply(encode(error_response(id_, InvalidRequest.code, self._too_deep))))
+            return self._refuse(
+                Reply(encode(error_response(id_, InvalidRequest.code, self._too_deep))),
+                InvalidRequest.code,
+            )
         closing = []  # the errors of this frame that close the connection
         if isinstance(message, list):
             if not message:
-                return succeed(self._empty_batch)
+                return self._refuse(self._empty_batch, InvalidRequest.code)
             if len(message) > self._max_batch:
-                return succeed(self._long_batch)
+                return self._refuse(self._long_batch, InvalidRequest.code)
             answers = [self._handle(session, m, closing) for m in message]
             d = gatherResults(answers)
             d.addCallback(lambda rs: _reply(self._batch_frame(rs), closing))
@@ -148,6 +155,11 @@ class Dispatcher:
         d = self._handle(session, message, closing)
         d.addCallback(lambda r: _reply(None if r is None else self._frame(r), closing))
         return d
+
+    def _refuse(self, reply: Reply, code: int):
+        """Answer a whole frame with one error."""
+        self._on_error(code)
+        return succeed(reply)
 
     def _frame(self, response: dict) -> bytes:
         """A response's frame, or an error in its place if it is too large."""
@@ -176,6 +188,7 @@ class Dispatcher:
         return b"[" + b",".join(f for f, _ in frames) + b"]"
 
     def _too_large(self, response: dict) -> dict:
+        self._on_error(INTERNAL_ERROR)
         return error_response(
             response["id"],
             INTERNAL_ERROR,
@@ -189,6 +202,7 @@ class Dispatcher:
         try:
             name, params = _parse(request, id_)
         except InvalidRequest as e:
+            self._on_error(e.code)
             return succeed(error_response(None if id_ is _NO_ID else id_, e.code, e.message))
         if closing:
             # An earlier request of the batch closes the connection: this
@@ -216,6 +230,7 @@ class Dispatcher:
         return method(session, params)
 
     def _error(self, failure, id_) -> dict:
+        self._on_error(failure.value.code if failure.check(RPCError) else INTERNAL_ERROR)
         if failure.check(RPCError):
             return error_response(id_, failure.value.code, failure.value.message, failure.value.data)
         log.failure("request {id} failed", failure, id=id_)

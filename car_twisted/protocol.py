@@ -14,6 +14,7 @@ from zope.interface import implementer
 from car_twisted.errors import AuthRequired
 from car_twisted.jsonrpc import Dispatcher, encode, error_response, notification
 from car_twisted.limits import WireLimits
+from car_twisted.metrics import DaemonMetrics
 
 log = Logger()
 
@@ -53,8 +54,16 @@ class Outbox:
     at most its high-water mark while it has not paused us.
     """
 
-    def __init__(self, write, high_water, event_cap=MAX_PENDING_EVENT_BYTES, drained=lambda: None):
+    def __init__(
+        self,
+        write,
+        high_water,
+        event_cap=MAX_PENDING_EVENT_BYTES,
+        drained=lambda: None,
+        on_drop=lambda: None,
+    ):
         self._write = write
+        self._on_drop = on_drop
         self._high_water = high_water
         self._event_cap = event_cap
         self._drained = drained
@@ -103,6 +112,7 @@ class Outbox:
         while self._events and self._event_bytes + self.in_transport > self._event_cap:
             self._event_bytes -= len(self._events.popleft()[1])
             self.dropped += 1
+            self._on_drop()
 
     def flush(self) -> None:
         """
@@ -177,7 +187,12 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self._handing_on = False
         self._idle = []
         high_water = getattr(self.transport, "bufferSize", TRANSPORT_HIGH_WATER)
-        self.outbox = Outbox(self._write, high_water, drained=self._hand_on)
+        self.outbox = Outbox(
+            self._write,
+            high_water,
+            drained=self._hand_on,
+            on_drop=self.factory.metrics.events_dropped.inc,
+        )
         self.registerProducer(self.outbox, True)
         self.session = self.factory.runs.open_session(self.peer, self._notify)
         self.factory.connections.add(self)
@@ -194,16 +209,19 @@ class RunTracingProtocol(WebSocketServerProtocol):
         # Answers can be ready after the client has gone; they are dropped.
         if self.state == self.STATE_OPEN:
             self.sendMessage(frame)
+            self.factory.metrics.frames_sent.inc()
 
     def _notify(self, method, params):
         frame = notification(method, params)
         if len(frame) > self.factory.limits.max_message_size:
             # Cannot be sent: counted as dropped, so the cursor jumps.
             self.outbox.dropped += 1
+            self.factory.metrics.events_dropped.inc()
             return
         self.outbox.event(frame)
 
     def onMessage(self, payload, isBinary):
+        self.factory.metrics.frames_received.inc()
         if self.closing:
             return
         if isBinary:
@@ -319,6 +337,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         if code == 503:
+            self.factory.metrics.connections_refused.inc()
             log.warn(
                 "refused a connection from {peer}: {count} connections are open, the limit is {limit}",
                 peer=self.peer,
@@ -351,7 +370,8 @@ class RunTracingFactory(WebSocketServerFactory):
     Listen with any stream endpoint: C{endpoint.listen(factory)}. C{limits}
     are the L{WireLimits} it enforces (the defaults when omitted); C{clock}
     (an L{IReactorTime}) runs its timers, Autobahn's and the auth deadline,
-    which applies when C{auth_required}.
+    which applies when C{auth_required}. C{metrics} is the
+    L{DaemonMetrics} it counts frames, dropped events and refusals in.
     """
 
     protocol = RunTracingProtocol
@@ -366,6 +386,7 @@ class RunTracingFactory(WebSocketServerFactory):
         clock=None,
         auth_required: bool = False,
         url=None,
+        metrics=None,
     ):
         # The Server header names the software, never its version.
         super().__init__(url, server="car-twisted", reactor=clock)
@@ -377,6 +398,7 @@ class RunTracingFactory(WebSocketServerFactory):
         self.dispatcher = dispatcher
         self.runs = runs
         self.auth_required = auth_required
+        self.metrics = metrics if metrics is not None else DaemonMetrics()
         #: The open connections (their protocols).
         self.connections = set()
 

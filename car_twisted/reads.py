@@ -1,6 +1,6 @@
 """
-The ``runs.*`` methods that read: a run's trace in pages, an agent's runs
-in pages, and live following (a snapshot, then events).
+The ``runs.*`` methods that read: a run's trace in pages, an agent's (or
+every agent's) runs in pages, and live following (a snapshot, then events).
 """
 
 from car_twisted.access import AccessPolicy
@@ -57,8 +57,8 @@ class RunReader:
         }
 
     async def list_runs(self, session: Session, params: dict) -> dict:
-        agent_id = id_param(params, "agent_id", required=session.agent_id is None)
-        agent_id = agent_id or session.agent_id
+        # Without agent_id: the bound agent's runs, or every agent's (None).
+        agent_id = id_param(params, "agent_id") or session.agent_id
         if not self._policy.may_read(session, agent_id):
             raise InvalidParams(
                 f"invalid params: this session may list only agent {session.agent_id!r}"

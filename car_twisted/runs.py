@@ -32,6 +32,7 @@ from car_twisted.interfaces import (
     status_of,
 )
 from car_twisted.limits import MAX_TURN_BYTES, MAX_TURNS_PER_RUN
+from car_twisted.metrics import DaemonMetrics
 from car_twisted.records import (
     agent_slug,
     clip_text,
@@ -78,6 +79,7 @@ class RunService:
     @param policy: who may write to which run.
     @param clock: schedules the grace window (an L{IReactorTime}).
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
+    @param metrics: the L{DaemonMetrics} runs are counted in.
     """
 
     def __init__(
@@ -89,8 +91,10 @@ class RunService:
         grace=DEFAULT_GRACE,
         environ=os.environ,
         resume_lease=DEFAULT_RESUME_LEASE,
+        metrics=None,
     ):
         self.store = store
+        self._metrics = metrics if metrics is not None else DaemonMetrics()
         self.sessions = {}  # client_id -> Session
         self._fanout = fanout
         self._policy = policy
@@ -101,8 +105,9 @@ class RunService:
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
         self._stopped = False
-        #: Whether the store's last write failed: its failure is logged once.
-        self._store_failing = False
+        #: Why the store's last write failed, while it fails (logged once);
+        #: None once a write succeeds again.
+        self.store_failure = None
 
     def methods(self) -> dict:
         """The methods it serves, by wire name."""
@@ -114,6 +119,16 @@ class RunService:
             "runs.cancel": self.cancel,
             "runs.resume": self.resume,
         }
+
+    @property
+    def open_run_count(self) -> int:
+        """Open runs this daemon produces (or waits on a grace timer for)."""
+        return len(self._live)
+
+    @property
+    def grace_timer_count(self) -> int:
+        """Open runs whose producer left, waiting out their grace window."""
+        return sum(1 for live in self._live.values() if live.expiry is not None)
 
     # Sessions
 
@@ -167,6 +182,7 @@ class RunService:
     async def _end(self, live: LiveRun, ended: dict) -> None:
         """Write a run's terminal record and tell its followers."""
         await self._stored(self.store.end_run(live.run_id, ended))
+        self._metrics.run_ended(ended["termination"])
         self._fanout.publish(live.run_id, live.agent_id, ended, live.turns, status_of(ended))
 
     async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
@@ -205,12 +221,12 @@ class RunService:
         try:
             result = await write
         except StoreWriteFailed as e:
-            if not self._store_failing:
-                self._store_failing = True
+            if self.store_failure is None:
                 log.error("the run store cannot write: {detail}", detail=e.detail)
+            self.store_failure = e.detail
             raise StoreUnavailable(e.detail) from None
-        if self._store_failing:
-            self._store_failing = False
+        if self.store_failure is not None:
+            self.store_failure = None
             log.info("the run store writes again")
         return result
 
@@ -260,6 +276,7 @@ class RunService:
         for summary, (ok, result) in zip(stale, results):
             if ok:
                 ended += 1
+                self._metrics.run_ended("incomplete")
                 log.info("run {run_id} ended incomplete: the daemon restarted", run_id=summary.run_id)
             elif not result.check(RunTerminal, RunNotFound):
                 log.failure("run {run_id} could not be ended", result, run_id=summary.run_id)
@@ -338,6 +355,7 @@ class RunService:
                     )
                 return self._restart(session, run_id, existing.agent_id, agent_id)
             raise
+        self._metrics.runs_started.inc()
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:

@@ -4,12 +4,16 @@ The daemon's service tree: the store, then the listeners.
 ::
 
     DaemonService (MultiService)
-    ├── RunStoreService      opens the store; closes it last
-    └── listeners (MultiService)
-        └── StreamServerEndpointService, one per --listen endpoint
+    ├── RunStoreService      opens the store; closes it
+    ├── listeners (MultiService)
+    │   └── StreamServerEndpointService, one per --listen endpoint
+    └── http (MultiService)
+        └── StreamServerEndpointService for --http, if any; stops last
 
 The listeners start only once the store is open and the runs the last
 daemon left open are ended, so no client ever sees a half-recovered store.
+The HTTP side stops after everything else, so ``/healthz`` answers 503
+while the daemon stops.
 """
 
 from twisted.application.internet import StreamServerEndpointService
@@ -34,9 +38,10 @@ class AnnouncingEndpoint:
     rather than to the service's log, so a start failure is one line.
     """
 
-    def __init__(self, description: str, endpoint):
+    def __init__(self, description: str, endpoint, label: str = "listening"):
         self._description = description
         self._endpoint = endpoint
+        self._label = label
         #: Fires with the listening port, or fails if listening failed.
         self.listened = Deferred()
 
@@ -47,7 +52,8 @@ class AnnouncingEndpoint:
 
     def _listening(self, port):
         log.info(
-            "car-twisted listening on {endpoint} ({address})",
+            "car-twisted {label} on {endpoint} ({address})",
+            label=self._label,
             endpoint=self._description,
             address=port.getHost(),
         )
@@ -94,20 +100,24 @@ class DaemonService(MultiService):
     C{ready} fires when they listen. Stopping it is graceful (SIGTERM): stop
     listening, answer every request in flight, close the connections, wait
     for the writes, close the store. Runs still open stay open; the next
-    start ends them incomplete.
+    start ends them incomplete. The HTTP side (L{serve_http}) closes last.
 
-    @param runs: the L{RunService}.
+    @ivar runs: the L{RunService}.
     """
 
     def __init__(self, store, runs):
         super().__init__()
-        self._runs = runs
+        self.runs = runs
         self._factories = []
         self._endpoints = []
         self.store_service = RunStoreService(store)
         self.store_service.setServiceParent(self)
         self.listeners = MultiService()
         self.listeners.setServiceParent(self)
+        self.http = MultiService()
+        self.http.setServiceParent(self)
+        #: True once the daemon is stopping.
+        self.stopping = False
         #: Fires with the listening ports once the daemon serves, or fails.
         self.ready = None
         #: Called with the failure if the daemon cannot start (C{ready}
@@ -121,6 +131,17 @@ class DaemonService(MultiService):
         if factory not in self._factories:
             self._factories.append(factory)
         StreamServerEndpointService(announcing, factory).setServiceParent(self.listeners)
+
+    def serve_http(self, description: str, endpoint, site, websockets) -> None:
+        """
+        Serve C{site} (the dashboard, health and metrics) on C{endpoint} once
+        the store is ready; C{websockets} is the factory of its WebSocket
+        sessions, closed with the others on stop.
+        """
+        announcing = AnnouncingEndpoint(description, endpoint, "dashboard")
+        self._endpoints.append(announcing)
+        self._factories.append(websockets)
+        StreamServerEndpointService(announcing, site).setServiceParent(self.http)
 
     def privilegedStartService(self):
         # Nothing listens before the store is open and recovered.
@@ -140,9 +161,10 @@ class DaemonService(MultiService):
 
     async def _start(self):
         await self.store_service.startService()
-        recovered = await self._runs.recover()
+        recovered = await self.runs.recover()
         log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
         self.listeners.startService()
+        self.http.startService()
         try:
             return await gatherResults([e.listened for e in self._endpoints], consumeErrors=True)
         except FirstError as e:
@@ -153,6 +175,7 @@ class DaemonService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
+        self.stopping = True
         if self.ready is not None:
             # A start failure was reported when it happened.
             await self.ready.addErrback(lambda _: None)
@@ -164,6 +187,8 @@ class DaemonService(MultiService):
                 count=len(factory.connections),
             )
             await factory.stop_serving()
-        await self._runs.stop()
+        await self.runs.stop()
         await self.store_service.stopService()
+        if self.http.running:
+            await self.http.stopService()
         log.info("car-twisted stopped: the store is closed")

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from car_twisted import __version__
 from car_twisted.access import AccessPolicy
 from car_twisted.auth import HOST_TOKEN_FILE, SECRET_ENV, SECRET_FILE, Authenticator, TokenFileError
 from car_twisted.data_dir import default_data_dir
@@ -20,6 +21,7 @@ from car_twisted.fanout import TraceFanout
 from car_twisted.handshake import handshake
 from car_twisted.jsonrpc import Dispatcher
 from car_twisted.limits import WireLimits
+from car_twisted.metrics import DaemonMetrics
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.reads import RunReader
 from car_twisted.runs import DEFAULT_GRACE, RunService
@@ -27,10 +29,16 @@ from car_twisted.service import CannotStart, DaemonService
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
+from car_twisted.web.health import DaemonHealth
+from car_twisted.web.live import DashboardFactory, read_methods
+from car_twisted.web.login import DashboardLogin
+from car_twisted.web.site import dashboard_site
 
 log = Logger()
 
 DEFAULT_LISTEN = "tcp:9100:interface=127.0.0.1"
+#: The HTTP side (dashboard, health, metrics): the WebSocket port + 1.
+DEFAULT_HTTP = "tcp:9101:interface=127.0.0.1"
 
 #: --store name -> f(reactor, options) returning the (not yet open) store.
 STORES = {
@@ -66,7 +74,7 @@ LIMIT_OPTIONS = {
 
 class Options(usage.Options):
     synopsis = (
-        "[--listen ENDPOINT]... [--store file|memory|sqlite] [--durability fsync|none] "
+        "[--listen ENDPOINT]... [--http ENDPOINT|none] [--store file|memory|sqlite] [--durability fsync|none] "
         "[--data-dir DIR] [--grace SECONDS] [--no-auth] [LIMIT OPTIONS]"
     )
     longdesc = "Serve the CAR agent-run-tracing protocol (JSON-RPC 2.0 over WebSocket)."
@@ -78,6 +86,7 @@ class Options(usage.Options):
         ["data-dir", None, None, "Where runs and tokens are kept [default: $CAR_HOME or ~/.car]."],
         ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
+        ["http", None, DEFAULT_HTTP, "Endpoint of the dashboard, /healthz and /metrics (none: no HTTP side)."],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
     ] + [
         [name, None, getattr(_DEFAULT_LIMITS, field), description, kind]
@@ -121,6 +130,13 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--listen {description!r} is not a server endpoint: {e}")
         self["endpoints"] = endpoints
+        if self["http"] == "none":
+            self["http-endpoint"] = None
+        else:
+            try:
+                self["http-endpoint"] = serverFromString(reactor, self["http"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"--http {self['http']!r} is not a server endpoint (or none): {e}")
         self["data-dir"] = os.path.abspath(self["data-dir"] or default_data_dir())
 
     def _limits(self) -> WireLimits:
@@ -172,6 +188,9 @@ class Daemon:
     methods: dict
     dispatcher: Dispatcher
     factory: RunTracingFactory
+    metrics: DaemonMetrics
+    #: The dashboard's WebSocket sessions (``/ws``): the host, reading.
+    dashboard: DashboardFactory
 
 
 def assemble(
@@ -185,17 +204,33 @@ def assemble(
     """
     Wire a daemon's parts around C{store}: the run service and the reader
     share the followers and the access policy, the dispatcher serves their
-    methods and C{authenticator}'s, the factory serves the dispatcher.
-    C{environ} is where C{CAR_AGENT_ID} is looked up.
+    methods and C{authenticator}'s, the factory serves the dispatcher; the
+    dashboard's factory serves a dispatcher of the read methods only. All
+    count in one L{DaemonMetrics}. C{environ} is where C{CAR_AGENT_ID} is
+    looked up.
     """
+    metrics = DaemonMetrics()
+    if hasattr(store, "on_commit"):
+        # The disk stores report each commit's size and time.
+        store.on_commit = metrics.commit
     fanout = TraceFanout()
     policy = AccessPolicy(authenticator.enabled)
-    runs = RunService(store, fanout, policy, clock, grace, environ)
+    runs = RunService(store, fanout, policy, clock, grace, environ, metrics=metrics)
+    metrics.watch(runs)
     reader = RunReader(store, fanout, policy)
     methods = wire_methods(authenticator, runs, reader)
-    dispatcher = Dispatcher(methods, authenticator.admit, limits)
-    factory = RunTracingFactory(dispatcher, runs, limits, clock, authenticator.enabled)
-    return Daemon(store, fanout, runs, reader, methods, dispatcher, factory)
+    dispatcher = Dispatcher(methods, authenticator.admit, limits, metrics.error)
+    factory = RunTracingFactory(
+        dispatcher, runs, limits, clock, authenticator.enabled, metrics=metrics
+    )
+    dashboard = DashboardFactory(
+        Dispatcher(read_methods(methods), limits=limits, on_error=metrics.error),
+        runs,
+        limits,
+        clock,
+        metrics=metrics,
+    )
+    return Daemon(store, fanout, runs, reader, methods, dispatcher, factory, metrics, dashboard)
 
 
 def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
@@ -203,10 +238,11 @@ def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
     The composition root: the daemon's service tree, from its options.
     C{environ} is where C{CAR_AUTH_TOKEN} and C{CAR_AGENT_ID} are looked up.
     """
+    authenticator = _authenticator(options, environ)
     parts = assemble(
         STORES[options["store"]](reactor, options),
         reactor,
-        _authenticator(options, environ),
+        authenticator,
         options["limits"],
         options["grace"],
         environ,
@@ -214,8 +250,15 @@ def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
     daemon = DaemonService(parts.store, parts.runs)
     for description, endpoint in zip(options["listen"], options["endpoints"]):
         daemon.listen(description, endpoint, parts.factory)
+    if options["http-endpoint"] is not None:
+        health = DaemonHealth(parts.runs, options["store"], lambda: daemon.stopping)
+        site = dashboard_site(
+            DashboardLogin(authenticator.host_token), health, parts.metrics, parts.dashboard
+        )
+        daemon.serve_http(options["http"], options["http-endpoint"], site, parts.dashboard)
     log.info(
-        "car-twisted: {store} store, data in {data_dir}, auth {auth}",
+        "car-twisted {version}: {store} store, data in {data_dir}, auth {auth}",
+        version=__version__,
         store=options["store"],
         data_dir=options["data-dir"],
         auth="off" if options["no-auth"] else "on",

@@ -267,6 +267,28 @@ class RunStoreConformance:
         page, _ = await store.list_runs("agent-a", None, 10, "in_progress")
         self.assertEqual(len(page), 3)
 
+    async def test_list_runs_of_every_agent(self):
+        """With agent None: every agent's runs, newest first, paged, and
+        filtered by status (the runs ended later move to their status)."""
+        store = await self._store()
+        ids = []
+        for i in range(5):
+            record = started(agent_id=f"agent-{i % 2}")
+            await store.start_run(record)
+            ids.append(record["run_id"])
+        await store.end_run(ids[1], ended_record("incomplete", reason="x"))
+        seen, cursor = [], None
+        while True:
+            page, cursor = await store.list_runs(None, cursor, 2, None)
+            seen.extend(s.run_id for s in page)
+            if cursor is None:
+                break
+        self.assertEqual(seen, ids[::-1])
+        page, _ = await store.list_runs(None, None, 10, "incomplete")
+        self.assertEqual([s.run_id for s in page], [ids[1]])
+        page, _ = await store.list_runs(None, None, 10, "in_progress")
+        self.assertEqual([s.run_id for s in page], [ids[4], ids[3], ids[2], ids[0]])
+
     async def test_list_runs_bad_cursor(self):
         """A cursor the store never issued fails ValueError."""
         store = await self._store()

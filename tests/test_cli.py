@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from car_twisted import __version__
 from car_twisted.auth import HOST_TOKEN_FILE, agent_token, ensure_token
-from car_twisted.cli import parser, print_agent_token, run
+from car_twisted.cli import parser, print_agent_token, print_dashboard_link, run
 from car_twisted.records import now
 from car_twisted.store.memory import MemoryRunStore
 from tests.support import SUCCESS_OUTCOME, AuthDaemon, private_dir, wait_for
@@ -298,6 +298,31 @@ class AgentTokenTests(unittest.TestCase):
         """An agent id the daemon would refuse (over 256 characters) gets no token."""
         result = self.agent_token("a" * 257, environ={"CAR_AUTH_TOKEN": "environment-secret-0123456789"})
         self.assertEqual((result.status, result.out), (2, ""))
+
+
+class DashboardLinkTests(unittest.TestCase):
+    def dashboard(self, *argv, environ=None):
+        out, err = io.StringIO(), io.StringIO()
+        status = print_dashboard_link(parser().parse_args(["dashboard", *argv]), environ or {}, out, err)
+        return CommandResult(status, out.getvalue(), err.getvalue())
+
+    async def test_prints_the_login_link(self):
+        """dashboard prints the login link holding the data dir's host
+        token, at the default address or the one given."""
+        auth = await AuthDaemon.serve(self)
+        result = self.dashboard("--data-dir", auth.data_dir)
+        self.assertEqual(
+            (result.status, result.out), (0, f"http://127.0.0.1:9101/login?token={auth.host_token}\n")
+        )
+        elsewhere = self.dashboard("--data-dir", auth.data_dir, "--url", "http://car.example:8080/")
+        self.assertEqual(elsewhere.out, f"http://car.example:8080/login?token={auth.host_token}\n")
+
+    def test_no_host_token(self):
+        """Without a host token in the data dir it says where it looked."""
+        home = private_dir(self)
+        result = self.dashboard(environ={"CAR_HOME": home})
+        self.assertEqual((result.status, result.out), (1, ""))
+        self.assertIn(f"no host token at {home}/host-token", result.err)
 
 
 class CommandLineTests(unittest.TestCase):

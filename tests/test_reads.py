@@ -5,7 +5,7 @@ runs.list and runs.get_trace paging, in process.
 from twisted.trial import unittest
 
 from car_twisted.records import now
-from tests.support import SUCCESS_OUTCOME, in_process
+from tests.support import SUCCESS_OUTCOME, AuthDaemon, in_process
 
 
 async def record_runs(ws, agent_id, count):
@@ -119,3 +119,21 @@ class TracePagingTests(unittest.TestCase):
         for params in ({"cursor": -1}, {"limit": 0}, {"cursor": "2"}):
             answer = await ws.call_raw("runs.get_trace", {"run_id": "r", **params})
             self.assertEqual(answer["error"]["code"], -32602, params)
+
+
+class ListEveryAgentTests(unittest.TestCase):
+    async def test_without_agent_id(self):
+        """runs.list without agent_id: a host session lists every agent's
+        runs newest first (agent_id null), with the status filter; a session
+        bound to an agent still lists only its own."""
+        auth = AuthDaemon.in_process(self)
+        a, first = await auth.start_run("agent-A")
+        b, second = await auth.start_run("agent-B")
+        await b.call("runs.complete", {"run_id": second, "outcome": SUCCESS_OUTCOME})
+        host = await auth.host()
+        listed = await host.call("runs.list", {})
+        self.assertEqual(([r["run_id"] for r in listed["runs"]], listed["agent_id"]), ([second, first], None))
+        completed = await host.call("runs.list", {"status": "completed"})
+        self.assertEqual([r["run_id"] for r in completed["runs"]], [second])
+        own = await a.call("runs.list", {})
+        self.assertEqual(([r["run_id"] for r in own["runs"]], own["agent_id"]), ([first], "agent-A"))

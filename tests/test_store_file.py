@@ -82,6 +82,21 @@ class FileRunStoreTests(unittest.TestCase):
         self.assertEqual([s.run_id for s in before[2][0]], run_ids[::-1])
         self.assertEqual(before[0][0].turn_count, 2)
 
+    async def test_restart_lists_every_agent_in_start_order(self):
+        """After a restart, every agent's runs list newest first across
+        agents, as before it."""
+        store = await self.open()
+        ids = []
+        for i in range(4):
+            record = started(agent_id=f"agent-{i % 2}")
+            record["started_at"] = f"2026-11-25T01:00:0{i}.000Z"
+            await store.start_run(record)
+            ids.append(record["run_id"])
+        store = await self.reopen(store)
+        page, _ = await store.list_runs(None, None, 10, None)
+        self.assertEqual([s.run_id for s in page], ids[::-1])
+        await store.close()
+
     async def test_restarted_store_continues_open_runs(self):
         """An open run loaded from disk takes more turns on its index
         sequence and its end, which survive another restart."""

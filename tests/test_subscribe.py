@@ -151,6 +151,8 @@ class SlowSubscriberTests(unittest.TestCase):
             self.assertLessEqual(outbox.unsent_bytes, 1024 * 1024)
         await producer.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
         self.assertGreater(outbox.dropped, 0)
+        metrics = daemon.factory.metrics.registry
+        self.assertEqual(metrics.get_sample_value("car_follower_events_dropped_total"), outbox.dropped)
         follower.protocol.transport.resumeProducing()
         events = [(await follower.receive())["params"]]
         while events[-1]["status"] == "in_progress":

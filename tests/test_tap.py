@@ -10,10 +10,11 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from car_twisted import __version__
 from car_twisted.auth import SECRET_FILE, ensure_token
 from car_twisted.limits import WireLimits
 from car_twisted.store.sqlite import DATABASE_NAME
-from car_twisted.tap import DEFAULT_LISTEN, Options, build_daemon, makeService
+from car_twisted.tap import DEFAULT_HTTP, DEFAULT_LISTEN, Options, build_daemon, makeService
 from tests.daemon_process import SOURCE_ROOT, DaemonProcess, daemon_environment
 from tests.support import RPCClient, private_dir
 
@@ -29,6 +30,12 @@ class OptionsTests(unittest.TestCase):
         options = self.parse("--data-dir", self.mktemp())
         self.assertEqual(options["listen"], [DEFAULT_LISTEN])
         self.assertEqual(options["grace"], 0.25)
+        self.assertEqual(options["http"], DEFAULT_HTTP)
+        self.assertIsNotNone(options["http-endpoint"])
+
+    def test_http_none_turns_the_http_side_off(self):
+        """--http none: no HTTP endpoint."""
+        self.assertIsNone(self.parse("--http", "none", "--data-dir", "d")["http-endpoint"])
 
     def test_limits_default_and_set(self):
         """Without limit options the wire limits are the defaults; each
@@ -66,6 +73,7 @@ class OptionsTests(unittest.TestCase):
         for argv, needle in [
             (["--store", "nope"], "--store"),
             (["--listen", "bogus:1"], "--listen"),
+            (["--http", "bogus:1"], "--http"),
             (["--grace", "-1"], "--grace"),
             (["--grace", "soon"], "could not convert"),
             (["--no-such-option"], "no-such-option"),
@@ -90,7 +98,7 @@ class ServiceTests(unittest.TestCase):
         """The service listens on its endpoint, answers JSON-RPC, and stops
         listening when stopped."""
         options = Options()
-        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--store", "memory", "--no-auth", "--data-dir", self.mktemp()])
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--http", "none", "--store", "memory", "--no-auth", "--data-dir", self.mktemp()])
         service = makeService(options)
         service.startService()
         (listening,) = await service.ready
@@ -108,7 +116,9 @@ class DaemonServiceAuthTests(unittest.TestCase):
     async def start(self, *argv, environ=None):
         """Start the service on an ephemeral loopback port; its log texts."""
         options = Options()
-        options.parseOptions(["--store", "memory", "--listen", "tcp:0:interface=127.0.0.1", *argv])
+        options.parseOptions(
+            ["--store", "memory", "--listen", "tcp:0:interface=127.0.0.1", "--http", "none", *argv]
+        )
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
@@ -136,6 +146,11 @@ class DaemonServiceAuthTests(unittest.TestCase):
         refused = await ws.call_raw("runs.list", {"agent_id": "agent-A"})
         self.assertEqual(refused["error"]["code"], -32001)
         self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_startup_line_names_the_version(self):
+        """The startup log line names the package's version."""
+        _, logged = await self.start("--data-dir", private_dir(self), "--no-auth")
+        self.assertTrue(any(text.startswith(f"car-twisted {__version__}: memory store") for text in logged), logged)
 
     async def test_environment_secret_is_named_not_logged(self):
         """With CAR_AUTH_TOKEN set, the log names the variable, not its value."""
@@ -182,11 +197,15 @@ class StartFailureTests(unittest.TestCase):
     bounded wait is killed and the test fails).
     """
 
-    async def assert_cannot_start(self, needle, *argv, environ=None):
+    async def assert_cannot_start(self, needle, *argv, environ=None, listened=False):
+        """
+        C{listened}: the failure is a listener's, so the others may have
+        listened (and closed again).
+        """
         attempt = StartAttempt()
         command = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "car", *argv,
+            "-n", "--pidfile=", "car", "--http", "none", *argv,
         ]  # fmt: skip
         env = {**daemon_environment(), "CAR_AUTH_TOKEN": "", **(environ or {})}
         reactor.spawnProcess(attempt, command[0], command, env=env, path=SOURCE_ROOT)
@@ -199,7 +218,8 @@ class StartFailureTests(unittest.TestCase):
         self.assertEqual((code, len(lines)), (1, 1), attempt.err.decode() + attempt.out.decode())
         self.assertTrue(lines[0].startswith("car-twisted"), lines)
         self.assertIn(needle, lines[0])
-        self.assertNotIn("listening on", attempt.out.decode())
+        if not listened:
+            self.assertNotIn("listening on", attempt.out.decode())
 
     async def test_bad_option(self):
         """A bad option: one line, no help text, status 1."""
@@ -244,6 +264,17 @@ class StartFailureTests(unittest.TestCase):
         await self.assert_cannot_start(
             f"cannot listen on {listen}", "--no-auth", "--store", "memory",
             "--data-dir", private_dir(self), "--listen", listen,
+        )  # fmt: skip
+
+    async def test_http_port_in_use(self):
+        """An --http port another process listens on is refused at start."""
+        taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        http = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        await self.assert_cannot_start(
+            f"cannot listen on {http}", "--no-auth", "--store", "memory",
+            "--data-dir", private_dir(self), "--listen", "tcp:0:interface=127.0.0.1", "--http", http,
+            listened=True,
         )  # fmt: skip
 
     async def test_port_out_of_range(self):

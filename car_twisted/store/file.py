@@ -16,6 +16,7 @@ See docs/storage.md.
 import bisect
 import fcntl
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -54,27 +55,27 @@ PAGE_READ_BYTES = 512 * 1024
 OFFSETS_KEPT = 256
 
 
-class AgentRuns:
-    """One agent's durable runs in start order, with positions by status."""
+class RunIndex:
+    """Durable runs in start order, with positions by status."""
 
-    def __init__(self, agent_id: str, directory: str):
-        self.agent_id = agent_id
-        self.directory = directory
+    def __init__(self):
         self.runs = []
+        self._position = {}  # run_id -> position in self.runs
         self._positions = {status: [] for status in RUN_STATUSES}
 
     def add(self, run: RunState) -> None:
-        run.position = len(self.runs)
+        position = self._position[run.run_id] = len(self.runs)
         self.runs.append(run)
-        self._positions[run.status].append(run.position)
+        self._positions[run.status].append(position)
 
     def moved(self, run: RunState, old_status: str) -> None:
         """Re-file a run whose status changed."""
-        if run.position is None:
+        position = self._position.get(run.run_id)
+        if position is None:
             return
         positions = self._positions[old_status]
-        del positions[bisect.bisect_left(positions, run.position)]
-        bisect.insort(self._positions[run.status], run.position)
+        del positions[bisect.bisect_left(positions, position)]
+        bisect.insort(self._positions[run.status], position)
 
     def page(self, cursor, limit: int, status: Optional[str]):
         """Newest first from below C{cursor}; cost grows with C{limit} only."""
@@ -89,6 +90,15 @@ class AgentRuns:
             more = end - limit > 0
         page = [self.runs[position].summary() for position in chosen]
         return page, (str(chosen[-1]) if more else None)
+
+
+class AgentRuns(RunIndex):
+    """One agent's durable runs, and the directory they are kept in."""
+
+    def __init__(self, agent_id: str, directory: str):
+        super().__init__()
+        self.agent_id = agent_id
+        self.directory = directory
 
 
 @dataclass(eq=False)
@@ -127,6 +137,8 @@ class FileRunStore:
     @param durability: C{"fsync"} acknowledges writes once on stable
         storage; C{"none"} once handed to the operating system (they survive
         a daemon crash, not a power cut).
+    @ivar on_commit: C{f(writes, seconds)}, called after each batch with its
+        size and how long it took (the daemon's metrics).
     """
 
     def __init__(self, reactor, data_dir: str, durability: str = "fsync"):
@@ -138,12 +150,14 @@ class FileRunStore:
         self._sync = durability == "fsync"
         self._runs = {}  # run_id -> RunState
         self._agents = {}  # agent_id -> AgentRuns
+        self._everyone = RunIndex()  # every agent's runs
         #: Ids of runs found with damaged lines; their readable records are served.
         self.corrupt_runs = set()
         self._offsets = OrderedDict()  # run_id -> _Offsets, least recently read first
         self._queue = []
         self._committing = None  # the Deferred of the batch on disk
         self._closed = None
+        self.on_commit = lambda writes, seconds: None
         self._lock_fd = None
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="car-file-store")
 
@@ -209,6 +223,9 @@ class FileRunStore:
                     continue
                 self._runs[run.run_id] = run
                 agent.add(run)
+        # Sorting is stable: runs of one agent started in one millisecond keep their order.
+        for run in sorted(self._runs.values(), key=lambda run: run.started_at):
+            self._everyone.add(run)
         self.corrupt_runs |= findings.corrupt
         for note in findings.notes:
             log.warn("file store: {note}", note=note)
@@ -243,6 +260,7 @@ class FileRunStore:
 
     def _started(self, _, write: _Write):
         self._agents.setdefault(write.run.agent_id, write.agent).add(write.run)
+        self._everyone.add(write.run)
 
     def _not_started(self, failure, write: _Write):
         if self._runs.get(write.run.run_id) is write.run:
@@ -283,12 +301,17 @@ class FileRunStore:
         run.ended_at = ended["ended_at"]
         if ended["termination"] == "outcome":
             run.outcome_status = ended["outcome"]["status"]
-        agent = self._agents.get(run.agent_id)
-        if agent is not None:
-            agent.moved(run, "in_progress")
+        self._moved(run, "in_progress")
         return self._submit(
             _Write(run, runfiles.encode_line(ended), index_entry=run.end_entry(), previous=previous)
         )
+
+    def _moved(self, run: RunState, old_status: str) -> None:
+        """Re-file a run whose status changed in the indexes that hold it."""
+        agent = self._agents.get(run.agent_id)
+        if agent is not None:
+            agent.moved(run, old_status)
+        self._everyone.moved(run, old_status)
 
     def _submit(self, write: _Write) -> Deferred:
         if self._closed is not None:
@@ -302,10 +325,11 @@ class FileRunStore:
     def _commit_next(self) -> None:
         batch, self._queue = self._queue, []
         self._committing = self._in_thread(self._write_batch, batch)
-        self._committing.addBoth(self._committed, batch)
+        self._committing.addBoth(self._committed, batch, time.monotonic())
 
-    def _committed(self, outcome, batch):
+    def _committed(self, outcome, batch, started):
         self._committing = None
+        self.on_commit(len(batch), time.monotonic() - started)
         if isinstance(outcome, Failure):
             log.failure("file store: a batch of writes failed", outcome)
             errors, notes = [outcome.value] * len(batch), []
@@ -338,9 +362,8 @@ class FileRunStore:
         if write.previous is not None:
             old_status = run.status
             run.take_summary(write.previous)
-            agent = self._agents.get(run.agent_id)
-            if agent is not None and old_status != run.status:
-                agent.moved(run, old_status)
+            if old_status != run.status:
+                self._moved(run, old_status)
         dependent = [queued for queued in self._queue if queued.run is run]
         self._queue = [queued for queued in self._queue if queued.run is not run]
         return [(queued, error) for queued in dependent]
@@ -530,12 +553,12 @@ class FileRunStore:
             )
 
     def list_runs(self, agent_id, cursor, limit, status):
-        agent = self._agents.get(agent_id)
+        runs = self._everyone if agent_id is None else self._agents.get(agent_id)
         try:
-            if agent is None:
+            if runs is None:
                 parse_position_cursor(cursor, 0)
                 return succeed(([], None))
-            return succeed(agent.page(cursor, limit, status))
+            return succeed(runs.page(cursor, limit, status))
         except ValueError as e:
             return fail(e)
 

@@ -22,6 +22,7 @@ class MemoryRunStore:
         self._records = {}  # run_id -> [record]
         self._turns = {}  # run_id -> number of turn records
         self._by_agent = {}  # agent_id -> [run_id] in start order
+        self._started = []  # every run_id in start order
 
     def open(self):
         return succeed(None)
@@ -33,6 +34,7 @@ class MemoryRunStore:
         self._records[run_id] = [dict(started)]
         self._turns[run_id] = 0
         self._by_agent.setdefault(started["agent_id"], []).append(run_id)
+        self._started.append(run_id)
         return succeed(None)
 
     def _open(self, run_id):
@@ -76,7 +78,7 @@ class MemoryRunStore:
         return succeed(([dict(r) for r in page], cursor + len(page)))
 
     def list_runs(self, agent_id, cursor, limit, status):
-        run_ids = self._by_agent.get(agent_id, [])
+        run_ids = self._started if agent_id is None else self._by_agent.get(agent_id, [])
         try:
             position = parse_position_cursor(cursor, len(run_ids))
         except ValueError as e:

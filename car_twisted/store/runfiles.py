@@ -32,8 +32,6 @@ class RunState:
     status: str = "in_progress"
     outcome_status: Optional[str] = None
     turn_count: int = 0
-    #: Position in the agent's start order, once the start is durable.
-    position: Optional[int] = None
     #: The last write to this run handed to the disk thread (reads wait for it).
     last_write: object = None
 

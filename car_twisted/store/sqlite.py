@@ -16,6 +16,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -83,6 +84,13 @@ LIST_RUNS = f"""
 LIST_RUNS_WITH_STATUS = f"""
     SELECT seq, {_SUMMARY_COLUMNS} FROM runs
     WHERE agent_id = ? AND status = ? AND seq < ? ORDER BY seq DESC LIMIT ?
+"""
+LIST_ALL_RUNS = f"""
+    SELECT seq, {_SUMMARY_COLUMNS} FROM runs WHERE seq < ? ORDER BY seq DESC LIMIT ?
+"""
+LIST_ALL_RUNS_WITH_STATUS = f"""
+    SELECT seq, {_SUMMARY_COLUMNS} FROM runs
+    WHERE status = ? AND seq < ? ORDER BY seq DESC LIMIT ?
 """
 OPEN_RUNS = f"SELECT {_SUMMARY_COLUMNS} FROM runs WHERE status = 'in_progress'"
 READ_RECORDS = """
@@ -282,6 +290,8 @@ class SQLiteRunStore:
 
     @param reactor: where results are delivered.
     @ivar commits: transactions the writer has committed (one per batch).
+    @ivar on_commit: C{f(writes, seconds)}, called on the reactor after
+        each batch with its size and how long it took (the daemon's metrics).
     """
 
     def __init__(self, data_dir: str, reactor):
@@ -291,6 +301,7 @@ class SQLiteRunStore:
         self._lock = None
         self._writer = None
         self.commits = 0
+        self.on_commit = lambda writes, seconds: None
         # Writes issued on the reactor thread, taken in batches by the writer.
         self._pending = []
         self._wake = threading.Condition(threading.RLock())
@@ -431,7 +442,9 @@ class SQLiteRunStore:
                 batch, self._pending = self._pending, []
             if not batch:
                 break
+            started = time.monotonic()
             outcomes = self._commit(batch)
+            self._reactor.callFromThread(self.on_commit, len(batch), time.monotonic() - started)
             self._reactor.callFromThread(self._settle, batch, outcomes)
         self._writer.close()
         self._reactor.callFromThread(self._stopped.callback, None)
@@ -575,16 +588,16 @@ class SQLiteRunStore:
             below = _parse_cursor(cursor)
         except ValueError as e:
             return fail(e)
-        return self._read(
-            self._newest_write, self._list_runs, _blob(agent_id), below, limit, status
-        )
+        agent = None if agent_id is None else _blob(agent_id)
+        return self._read(self._newest_write, self._list_runs, agent, below, limit, status)
 
     @staticmethod
     def _list_runs(db, agent, below, limit, status):
-        if status is None:
-            rows = db.execute(LIST_RUNS, (agent, below, limit + 1)).fetchall()
+        if agent is None:
+            query, args = (LIST_ALL_RUNS, ()) if status is None else (LIST_ALL_RUNS_WITH_STATUS, (status,))
         else:
-            rows = db.execute(LIST_RUNS_WITH_STATUS, (agent, status, below, limit + 1)).fetchall()
+            query, args = (LIST_RUNS, (agent,)) if status is None else (LIST_RUNS_WITH_STATUS, (agent, status))
+        rows = db.execute(query, (*args, below, limit + 1)).fetchall()
         page = [_summary(row[1:]) for row in rows[:limit]]
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return page, next_cursor
