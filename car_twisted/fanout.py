@@ -3,42 +3,45 @@ Live trace following: which sessions follow which runs, and delivery of
 each newly durable record to them as a ``runs.trace.event`` notification.
 
 A follower that is still taking its snapshot buffers events; when the
-snapshot is read, the buffered events it does not already hold extend it,
-so the snapshot and the stream meet with no gap and no duplicate. A live
-follower remembers the cursor it has been sent up to: a record at or before
-it (published twice, by this daemon and by a catch-up read) is not sent again.
+snapshot is read, the buffered events it does not already hold (by record
+position) extend it, so the snapshot and the stream meet with no gap and no
+duplicate. A live follower remembers the record position it has been sent
+up to: a record at or before it (published twice, by this daemon and by a
+catch-up read of another daemon's writes) is not sent again. The events
+carry CAR's cursor, the run's turn count, which the run service computes
+(see docs/protocol.md).
 """
 
+from car_twisted.interfaces import position_after, turns_held
 from car_twisted.session import Session
 
 
 class TraceFanout:
     def __init__(self):
-        self._followers = {}  # run_id -> {Session: list (snapshotting) or int (live: cursor sent)}
+        # run_id -> {Session: list (snapshotting) or int (live: the position sent up to)}
+        self._followers = {}
 
     def follow(self, session: Session, run_id: str) -> None:
         """Start following; events buffer until L{snapshot_taken}."""
         self._followers.setdefault(run_id, {})[session] = []
         session.following.add(run_id)
 
-    def snapshot_taken(self, session: Session, run_id: str, records: list, cursor: int) -> int:
+    def snapshot_taken(self, session: Session, run_id: str, records: list, position: int) -> None:
         """
         Merge the events that arrived while the snapshot was read into
-        C{records} (in place), switch the follower to live delivery, and
-        return the cursor after the merged records.
+        C{records} (in place), and switch the follower to live delivery.
+        C{position} is the record position after the snapshot's records.
         """
-        buffered = self._followers[run_id][session]
-        for record, event_cursor in buffered:
-            if event_cursor > cursor:
+        for event_position, record in self._followers[run_id][session]:
+            if event_position > position:
                 records.append(record)
-                cursor = event_cursor
-        self._followers[run_id][session] = cursor
-        return cursor
+                position = event_position
+        self._followers[run_id][session] = position
 
     def sent(self, run_id: str):
-        """The lowest cursor the run's live followers were sent up to, or None."""
-        cursors = [c for c in self._followers.get(run_id, {}).values() if isinstance(c, int)]
-        return min(cursors, default=None)
+        """The lowest position the run's live followers were sent up to, or None."""
+        positions = [p for p in self._followers.get(run_id, {}).values() if isinstance(p, int)]
+        return min(positions, default=None)
 
     def followed(self) -> list:
         """The runs someone follows."""
@@ -57,17 +60,22 @@ class TraceFanout:
         for run_id in list(session.following):
             self.unfollow(session, run_id)
 
-    def publish(self, run_id: str, agent_id: str, record: dict, cursor: int, status: str) -> None:
-        """Deliver a durable record at position C{cursor - 1} to the run's followers."""
+    def publish(self, run_id: str, agent_id: str, record: dict, turns: int, status: str) -> None:
+        """
+        Deliver a durable record of a run that has C{turns} turns to the
+        run's followers.
+        """
         followers = self._followers.get(run_id)
         if not followers:
             return
+        cursor = turns_held(record, turns)
+        position = position_after(record, turns)
         event = {"run_id": run_id, "agent_id": agent_id, "record": record, "cursor": cursor, "status": status}
-        for session, buffered in list(followers.items()):
-            if isinstance(buffered, list):
-                buffered.append((record, cursor))
-            elif cursor > buffered:
-                followers[session] = cursor
+        for session, sent in list(followers.items()):
+            if isinstance(sent, list):
+                sent.append((position, record))
+            elif position > sent:
+                followers[session] = position
                 session.notify("runs.trace.event", event)
         if status != "in_progress":
             for session in list(followers):

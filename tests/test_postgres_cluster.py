@@ -15,6 +15,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from car_twisted.handshake import PROTOCOL_VERSION
+from car_twisted.records import keyed_run_id
 from tests.daemon_process import DaemonProcess
 from tests.postgres_server import fresh_database
 from tests.support import SUCCESS_OUTCOME, RPCClient, wait_for
@@ -87,7 +88,7 @@ class LiveFollowTests(unittest.TestCase):
         await agent.call("runs.record_turns", {"run_id": run_id, "turns": [turn("0"), turn("1")]})
         follower = await cluster.client(b)
         snapshot = await follower.call("runs.subscribe", {"run_id": run_id})
-        self.assertEqual((snapshot["cursor"], len(snapshot["turns_so_far"])), (3, 2))
+        self.assertEqual((snapshot["cursor"], len(snapshot["turns_so_far"])), (2, 2))
         return cluster, b, agent, follower, run_id
 
     async def finish(self, agent, run_id):
@@ -97,8 +98,10 @@ class LiveFollowTests(unittest.TestCase):
         await agent.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
 
     def assert_every_event(self, events):
-        """The follower got the four turns and the end, once each, in order."""
-        self.assertEqual([e["cursor"] for e in events], [4, 5, 6, 7, 8])
+        """The follower got the four turns and the end, once each, in order
+        (CAR's cursor: the turns so far)."""
+        self.assertEqual([e["record"]["record"] for e in events], ["turn"] * 4 + ["ended"])
+        self.assertEqual([e["cursor"] for e in events], [3, 4, 5, 6, 6])
         self.assertEqual([e["record"].get("prompt") for e in events[:-1]], ["2", "3", "4", "5"])
         self.assertEqual([e["status"] for e in events][-2:], ["in_progress", "completed"])
 
@@ -124,7 +127,7 @@ class LiveFollowTests(unittest.TestCase):
         await agent.call("runs.record_turns", {"run_id": run_id, "turns": turns})
         await agent.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
         events = await events_until_ended(follower)
-        self.assertEqual([e["cursor"] for e in events], list(range(4, 255)))
+        self.assertEqual([e["cursor"] for e in events], [*range(3, 253), 252])
         self.assertEqual([e["record"].get("index") for e in events[:-1]], list(range(2, 252)))
 
     async def test_dsn_password_not_logged(self):
@@ -224,14 +227,16 @@ class RaceTests(unittest.TestCase):
         self.assertFalse(refused["ok"])
         await helper.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
         events = await events_until_ended(follower)
-        self.assertEqual([(e["cursor"], e["record"].get("prompt")) for e in events], [(3, "B"), (4, None)])
+        self.assertEqual([(e["cursor"], e["record"]["record"], e["record"].get("prompt")) for e in events],
+            [(2, "turn", "B"), (2, "ended", None)],
+        )
         late = await producer.call("runs.record_turns", {"run_id": run_id, "turns": [turn("late")]})
         self.assertEqual(late["dropped"], "run_terminal")
 
     async def test_same_idempotency_key_on_two_daemons(self):
         """Two starts with one idempotency key through two daemons at once:
-        one run exists; the same agent gets its run id from both; another
-        agent is refused."""
+        one run exists and the agent gets its id from both; another agent's
+        start with the same key is its own run (keys are per agent)."""
         cluster = Cluster(self)
         a, b = await cluster.daemon(), await cluster.daemon()
         first = await cluster.client(a, "agent-k")
@@ -240,11 +245,13 @@ class RaceTests(unittest.TestCase):
         first.request("runs.start", start)
         second.request("runs.start", start)
         answers = await gatherResults([first.receive(), second.receive()])
-        self.assertEqual([a["result"]["run_id"] for a in answers], ["key-1", "key-1"])
-        other = await cluster.client(b, "agent-other")
-        refused = await other.call_raw("runs.start", start)
-        self.assertIn("idempotency_key is already used", refused["error"]["message"])
+        run_id = keyed_run_id("agent-k", "key-1")
+        self.assertEqual([a["result"]["run_id"] for a in answers], [run_id, run_id])
         self.assertEqual(cluster.sql("SELECT count(*) FROM car_runs"), [(1,)])
+        other = await cluster.client(b, "agent-other")
+        own = await other.call("runs.start", start)
+        self.assertEqual(own["run_id"], keyed_run_id("agent-other", "key-1"))
+        self.assertEqual(cluster.sql("SELECT count(*) FROM car_runs"), [(2,)])
 
 
 class ResumeTests(unittest.TestCase):

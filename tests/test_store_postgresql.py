@@ -21,8 +21,8 @@ from tests.support import wait_for
 
 
 class PostgresRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
-    async def make_store(self):
-        store = await PostgresRunStore.open(reactor, fresh_database(self))
+    def make_store(self):
+        store = PostgresRunStore(reactor, fresh_database(self))
         self.addCleanup(store.close)
         return store
 
@@ -32,7 +32,8 @@ class PostgresRunStoreTests(unittest.TestCase):
         self.dsn = fresh_database(self)
 
     async def open(self, **kwargs):
-        store = await PostgresRunStore.open(reactor, self.dsn, **kwargs)
+        store = PostgresRunStore(reactor, self.dsn, **kwargs)
+        await store.open()
         self.addCleanup(store.close)
         return store
 
@@ -56,7 +57,7 @@ class PostgresRunStoreTests(unittest.TestCase):
         await (await self.open()).close()
         self.sql("UPDATE car_schema SET version = %s", SCHEMA_VERSION + 1)
         with self.assertRaises(RunDatabaseError) as caught:
-            await PostgresRunStore.open(reactor, self.dsn)
+            await PostgresRunStore(reactor, self.dsn).open()
         message = str(caught.exception)
         self.assertIn(f"schema version {SCHEMA_VERSION + 1}, newer than", message)
         self.assertNotIn("\n", message)
@@ -68,7 +69,7 @@ class PostgresRunStoreTests(unittest.TestCase):
             self.dsn, dbname="car_no_such_database", password="hunter2"
         )
         with self.assertRaises(RunDatabaseError) as caught:
-            await PostgresRunStore.open(reactor, dsn)
+            await PostgresRunStore(reactor, dsn).open()
         message = str(caught.exception)
         self.assertIn("car_no_such_database", message)
         self.assertNotIn("hunter2", message)

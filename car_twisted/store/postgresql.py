@@ -11,8 +11,9 @@ run ids (so also idempotency keys, which become run ids), and one terminal
 record per run (each write locks its run's row; a partial unique index
 backs that up).
 
-Each store is one daemon process: it registers in C{car_daemons} under a
-fresh id, owns the runs it starts, and heartbeats on the injected clock.
+Each store is one daemon process: L{PostgresRunStore.open} registers it in
+C{car_daemons} under a fresh id; it owns the runs it starts, and heartbeats
+on the injected clock once started (L{PostgresRunStore.start_heartbeat}).
 Every heartbeat also sweeps: the runs of a daemon whose lease expired are
 ended C{incomplete} ("daemon lost"). Each committed change to a run sends a
 NOTIFY on L{CHANNEL} whose payload points at it (run id, cursor, origin);
@@ -25,7 +26,7 @@ import uuid
 
 import psycopg
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -36,6 +37,7 @@ from car_twisted.interfaces import (
     RunNotFound,
     RunSummary,
     RunTerminal,
+    StoreWriteFailed,
     TurnLimitReached,
     status_of,
 )
@@ -94,6 +96,10 @@ MIGRATIONS = [
         PRIMARY KEY (run, position)
     );
     CREATE UNIQUE INDEX car_records_one_terminal ON car_records (run) WHERE terminal;
+    """,
+    # runs.list without agent_id (every agent's runs), by status.
+    """
+    CREATE INDEX car_runs_by_status ON car_runs (status, seq);
     """,
 ]
 #: The schema version this code writes and understands.
@@ -226,6 +232,14 @@ def _parse_cursor(cursor) -> int:
     raise ValueError(f"unreadable cursor {cursor!r}")
 
 
+def _write_failed(failure):
+    """A database error of a write, as the L{StoreWriteFailed} it is."""
+    if failure.check(psycopg.Error):
+        message = str(failure.value).strip().splitlines()
+        raise StoreWriteFailed(message[0] if message else failure.type.__name__)
+    return failure
+
+
 def notice(run_id: str, cursor: int, origin: str) -> str:
     """The NOTIFY payload for a run whose records now end at C{cursor}."""
     return json.dumps([run_id, cursor, origin])
@@ -338,70 +352,67 @@ class _StartBatches:
 @implementer(ISharedRunStore)
 class PostgresRunStore:
     """
-    Runs in a PostgreSQL database; open it with L{open}.
+    Runs in the PostgreSQL database at C{dsn}; L{open} connects.
 
-    @ivar daemon_id: this daemon's id in C{car_daemons} (one per process start).
-    @ivar name: what stays the same across restarts of one daemon (host and
+    @param name: what stays the same across restarts of one daemon (host and
         data directory): a starting daemon ends its predecessors' runs.
+    @param lease: seconds this daemon stays alive in its peers' eyes
+        without a heartbeat.
+    @ivar daemon_id: this daemon's id in C{car_daemons} (one per process start).
     """
 
-    def __init__(self, pool, reactor, dsn: str, daemon_id: str, name: str, lease: float):
-        self._pool = pool
+    def __init__(self, reactor, dsn: str, name=None, lease=DEFAULT_LEASE, pool_size=POOL_SIZE):
         self._dsn = dsn
         self._reactor = reactor
-        self.name = name
+        self.name = name or socket.gethostname()
         self.lease = lease
-        self.daemon_id = daemon_id
+        self.daemon_id = uuid.uuid4().hex
+        self._pool_size = pool_size
+        self._pool = None
+        self._starts = None
         self._tails = {}  # run_id -> _Tail of the newest write on it
         self._writes = set()  # _Tails of the writes in flight
         self._reads = set()  # Deferreds of reads in flight
-        self._starts = _StartBatches(reactor, pool, self._start_runs)
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self._beating = None
         self._listener = None
         self._closing = None
 
-    @classmethod
-    async def _open(cls, reactor, dsn, name, lease, pool_size):
-        daemon_id = uuid.uuid4().hex
-        pool = adbapi.ConnectionPool(
-            "psycopg",
-            conninfo=dsn,
-            application_name=f"car-twisted {daemon_id}",
-            autocommit=True,
-            cp_min=1,
-            cp_max=pool_size,
-            cp_reconnect=True,
-            cp_reactor=reactor,
-        )
-        pool.start()
-        store = cls(pool, reactor, dsn, daemon_id, name, lease)
-        try:
-            await pool.runInteraction(_in_transaction(_migrate))
-            await pool.runInteraction(store._register)
-        except psycopg.Error as e:
-            pool.close()
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RunDatabaseError(
-                f"cannot use the run database {redacted(dsn)}: {message}"
-            ) from e
-        except BaseException:
-            pool.close()
-            raise
-        return store
-
-    @classmethod
-    def open(cls, reactor, dsn, name=None, lease=DEFAULT_LEASE, pool_size=POOL_SIZE):
+    def open(self):
         """
         Connect, create or migrate the schema, and register this daemon.
 
-        @return: Deferred firing with the store; fails with
-            L{RunDatabaseError} (one line, no password) if the database
-            cannot be used.
+        @return: Deferred firing with None; fails with L{RunDatabaseError}
+            (one line, no password) if the database cannot be used.
         """
-        name = name or socket.gethostname()
-        return Deferred.fromCoroutine(cls._open(reactor, dsn, name, lease, pool_size))
+        return Deferred.fromCoroutine(self._open())
+
+    async def _open(self):
+        self._pool = adbapi.ConnectionPool(
+            "psycopg",
+            conninfo=self._dsn,
+            application_name=f"car-twisted {self.daemon_id}",
+            autocommit=True,
+            cp_min=1,
+            cp_max=self._pool_size,
+            cp_reconnect=True,
+            cp_reactor=self._reactor,
+        )
+        self._pool.start()
+        self._starts = _StartBatches(self._reactor, self._pool, self._start_runs)
+        try:
+            await self._pool.runInteraction(_in_transaction(_migrate))
+            await self._pool.runInteraction(self._register)
+        except psycopg.Error as e:
+            self._pool.close()
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunDatabaseError(
+                f"cannot use the run database {redacted(self._dsn)}: {message}"
+            ) from e
+        except BaseException:
+            self._pool.close()
+            raise
 
     # Liveness
 
@@ -490,6 +501,20 @@ class PostgresRunStore:
             log.info("run {run_id} ended incomplete: {reason}", run_id=run_id, reason=reason)
         return ended
 
+    def leave(self) -> Deferred:
+        """
+        Stop heartbeating and watching (the daemon is stopping).
+
+        @return: Deferred firing once the beat in progress, if any, is done.
+        """
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+            return self._beating
+        return succeed(None)
+
     def watch(self, on_change, on_reconnect) -> Deferred:
         """
         Listen for the run changes other daemons (and sweeps) commit:
@@ -553,8 +578,15 @@ class PostgresRunStore:
     # Writes
 
     def _write(self, run_id: str, work, *args) -> Deferred:
-        """Run C{work(txn, *args)} in a transaction once earlier calls on C{run_id} settled."""
-        return self._after_writes_on(run_id, lambda: self._pool.runInteraction(work, *args))
+        """
+        Run C{work(txn, *args)} once earlier calls on C{run_id} settled. A
+        database error (the connection lost, the server down) fails it with
+        L{StoreWriteFailed}: the statement, a transaction of its own, was
+        rolled back.
+        """
+        d = self._after_writes_on(run_id, lambda: self._pool.runInteraction(work, *args))
+        d.addErrback(_write_failed)
+        return d
 
     def _after_writes_on(self, run_id: str, write) -> Deferred:
         """Call C{write()} (returning a Deferred) once earlier calls on C{run_id} settled."""
@@ -580,7 +612,9 @@ class PostgresRunStore:
 
     def start_run(self, started):
         started = dict(started)
-        return self._after_writes_on(started["run_id"], lambda: self._starts.add(started))
+        d = self._after_writes_on(started["run_id"], lambda: self._starts.add(started))
+        d.addErrback(_write_failed)
+        return d
 
     def _start_runs(self, txn, batch) -> set:
         """Insert a batch of runs in one statement; the ids of those created."""
@@ -593,10 +627,6 @@ class PostgresRunStore:
             "owner": self.daemon_id,
         })  # fmt: skip
         return {bytes(run_id) for (run_id,) in txn.fetchall()}
-
-    def append_turns(self, run_id, turns, max_turns):
-        bodies = [_encode(dict(t)) for t in turns]
-        return self._write(run_id, self._append_turns, run_id, bodies, max_turns)
 
     def _append_turns(self, txn, run_id, bodies, max_turns):
         txn.execute(APPEND_TURNS, {
@@ -612,6 +642,19 @@ class PostgresRunStore:
         if base + len(bodies) > max_turns:
             raise TurnLimitReached(run_id)
         return base
+
+    def append_turns(self, run_id, turns, max_turns):
+        stamped = [dict(t) for t in turns]
+        d = self._write(
+            run_id, self._append_turns, run_id, [_encode(t) for t in stamped], max_turns
+        )
+
+        def indexed(base):
+            for offset, record in enumerate(stamped):
+                record["index"] = base + offset
+            return [dict(record) for record in stamped]
+
+        return d.addCallback(indexed)
 
     def end_run(self, run_id, ended):
         return self._write(run_id, self._end_run, run_id, dict(ended), self.daemon_id)
@@ -694,8 +737,10 @@ class PostgresRunStore:
 
     @staticmethod
     def _list_runs(txn, agent_id, below, limit, status):
-        where = "agent_id = %s AND seq < %s"
-        args = [_bytes(agent_id), below]
+        where, args = "seq < %s", [below]
+        if agent_id is not None:
+            where += " AND agent_id = %s"
+            args.append(_bytes(agent_id))
         if status is not None:
             where += " AND status = %s"
             args.append(status)
@@ -732,10 +777,6 @@ class PostgresRunStore:
         return closed
 
     async def _close(self):
-        if self._listener is not None:
-            self._listener.stop()
-        if self._heartbeat.running:
-            self._heartbeat.stop()
-            await self._beating
+        await self.leave()
         await DeferredList([tail.wait() for tail in self._writes] + list(self._reads))
         self._pool.close()

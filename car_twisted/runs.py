@@ -1,11 +1,17 @@
 """
-The run registry: the daemon's state, independent of any one connection.
+The run service: the connected sessions, the runs this daemon is producing
+and their grace window, and the ``runs.*`` methods that write.
 
-It keeps the connected sessions and the runs this daemon is producing, and
-implements the ``runs.*`` methods on top of an L{IRunStore}. The methods
-make their in-memory changes synchronously, before their first wait on the
-store, so requests from one session take effect in arrival order even though
-they are answered whenever their writes are durable.
+The methods make their in-memory changes synchronously, before their first
+wait on the store, so requests from one session take effect in arrival
+order even though they are answered whenever their writes are durable; a
+write the store refuses has its change undone, so the client's retry
+succeeds.
+
+On a store several daemons share (L{ISharedRunStore}, ``docs/deploy.md``) it
+also releases and adopts runs across daemons, ends a run whose producer
+left only while this daemon still owns it, and hands writes to runs other
+daemons produce, and their changes, to L{SharedRuns}.
 """
 
 import hashlib
@@ -18,28 +24,26 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from car_twisted.auth import Authenticator
-from car_twisted.errors import CapabilityMismatch, InvalidParams, RunRefused
+from car_twisted.access import AccessPolicy
+from car_twisted.errors import CapabilityMismatch, InvalidParams, RunRefused, StoreUnavailable
 from car_twisted.fanout import TraceFanout
-from car_twisted.handshake import handshake
 from car_twisted.interfaces import (
-    RUN_STATUSES,
-    ISharedRunStore,
     RunExists,
     RunNotFound,
     RunTerminal,
+    StoreWriteFailed,
     TurnLimitReached,
+    end_position,
     status_of,
 )
+from car_twisted.limits import MAX_TURN_BYTES, MAX_TURNS_PER_RUN
+from car_twisted.metrics import DaemonMetrics
 from car_twisted.records import (
-    MAX_TURNS_PER_RUN,
     agent_slug,
-    MAX_TURN_BYTES,
     clip_text,
-    encoded_size,
     ended_record,
     id_param,
-    int_param,
+    keyed_run_id,
     new_run_id,
     parse_model_turn,
     parse_outcome,
@@ -49,6 +53,7 @@ from car_twisted.records import (
     too_large,
 )
 from car_twisted.session import Session
+from car_twisted.shared import SharedRuns
 
 log = Logger()
 
@@ -56,14 +61,6 @@ log = Logger()
 DEFAULT_GRACE = 0.25
 #: The same window for sessions that negotiated ``runs.resume.v1``.
 DEFAULT_RESUME_LEASE = 10.0
-#: How many runs one session may follow live at once.
-MAX_FOLLOWED = 100
-#: Record bytes in one runs.get_trace page or runs.subscribe snapshot: with
-#: its envelope it fits the smallest message limit (512 KiB), and every
-#: record (at most 256 KiB) fits in it.
-PAGE_BYTES = 384 * 1024
-#: Records read at once when catching up on a run another daemon changed.
-CATCH_UP_PAGE = 100
 
 
 @dataclass(eq=False)
@@ -80,53 +77,68 @@ class LiveRun:
     turns: int = 0
 
 
-class RunRegistry:
+class RunService:
     """
-    Sessions, live runs and the ``runs.*`` methods.
+    Sessions, live runs and the ``runs.*`` methods that write.
 
+    @param fanout: where durable records are published to followers.
+    @param policy: who may write to which run.
     @param clock: schedules the grace window (an L{IReactorTime}).
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
-    @param authenticator: checks ``session.auth``; None accepts every
-        session (``--no-auth``).
+    @param metrics: the L{DaemonMetrics} runs are counted in.
+    @param shared: the L{SharedRuns} of a store several daemons share, else
+        None.
     """
 
     def __init__(
         self,
         store,
+        fanout: TraceFanout,
+        policy: AccessPolicy,
         clock,
         grace=DEFAULT_GRACE,
         environ=os.environ,
         resume_lease=DEFAULT_RESUME_LEASE,
-        authenticator=None,
+        metrics=None,
+        shared: Optional[SharedRuns] = None,
     ):
         self.store = store
-        self.authenticator = authenticator or Authenticator.disabled()
+        self._shared = shared
+        self._metrics = metrics if metrics is not None else DaemonMetrics()
         self.sessions = {}  # client_id -> Session
+        self._fanout = fanout
+        self._policy = policy
         self._clock = clock
         self._grace = grace
         self._resume_lease = resume_lease
-        self._fanout = TraceFanout()
         self._environ = environ
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
         self._stopped = False
+        #: Why the store's last write failed, while it fails (logged once);
+        #: None once a write succeeds again.
+        self.store_failure = None
 
     def methods(self) -> dict:
-        """The JSON-RPC methods, by wire name."""
+        """The methods it serves, by wire name."""
         return {
-            "session.auth": self.authenticator.authenticate,
-            "server.handshake": handshake,
             "runs.start": self.start,
             "runs.complete": self.complete,
             "runs.record_turns": self.record_turns,
             "runs.record_model_turn": self.record_model_turn,
             "runs.cancel": self.cancel,
             "runs.resume": self.resume,
-            "runs.get_trace": self.get_trace,
-            "runs.list": self.list_runs,
-            "runs.subscribe": self.subscribe,
-            "runs.unsubscribe": self.unsubscribe,
         }
+
+    @property
+    def open_run_count(self) -> int:
+        """Open runs this daemon produces (or waits on a grace timer for)."""
+        return len(self._live)
+
+    @property
+    def grace_timer_count(self) -> int:
+        """Open runs whose producer left, waiting out their grace window."""
+        return sum(1 for live in self._live.values() if live.expiry is not None)
 
     # Sessions
 
@@ -142,33 +154,99 @@ class RunRegistry:
         """
         self.sessions.pop(session.client_id, None)
         self._fanout.forget(session)
-        resumable = "runs.resume.v1" in session.capabilities
-        window = self._resume_lease if resumable else self._grace
         for run_id in session.producing:
-            live = self._live[run_id]
-            live.producer = None
-            if not self._stopped:
-                live.expiry = self._clock.callLater(window, self._expire, live)
-                if resumable and ISharedRunStore.providedBy(self.store):
-                    self._write_behind(self.store.release(run_id))
+            self._orphan(self._live[run_id], self._window(session))
+            if self._shared is not None and "runs.resume.v1" in session.capabilities:
+                # Another daemon may adopt it (runs.resume through it).
+                self._write_behind(self.store.release(run_id))
         session.producing = set()
+
+    def _window(self, session: Session) -> float:
+        """How long a run outlives its producer's connection."""
+        return self._resume_lease if "runs.resume.v1" in session.capabilities else self._grace
+
+    def _orphan(self, live: LiveRun, delay: float) -> None:
+        """Leave a run without producer; it ends C{incomplete} after C{delay}."""
+        live.producer = None
+        if not self._stopped:
+            live.expiry = self._clock.callLater(delay, self._expire, live)
 
     def _expire(self, live: LiveRun) -> None:
         live.expiry = None
         self._finish(live)
         ended = ended_record("incomplete", reason="connection closed")
-        # A shared store: another daemon may have adopted the run meanwhile.
-        shared = ISharedRunStore.providedBy(self.store)
-        self._write_behind(Deferred.fromCoroutine(self._end(live, ended, only_if_owned=shared)))
-        log.info("run {run_id} ended incomplete: its producer went away", run_id=live.run_id)
+        d = Deferred.fromCoroutine(self._end(live, ended, if_owned=True))
+        d.addCallbacks(
+            lambda _: log.info(
+                "run {run_id} ended incomplete: its producer went away", run_id=live.run_id
+            ),
+            self._expiry_failed,
+            errbackArgs=(live,),
+        )
+        self._write_behind(d)
 
-    async def _end(self, live: LiveRun, ended: dict, only_if_owned=False) -> None:
-        """Write a run's terminal record and tell its followers."""
-        if only_if_owned:
-            await self.store.end_own_run(live.run_id, ended)
-        else:
-            await self.store.end_run(live.run_id, ended)
-        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, status_of(ended))
+    def _expiry_failed(self, failure, live: LiveRun) -> None:
+        """The store could not end the run: it is live again, tried after another window."""
+        failure.trap(StoreUnavailable)
+        if live.run_id not in self._live:
+            self._live[live.run_id] = live
+            self._orphan(live, self._grace)
+
+    async def _end(self, live: LiveRun, ended: dict, if_owned: bool = False) -> None:
+        """
+        Write a run's terminal record and tell its followers. C{if_owned}:
+        only while this daemon owns the run (a shared store: another daemon
+        may have adopted it meanwhile).
+        """
+        end = self.store.end_own_run if if_owned and self._shared is not None else self.store.end_run
+        await self._stored(end(live.run_id, ended))
+        self._metrics.run_ended(ended["termination"])
+        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns, status_of(ended))
+
+    async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
+        """
+        End a live run for C{session}'s request. If the store cannot write,
+        the run is put back as it was (live, with its producer or its grace
+        window), so the client's retry ends it.
+        """
+        producer = live.producer
+        deadline = live.expiry.getTime() if live.expiry is not None else None
+        current = [s for s in (session, producer) if s and s.current_run_id == live.run_id]
+        self._finish(live)
+        for s in current:
+            s.current_run_id = None
+        try:
+            await self._end(live, ended)
+        except StoreUnavailable:
+            self._live[live.run_id] = live
+            for s in current:
+                s.current_run_id = live.run_id
+            if producer is None:
+                if deadline is not None:
+                    self._orphan(live, max(deadline - self._clock.seconds(), 0))
+            elif self.sessions.get(producer.client_id) is producer:
+                producer.producing.add(live.run_id)
+            else:
+                self._orphan(live, self._window(producer))
+            raise
+
+    async def _stored(self, write: Deferred):
+        """
+        Wait for a store write. A store that cannot write answers
+        L{StoreUnavailable}; the failure is logged once until a write
+        succeeds again.
+        """
+        try:
+            result = await write
+        except StoreWriteFailed as e:
+            if self.store_failure is None:
+                log.error("the run store cannot write: {detail}", detail=e.detail)
+            self.store_failure = e.detail
+            raise StoreUnavailable(e.detail) from None
+        if self.store_failure is not None:
+            self.store_failure = None
+            log.info("the run store writes again")
+        return result
 
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
@@ -189,7 +267,7 @@ class RunRegistry:
             return result
 
         d.addBoth(done)
-        d.addErrback(lambda f: f.trap(RunTerminal))
+        d.addErrback(lambda f: f.trap(RunTerminal, StoreUnavailable))
         d.addErrback(lambda f: log.failure("a run store write failed", f))
 
     async def recover(self) -> int:
@@ -198,10 +276,14 @@ class RunRegistry:
         (reason C{"daemon restarted"}): before this daemon serves anyone, an
         open run can only be one whose producer died with the last daemon.
         Call it once, before listening. The ends are issued together so a
-        store can share flushes among them.
+        store can share flushes among them. A store several daemons share
+        ends only the runs of dead daemons (this daemon's predecessors and
+        those whose lease expired), never a live peer's.
 
         @return: how many runs were ended.
         """
+        if self._shared is not None:
+            return await self.store.recover()
         stale = [s for s in await self.store.open_runs() if s.run_id not in self._live]
         results = await DeferredList(
             [
@@ -216,65 +298,75 @@ class RunRegistry:
         for summary, (ok, result) in zip(stale, results):
             if ok:
                 ended += 1
+                self._metrics.run_ended("incomplete")
                 log.info("run {run_id} ended incomplete: the daemon restarted", run_id=summary.run_id)
             elif not result.check(RunTerminal, RunNotFound):
                 log.failure("run {run_id} could not be ended", result, run_id=summary.run_id)
         return ended
 
-    # Runs changed through other daemons (a store shared by several daemons)
+    # Runs changed through other daemons (a store several daemons share)
 
     def run_changed(self, run_id: str) -> None:
         """
         Another daemon changed a run: send its new records to this daemon's
-        followers, and stop producing it here if it was ended elsewhere.
+        followers, and stop producing it here if it was ended or adopted
+        elsewhere.
         """
         if self._stopped or (run_id not in self._live and self._fanout.sent(run_id) is None):
             return
-        d = Deferred.fromCoroutine(self._catch_up(run_id))
-        self._writes.add(d)
-        d.addBoth(lambda result: (self._writes.discard(d), result)[1])
-        d.addErrback(lambda f: log.failure("catching up on run {run_id} failed", f, run_id=run_id))
+        self._write_behind(Deferred.fromCoroutine(self._changed_elsewhere(run_id)))
 
     def runs_changed(self) -> None:
         """Changes by other daemons may have been missed: catch up on every run."""
         for run_id in set(self._fanout.followed()) | set(self._live):
             self.run_changed(run_id)
 
-    async def _catch_up(self, run_id: str) -> None:
-        summary = await self.store.get_run(run_id)
-        if summary is None:
-            return
+    async def _changed_elsewhere(self, run_id: str) -> None:
+        summary = await self._shared.catch_up(run_id)
         live = self._live.get(run_id)
-        if live is not None:
-            # Turns the same agent recorded through another daemon.
-            live.turns = max(live.turns, summary.turn_count)
-        if live is not None and (
-            summary.status != "in_progress" or not await self.store.owns(run_id)
-        ):
-            # Ended, or adopted by another daemon (runs.resume there).
+        if summary is None or live is None:
+            return
+        # Turns the same agent recorded through another daemon.
+        live.turns = max(live.turns, summary.turn_count)
+        if summary.status != "in_progress" or not await self.store.owns(run_id):
             if self._live.get(run_id) is live:
                 self._finish(live)
                 log.debug("run {run_id} is no longer produced through this daemon", run_id=run_id)
-        sent = self._fanout.sent(run_id)
-        while sent is not None:
-            records, after = await self.store.read_records(run_id, sent, CATCH_UP_PAGE)
-            for cursor, record in enumerate(records, sent + 1):
-                status = status_of(record) if record["record"] == "ended" else "in_progress"
-                self._fanout.publish(run_id, summary.agent_id, record, cursor, status)
-            sent = after if len(records) == CATCH_UP_PAGE else None
+
+    async def _adopt(self, session: Session, run_id: str) -> None:
+        """
+        Make this daemon the producer daemon of a run whose producer left
+        (here or through another daemon); the caller refuses what cannot be
+        resumed.
+        """
+        live = self._live.get(run_id)
+        if live is not None and live.producer is not None:
+            return
+        summary = await self._visible_run(session, run_id)
+        if summary is None or summary.agent_id != session.agent_id or summary.status != "in_progress":
+            return
+        if not await self.store.adopt(run_id):
+            raise RunRefused(f"run {run_id} is being recorded by another session")
+        if run_id not in self._live:
+            (started, *_), _ = await self.store.read_records(run_id, 0, 1)
+            self._live[run_id] = LiveRun(
+                run_id=run_id,
+                agent_id=summary.agent_id,
+                producer=None,
+                client_id=started["client_id"],
+                turns=summary.turn_count,
+            )
 
     def stop(self):
         """
         Stop ending runs: open runs stay open for the store's restart
         recovery, even those of sessions that close later. Fires once every
-        pending write is done and the store closed.
+        pending write is done.
         """
         self._stopped = True
         for live in self._live.values():
             _cancel_expiry(live)
-        d = DeferredList(list(self._writes))
-        d.addCallback(lambda _: self.store.close())
-        return d
+        return DeferredList(list(self._writes))
 
     # Writes
 
@@ -310,7 +402,7 @@ class RunRegistry:
         description = text_param(params, "outcome_description")
         idempotency_key = id_param(params, "idempotency_key")
         agent_id = self._resolve_agent(session, params)
-        run_id = idempotency_key or new_run_id()
+        run_id = keyed_run_id(agent_id, idempotency_key) if idempotency_key else new_run_id()
         if run_id in self._live:
             return self._restart(session, run_id, self._live[run_id].agent_id, agent_id)
         live = LiveRun(run_id=run_id, agent_id=agent_id, producer=session, client_id=session.client_id)
@@ -325,40 +417,41 @@ class RunRegistry:
             clip_text(description) if description is not None else None,
         )
         try:
-            await self.store.start_run(record)
+            await self._stored(self.store.start_run(record))
         except BaseException as e:
             if self._live.get(run_id) is live:
                 self._finish(live)
             if isinstance(e, RunExists):
                 existing = await self.store.get_run(run_id)
+                if existing is None:
+                    raise RunRefused(
+                        f"run id {run_id!r} is held by a run file the store cannot read; "
+                        "choose another idempotency_key"
+                    )
                 return self._restart(session, run_id, existing.agent_id, agent_id)
             raise
+        self._metrics.runs_started.inc()
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
         """Answer a start whose idempotency key names an existing run."""
         if owner != agent_id:
-            raise RunRefused(
-                "idempotency_key is already used by another agent's run; choose another key"
-            )
+            # Keyed run ids differ per agent; only a run an older daemon
+            # stored under the bare key can be another agent's.
+            raise RunRefused("idempotency_key cannot be used; choose another key")
         session.current_run_id = run_id
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _writable(self, session: Session, run_id: str) -> Optional[LiveRun]:
         """The live run if C{session} may write to it, else None."""
         live = self._live.get(run_id)
-        if live is not None and (
-            live.producer is session or live.agent_id == session.agent_id
-        ):
+        if live is not None and self._policy.may_write(session, live.producer, live.agent_id):
             return live
         return None
 
     async def _visible_run(self, session: Session, run_id: str):
         """The run's summary if it exists and the session may read it."""
-        summary = await self.store.get_run(run_id)
-        if summary is None or not self._may_read(session, summary.agent_id):
-            return None
-        return summary
+        return self._policy.readable(session, await self.store.get_run(run_id))
 
     async def _refuse_write(self, session: Session, run_id: str):
         """Raise the error for a write the session cannot make."""
@@ -382,48 +475,15 @@ class RunRegistry:
             )
         live = self._writable(session, run_id)
         if live is None:
-            if await self._complete_elsewhere(session, run_id, outcome):
+            if self._shared is not None and await self._shared.complete(session, run_id, outcome):
+                self.run_changed(run_id)
                 return {"ok": True, "run_id": run_id}
             await self._refuse_write(session, run_id)
-        self._finish(live)
-        if session.current_run_id == run_id:
-            session.current_run_id = None
         try:
-            await self._end(live, ended_record("outcome", outcome=outcome))
+            await self._end_live(session, live, ended_record("outcome", outcome=outcome))
         except RunTerminal:
             raise RunRefused(f"run {run_id} already ended")
         return {"ok": True, "run_id": run_id}
-
-    async def _writable_elsewhere(self, session: Session, run_id: str):
-        """
-        A shared store: the summary of an open run another daemon produces
-        that this session may write to (the same agent, as on one daemon),
-        else None.
-        """
-        if not ISharedRunStore.providedBy(self.store) or run_id in self._live:
-            return None
-        summary = await self._visible_run(session, run_id)
-        if (
-            summary is None
-            or summary.status != "in_progress"
-            or summary.agent_id != session.agent_id
-            or run_id in self._live
-        ):
-            return None
-        return summary
-
-    async def _complete_elsewhere(self, session: Session, run_id: str, outcome: dict) -> bool:
-        """Complete a run another daemon produces; False if this session may not."""
-        if await self._writable_elsewhere(session, run_id) is None:
-            return False
-        try:
-            await self.store.end_run(run_id, ended_record("outcome", outcome=outcome))
-        except RunTerminal:
-            return False
-        if session.current_run_id == run_id:
-            session.current_run_id = None
-        self.run_changed(run_id)
-        return True
 
     async def record_turns(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)
@@ -436,29 +496,35 @@ class RunRegistry:
     async def _record(self, session: Session, run_id: str, records: list) -> dict:
         """Append turn records; a run that cannot take them says why."""
         live = self._writable(session, run_id)
-        agent_id = live.agent_id if live is not None else None
-        if live is None:
-            elsewhere = await self._writable_elsewhere(session, run_id)
+        if live is not None:
+            agent_id, turns = live.agent_id, live.turns
+        else:
+            elsewhere = None
+            if self._shared is not None and run_id not in self._live:
+                elsewhere = await self._shared.writable(session, run_id)
             if elsewhere is None:
                 ended = run_id not in self._live and await self._visible_run(session, run_id)
                 return _dropped(run_id, "run_terminal" if ended else "run_not_found")
-            agent_id = elsewhere.agent_id
+            agent_id, turns = elsewhere.agent_id, elsewhere.turn_count
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
         try:
-            base = await self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN)
+            stamped = await self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN))
         except TurnLimitReached:
             return _dropped(run_id, "run_turn_limit")
         except RunTerminal:
             return _dropped(run_id, "run_terminal")
         except RunNotFound:
             return _dropped(run_id, "run_not_found")
+        # The store stamps the indices: the run's agent may also write
+        # through another daemon sharing the store.
+        base = stamped[0]["index"] if stamped else turns
+        turns = base + len(stamped)
         if live is not None:
-            live.turns = base + len(records)
-        for offset, record in enumerate(records):
-            record["index"] = base + offset
-            self._fanout.publish(run_id, agent_id, record, base + offset + 2, "in_progress")
-        return {"run_id": run_id, "base_index": base, "count": len(records), "ok": True}
+            live.turns = max(live.turns, turns)
+        for record in stamped:
+            self._fanout.publish(run_id, agent_id, record, turns, "in_progress")
+        return {"run_id": run_id, "base_index": base, "count": len(stamped), "ok": True}
 
     def _require(self, session: Session, capability: str, method: str) -> None:
         if capability not in session.capabilities:
@@ -478,9 +544,8 @@ class RunRegistry:
         if live is None and session.role == "host":
             live = self._live.get(run_id)
         if live is not None:
-            self._finish(live)
             ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
-            await self._end(live, ended)
+            await self._end_live(session, live, ended)
             log.debug("run {run_id} cancelled", run_id=run_id)
             return {**answer, "status": "cancelled_confirmed"}
         summary = await self._visible_run(session, run_id)
@@ -490,37 +555,18 @@ class RunRegistry:
             raise RunRefused(
                 f"run {run_id} may be cancelled only by its producer, its agent or the host"
             )
-        if await self._cancel_elsewhere(session, summary, key, digest):
-            return {**answer, "status": "cancelled_confirmed"}
-        if summary.status == "in_progress":
-            # Ended since it was read (its terminal record was on its way).
-            summary = await self.store.get_run(run_id)
-        ended, _ = await self.store.read_records(run_id, summary.turn_count + 1, 1)
+        if self._shared is not None:
+            if await self._shared.cancel(session, summary, key, digest):
+                self.run_changed(run_id)
+                return {**answer, "status": "cancelled_confirmed"}
+            if summary.status == "in_progress":
+                # Ended since it was read (its terminal record was on its way).
+                summary = await self.store.get_run(run_id)
+        ended, _ = await self.store.read_records(run_id, end_position(summary.turn_count), 1)
         repeated = any(
             r.get("idempotency_key") == key and r.get("reason_digest") == digest for r in ended
         )
         return {**answer, "status": "cancelled_confirmed" if repeated else "already_terminal"}
-
-    async def _cancel_elsewhere(self, session: Session, summary, key: str, digest: str) -> bool:
-        """
-        A shared store: cancel a run open in the store but not live here,
-        one another daemon produces (or whose terminal record is on its way:
-        then the store refuses, the first terminal record wins).
-        """
-        if (
-            not ISharedRunStore.providedBy(self.store)
-            or summary.status != "in_progress"
-            or not (session.role == "host" or session.agent_id == summary.agent_id)
-        ):
-            return False
-        ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
-        try:
-            await self.store.end_run(summary.run_id, ended)
-        except RunTerminal:
-            return False
-        self.run_changed(summary.run_id)
-        log.debug("run {run_id} cancelled", run_id=summary.run_id)
-        return True
 
     async def resume(self, session: Session, params: dict) -> dict:
         self._require(session, "runs.resume.v1", "runs.resume")
@@ -529,7 +575,7 @@ class RunRegistry:
             raise RunRefused(
                 "runs.resume needs a session bound to the run's agent (session.auth with agent_id)"
             )
-        if ISharedRunStore.providedBy(self.store):
+        if self._shared is not None:
             await self._adopt(session, run_id)
         live = self._live.get(run_id)
         if live is None or live.agent_id != session.agent_id:
@@ -549,148 +595,12 @@ class RunRegistry:
             "resumed_from_client_id": resumed_from,
         }
 
-    async def _adopt(self, session: Session, run_id: str) -> None:
-        """
-        A shared store: make this daemon the run's producer daemon if its
-        producer left (here or through another daemon); the caller refuses
-        what cannot be resumed.
-        """
-        live = self._live.get(run_id)
-        if live is not None and live.producer is not None:
-            return
-        summary = await self._visible_run(session, run_id)
-        if summary is None or summary.agent_id != session.agent_id or summary.status != "in_progress":
-            return
-        if not await self.store.adopt(run_id):
-            raise RunRefused(f"run {run_id} is being recorded by another session")
-        if run_id not in self._live:
-            (started, *_), _ = await self.store.read_records(run_id, 0, 1)
-            self._live[run_id] = LiveRun(
-                run_id=run_id,
-                agent_id=summary.agent_id,
-                producer=None,
-                client_id=started["client_id"],
-                turns=summary.turn_count,
-            )
-
-    # Reads
-
-    def _may_read(self, session: Session, agent_id: str) -> bool:
-        """
-        Whether C{session} may read C{agent_id}'s runs: the one rule for
-        every read. The host reads all; a session bound to an agent reads
-        only that agent's runs; an unbound session reads all when it holds
-        the daemon secret or auth is off (see docs/security.md).
-        """
-        if session.role == "host":
-            return True
-        if session.agent_id is not None:
-            return session.agent_id == agent_id
-        return session.authenticated or not self.authenticator.enabled
-
-    async def get_trace(self, session: Session, params: dict) -> dict:
-        run_id = id_param(params, "run_id", required=True)
-        cursor = int_param(params, "cursor", 0, 0, 2**31)
-        limit = int_param(params, "limit", 500, 1, 5000)
-        summary = await self._visible_run(session, run_id)
-        if summary is None:
-            return {"run_id": run_id, "not_found": True}
-        records, next_cursor = await self.store.read_records(run_id, cursor, limit)
-        kept = _fitting(records)
-        if kept < len(records):
-            records, next_cursor = records[:kept], cursor + kept
-        return {
-            "run_id": run_id,
-            "agent_id": summary.agent_id,
-            "records": records,
-            "cursor": next_cursor,
-        }
-
-    async def list_runs(self, session: Session, params: dict) -> dict:
-        agent_id = id_param(params, "agent_id", required=session.agent_id is None)
-        agent_id = agent_id or session.agent_id
-        if not self._may_read(session, agent_id):
-            raise InvalidParams(
-                f"invalid params: this session may list only agent {session.agent_id!r}"
-            )
-        limit = int_param(params, "limit", 50, 1, 500)
-        status = params.get("status")
-        if status is not None and status not in RUN_STATUSES:
-            raise InvalidParams(
-                "invalid params: status must be one of " + ", ".join(RUN_STATUSES)
-            )
-        cursor = params.get("cursor")
-        if cursor is not None and not (isinstance(cursor, str) and len(cursor) <= 512):
-            raise InvalidParams("invalid params: cursor must be a next_cursor string")
-        try:
-            runs, next_cursor = await self.store.list_runs(agent_id, cursor, limit, status)
-        except ValueError:
-            raise InvalidParams(
-                "invalid params: cursor is not a next_cursor this daemon returned"
-            )
-        return {
-            "agent_id": agent_id,
-            "runs": [summary.to_json() for summary in runs],
-            "next_cursor": next_cursor,
-        }
-
-    async def subscribe(self, session: Session, params: dict) -> dict:
-        run_id = id_param(params, "run_id", required=True)
-        summary = await self._visible_run(session, run_id)
-        if summary is None:
-            raise RunRefused(f"unknown run {run_id!r}")
-        if run_id not in session.following and len(session.following) >= MAX_FOLLOWED:
-            raise RunRefused(f"a session follows at most {MAX_FOLLOWED} runs; unsubscribe first")
-        self._fanout.unfollow(session, run_id)
-        self._fanout.follow(session, run_id)
-        try:
-            records, cursor = await self.store.read_records(run_id, 0, MAX_TURNS_PER_RUN + 2)
-        except BaseException:
-            self._fanout.unfollow(session, run_id)
-            raise
-        if run_id not in session.following:
-            raise RunRefused("the session closed or unsubscribed while subscribing")
-        if _fitting(records) < len(records):
-            self._fanout.unfollow(session, run_id)
-            raise RunRefused(
-                f"the trace of run {run_id} is too large to send in one answer; "
-                "read it with runs.get_trace pages instead"
-            )
-        cursor = self._fanout.snapshot_taken(session, run_id, records, cursor)
-        status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
-        if status != "in_progress":
-            self._fanout.unfollow(session, run_id)
-        elif run_id not in self._live:
-            # Produced through another daemon: what it wrote since the read.
-            self.run_changed(run_id)
-        return {
-            "run_id": run_id,
-            "agent_id": summary.agent_id,
-            "turns_so_far": [r for r in records if r["record"] in ("turn", "model_turn")],
-            "cursor": cursor,
-            "status": status,
-        }
-
-    def unsubscribe(self, session: Session, params: dict) -> dict:
-        run_id = id_param(params, "run_id", required=True)
-        return {"run_id": run_id, "removed": self._fanout.unfollow(session, run_id)}
-
 
 def _cancel_expiry(live: LiveRun) -> None:
     """Cancel the run's grace or lease timer, if it has one."""
     if live.expiry is not None:
         live.expiry.cancel()
         live.expiry = None
-
-
-def _fitting(records: list) -> int:
-    """How many leading records fit in L{PAGE_BYTES} (at least one)."""
-    size = 0
-    for n, record in enumerate(records):
-        size += encoded_size(record) + 1
-        if n and size > PAGE_BYTES:
-            return n
-    return len(records)
 
 
 def _dropped(run_id: str, reason: str) -> dict:
