@@ -4,6 +4,7 @@ it makes at start, and what it logs."""
 import os
 import sys
 
+import psycopg
 from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, ProcessProtocol
@@ -13,9 +14,11 @@ from twisted.trial import unittest
 from car_twisted import __version__
 from car_twisted.auth import SECRET_FILE, ensure_token
 from car_twisted.limits import WireLimits
+from car_twisted.store.postgresql import SCHEMA_VERSION, PostgresRunStore
 from car_twisted.store.sqlite import DATABASE_NAME
 from car_twisted.tap import DEFAULT_HTTP, DEFAULT_LISTEN, Options, build_daemon, makeService
 from tests.daemon_process import SOURCE_ROOT, DaemonProcess, daemon_environment
+from tests.postgres_server import fresh_database
 from tests.support import RPCClient, private_dir
 
 
@@ -265,6 +268,30 @@ class StartFailureTests(unittest.TestCase):
         await self.assert_cannot_start(
             DATABASE_NAME, "--no-auth", "--store", "sqlite", "--data-dir", data_dir, "--listen", "tcp:0"
         )
+
+    async def test_unreachable_postgresql(self):
+        """A PostgreSQL database that cannot be reached is refused at start,
+        named without its password."""
+        dsn = psycopg.conninfo.make_conninfo(
+            fresh_database(self), dbname="car_no_such_database", password="hunter2"
+        )
+        await self.assert_cannot_start(
+            "car_no_such_database", "--no-auth", "--store", "postgresql", "--dsn", dsn,
+            "--data-dir", private_dir(self), "--listen", "tcp:0",
+        )  # fmt: skip
+
+    async def test_newer_postgresql_schema(self):
+        """A PostgreSQL database of a newer schema version is refused at start."""
+        dsn = fresh_database(self)
+        store = PostgresRunStore(reactor, dsn)
+        await store.open()
+        await store.close()
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            connection.execute("UPDATE car_schema SET version = version + 1")
+        await self.assert_cannot_start(
+            f"schema version {SCHEMA_VERSION + 1}, newer than", "--no-auth", "--store", "postgresql",
+            "--dsn", dsn, "--data-dir", private_dir(self), "--listen", "tcp:0",
+        )  # fmt: skip
 
     async def test_port_in_use(self):
         """A port another process listens on is refused at start."""
