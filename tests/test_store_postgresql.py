@@ -1,12 +1,13 @@
 """The PostgreSQL store: the IRunStore conformance suite, then what is its own."""
 
 import psycopg
+from twisted.enterprise import adbapi
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from car_twisted.interfaces import RunExists, RunTerminal
+from car_twisted.interfaces import RunExists, RunTerminal, StoreWriteFailed
 from car_twisted.records import ended_record
 from car_twisted.store.postgresql import (
     SCHEMA_VERSION,
@@ -220,3 +221,25 @@ class PostgresRunStoreTests(unittest.TestCase):
         self.assertEqual(await survivor.sweep(), [])
         self.assertEqual((await survivor.get_run(record["run_id"])).status, "in_progress")
         self.assertEqual(await survivor.sweep(), [record["run_id"]])
+
+    async def test_write_on_a_dropped_connection_is_retryable(self):
+        """A write whose connection the server dropped fails
+        StoreWriteFailed and changes nothing; the same call, made again,
+        succeeds on a new connection."""
+        store = await self.open(pool_size=1)
+        record = started()
+        run_id = record["run_id"]
+        await store.start_run(record)
+        self.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            f"car-twisted {store.daemon_id}",
+        )
+        with self.assertRaises(StoreWriteFailed):
+            await store.append_turns(run_id, [{"record": "turn", "prompt": "p"}], 10)
+        # The pool logs the rollback it could not send.
+        self.flushLoggedErrors(psycopg.OperationalError, adbapi.ConnectionLost)
+        self.assertEqual((await store.get_run(run_id)).turn_count, 0)
+        (stamped,) = await store.append_turns(run_id, [{"record": "turn", "prompt": "p"}], 10)
+        self.assertEqual(stamped["index"], 0)
+        records, _ = await store.read_records(run_id, 0, 10)
+        self.assertEqual([r["record"] for r in records], ["started", "turn"])

@@ -233,10 +233,16 @@ def _parse_cursor(cursor) -> int:
 
 
 def _write_failed(failure):
-    """A database error of a write, as the L{StoreWriteFailed} it is."""
+    """
+    A database error of a write, as the L{StoreWriteFailed} it is (the pool
+    reports a connection lost mid-write as L{adbapi.ConnectionLost}, after
+    logging the rollback that could not be sent).
+    """
     if failure.check(psycopg.Error):
         message = str(failure.value).strip().splitlines()
         raise StoreWriteFailed(message[0] if message else failure.type.__name__)
+    if failure.check(adbapi.ConnectionLost):
+        raise StoreWriteFailed("the connection to the run database was lost")
     return failure
 
 
