@@ -345,7 +345,7 @@ class RunService:
         summary = await self._visible_run(session, run_id)
         if summary is None or summary.agent_id != session.agent_id or summary.status != "in_progress":
             return
-        if not await self.store.adopt(run_id):
+        if not await self._stored(self.store.adopt(run_id)):
             raise RunRefused(f"run {run_id} is being recorded by another session")
         if run_id not in self._live:
             (started, *_), _ = await self.store.read_records(run_id, 0, 1)
@@ -475,7 +475,10 @@ class RunService:
             )
         live = self._writable(session, run_id)
         if live is None:
-            if self._shared is not None and await self._shared.complete(session, run_id, outcome):
+            if self._shared is not None and await self._stored(
+                Deferred.fromCoroutine(self._shared.complete(session, run_id, outcome))
+            ):
+                self._metrics.run_ended("outcome")
                 self.run_changed(run_id)
                 return {"ok": True, "run_id": run_id}
             await self._refuse_write(session, run_id)
@@ -556,7 +559,10 @@ class RunService:
                 f"run {run_id} may be cancelled only by its producer, its agent or the host"
             )
         if self._shared is not None:
-            if await self._shared.cancel(session, summary, key, digest):
+            if await self._stored(
+                Deferred.fromCoroutine(self._shared.cancel(session, summary, key, digest))
+            ):
+                self._metrics.run_ended("cancelled")
                 self.run_changed(run_id)
                 return {**answer, "status": "cancelled_confirmed"}
             if summary.status == "in_progress":
