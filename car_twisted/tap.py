@@ -232,7 +232,7 @@ def assemble(
     """
     metrics = DaemonMetrics()
     if hasattr(store, "on_commit"):
-        # The disk stores report each commit's size and time.
+        # The file, SQLite and PostgreSQL stores report each commit's size and time.
         store.on_commit = metrics.commit
     fanout = TraceFanout()
     policy = AccessPolicy(authenticator.enabled)

@@ -86,7 +86,7 @@ class PostgresRunStoreTests(unittest.TestCase):
 
     async def test_two_daemons_start_the_same_run_id(self):
         """Two daemons starting one run id at once: exactly one succeeds, the
-        other fails RunExists (registry answers it as an idempotent restart)."""
+        other fails RunExists (the run service answers it as an idempotent restart)."""
         a, b = await self.open(), await self.open()
         record = started(run_id="key-1")
         results = await DeferredList(
@@ -243,3 +243,17 @@ class PostgresRunStoreTests(unittest.TestCase):
         self.assertEqual(stamped["index"], 0)
         records, _ = await store.read_records(run_id, 0, 10)
         self.assertEqual([r["record"] for r in records], ["started", "turn"])
+
+    async def test_commits_reported(self):
+        """Each commit is reported to on_commit with how many writes it held
+        (the starts of one reactor turn share one) and how long it took."""
+        store = PostgresRunStore(reactor, self.dsn)
+        commits = []
+        store.on_commit = lambda writes, seconds: commits.append((writes, seconds))
+        await store.open()
+        self.addCleanup(store.close)
+        first, second = started(), started()
+        await DeferredList([store.start_run(first), store.start_run(second)])
+        await store.append_turns(first["run_id"], [{"record": "turn", "prompt": "p"}], 10)
+        self.assertEqual([writes for writes, _ in commits], [2, 1])
+        self.assertTrue(all(seconds >= 0 for _, seconds in commits))

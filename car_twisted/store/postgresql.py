@@ -22,6 +22,7 @@ see L{car_twisted.store.pg_listener}.
 
 import json
 import socket
+import time
 import uuid
 
 import psycopg
@@ -313,9 +314,9 @@ class _StartBatches:
     starts many runs at once, and each costs far less in a batch.
     """
 
-    def __init__(self, reactor, pool, start_runs):
+    def __init__(self, reactor, commit, start_runs):
         self._reactor = reactor
-        self._pool = pool
+        self._commit = commit
         self._start_runs = start_runs
         self._pending = []  # (started, Deferred)
         self._flush = None
@@ -332,7 +333,7 @@ class _StartBatches:
         self._flush = None
         batch, self._pending = self._pending, []
         self._in_flight += 1
-        d = self._pool.runInteraction(self._start_runs, [started for started, _ in batch])
+        d = self._commit(len(batch), self._start_runs, [started for started, _ in batch])
         d.addCallbacks(self._created, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addBoth(self._sent)
 
@@ -365,6 +366,9 @@ class PostgresRunStore:
     @param lease: seconds this daemon stays alive in its peers' eyes
         without a heartbeat.
     @ivar daemon_id: this daemon's id in C{car_daemons} (one per process start).
+    @ivar on_commit: C{f(writes, seconds)}, called after each write's commit
+        with how many writes it held and how long it took (the daemon's
+        metrics).
     """
 
     def __init__(self, reactor, dsn: str, name=None, lease=DEFAULT_LEASE, pool_size=POOL_SIZE):
@@ -376,6 +380,7 @@ class PostgresRunStore:
         self._pool_size = pool_size
         self._pool = None
         self._starts = None
+        self.on_commit = lambda writes, seconds: None
         self._tails = {}  # run_id -> _Tail of the newest write on it
         self._writes = set()  # _Tails of the writes in flight
         self._reads = set()  # Deferreds of reads in flight
@@ -406,7 +411,7 @@ class PostgresRunStore:
             cp_reactor=self._reactor,
         )
         self._pool.start()
-        self._starts = _StartBatches(self._reactor, self._pool, self._start_runs)
+        self._starts = _StartBatches(self._reactor, self._commit, self._start_runs)
         try:
             await self._pool.runInteraction(_in_transaction(_migrate))
             await self._pool.runInteraction(self._register)
@@ -590,9 +595,19 @@ class PostgresRunStore:
         L{StoreWriteFailed}: the statement, a transaction of its own, was
         rolled back.
         """
-        d = self._after_writes_on(run_id, lambda: self._pool.runInteraction(work, *args))
+        d = self._after_writes_on(run_id, lambda: self._commit(1, work, *args))
         d.addErrback(_write_failed)
         return d
+
+    def _commit(self, writes: int, work, *args) -> Deferred:
+        """C{work(txn, *args)} on a pool connection, reported to L{on_commit}."""
+        began = time.monotonic()
+
+        def committed(result):
+            self.on_commit(writes, time.monotonic() - began)
+            return result
+
+        return self._pool.runInteraction(work, *args).addCallback(committed)
 
     def _after_writes_on(self, run_id: str, write) -> Deferred:
         """Call C{write()} (returning a Deferred) once earlier calls on C{run_id} settled."""
