@@ -6,8 +6,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import Clock
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
-from car_twisted.interfaces import RunExists, RunTerminal, StoreWriteFailed
+from car_twisted.interfaces import ISharedRunStore, RunExists, RunTerminal, StoreWriteFailed
 from car_twisted.records import ended_record
 from car_twisted.store.postgresql import (
     SCHEMA_VERSION,
@@ -42,6 +43,10 @@ class PostgresRunStoreTests(unittest.TestCase):
         with psycopg.connect(self.dsn, autocommit=True) as connection:
             cursor = connection.execute(statement, args)
             return cursor.fetchall() if cursor.description else None
+
+    async def test_provides_shared_interface(self):
+        """The store provides everything a shared store promises."""
+        self.assertTrue(verifyObject(ISharedRunStore, await self.open()))
 
     async def test_reopen_keeps_schema_and_runs(self):
         """A second open on a migrated database keeps its version and runs."""
