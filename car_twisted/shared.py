@@ -11,7 +11,6 @@ daemon's followers up on what other daemons wrote.
 
 from typing import Optional
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from car_twisted.access import AccessPolicy
@@ -104,12 +103,6 @@ class SharedRuns:
                 self._fanout.publish(run_id, summary.agent_id, record, *_turns_and_status(record, at))
             position = after if len(records) == CATCH_UP_PAGE else None
         return summary
-
-    def caught_up(self, run_id: str) -> Deferred:
-        """L{catch_up}, its failure logged."""
-        d = Deferred.fromCoroutine(self.catch_up(run_id))
-        d.addErrback(lambda f: log.failure("catching up on run {run_id} failed", f, run_id=run_id))
-        return d
 
 
 def _turns_and_status(record: dict, position: int) -> tuple:
