@@ -16,6 +16,9 @@ import json
 import os
 import sqlite3
 import threading
+from functools import lru_cache
+
+import orjson
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -90,6 +93,8 @@ READ_RECORDS = """
 
 _MAX_SEQ = 2**63 - 1
 _READERS = 2
+#: Starts inserted by one statement at most (SQLite allows 32,766 parameters).
+_STARTS_PER_INSERT = 256
 
 
 class RunDatabaseError(Exception):
@@ -119,7 +124,73 @@ def _summary(row) -> RunSummary:
 
 
 def _encode(record: dict) -> str:
-    return json.dumps(record, separators=(",", ":"))
+    """
+    A record as compact JSON text. Lone surrogates (which orjson refuses)
+    and integers beyond 64 bits are written by the standard library, as
+    escapes and exactly.
+    """
+    try:
+        return orjson.dumps(record).decode()
+    except TypeError:
+        return json.dumps(record, separators=(",", ":"))
+
+
+def _start_row(started: dict) -> tuple:
+    """The C{runs} columns of a started run, and its record's body."""
+    return (
+        _blob(started["run_id"]),
+        _blob(started["agent_id"]),
+        _blob(started["intent"]),
+        _blob(started["started_at"]),
+        _encode(started),
+    )
+
+
+@lru_cache(maxsize=None)
+def _insert_starts_sql(count: int) -> tuple:
+    """The statements inserting C{count} runs, then their started records."""
+    runs = ", ".join(["(?, ?, ?, ?, 'in_progress', 0, 1)"] * count)
+    records = ", ".join(["(?, 0, ?)"] * count)
+    return (
+        "INSERT INTO runs (run_id, agent_id, intent, started_at, status,"
+        f" turn_count, record_count) VALUES {runs}",
+        f"INSERT INTO records (run, position, body) VALUES {records}",
+    )
+
+
+def _start(db, row: tuple, run_id: str) -> None:
+    """Insert one started run (C{row} from L{_start_row})."""
+    try:
+        seq = db.execute(
+            "INSERT INTO runs (run_id, agent_id, intent, started_at, status,"
+            " turn_count, record_count) VALUES (?, ?, ?, ?, 'in_progress', 0, 1)",
+            row[:4],
+        ).lastrowid
+    except sqlite3.IntegrityError:
+        # The INSERT wrote nothing; a taken run id is the caller's error.
+        if db.execute("SELECT 1 FROM runs WHERE run_id = ?", row[:1]).fetchone():
+            raise RunExists(run_id) from None
+        raise
+    db.execute("INSERT INTO records (run, position, body) VALUES (?, 0, ?)", (seq, row[4]))
+
+
+def _insert_starts(db, rows: list) -> bool:
+    """
+    Insert started runs (rows from L{_start_row}) with two statements,
+    whatever their number: each statement is one step, so the writer thread
+    gives the GIL up and takes it back twice per batch rather than twice
+    per start. False if a run id is taken: nothing was written.
+    """
+    insert_runs, insert_records = _insert_starts_sql(len(rows))
+    try:
+        last = db.execute(insert_runs, [v for row in rows for v in row[:4]]).lastrowid
+    except sqlite3.IntegrityError:
+        return False
+    # A multi-row INSERT gives each row the next sequence number in turn
+    # (seq is the rowid and never reaches its maximum).
+    first = last - len(rows) + 1
+    db.execute(insert_records, [v for i, row in enumerate(rows) for v in (first + i, row[4])])
+    return True
 
 
 def _parse_cursor(cursor) -> int:
@@ -264,8 +335,12 @@ class _WriteBroke(Exception):
 class _Write:
     """One write operation waiting for (or past) the commit that holds it."""
 
-    def __init__(self, apply):
+    __slots__ = ("run_id", "apply", "started", "deferred", "settled", "waiters")
+
+    def __init__(self, run_id, apply, started=None):
+        self.run_id = run_id
         self.apply = apply  # f(connection) -> result, on the writer thread
+        self.started = started  # a start's record: starts are inserted together
         self.deferred = Deferred()
         self.settled = False
         self.waiters = []  # Deferreds of reads issued after this write
@@ -345,21 +420,12 @@ class SQLiteRunStore:
 
     # Writes
 
-    def _submit(self, run_id: str, apply) -> Deferred:
+    def _submit(self, run_id: str, apply, started=None) -> Deferred:
         if self._closing is not None:
             return fail(RuntimeError(f"the run store {self.path} is closed"))
-        write = _Write(apply)
+        write = _Write(run_id, apply, started)
         self._last_write[run_id] = write
         self._newest_write = write
-
-        def forget(result):
-            if self._last_write.get(run_id) is write:
-                del self._last_write[run_id]
-            if self._newest_write is write:
-                self._newest_write = None
-            return result
-
-        write.deferred.addBoth(forget)
         with self._wake:
             self._pending.append(write)
             self._wake.notify()
@@ -369,25 +435,9 @@ class SQLiteRunStore:
         started = dict(started)
 
         def apply(db):
-            run_id = _blob(started["run_id"])
-            if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
-                raise RunExists(started["run_id"])
-            seq = db.execute(
-                "INSERT INTO runs (run_id, agent_id, intent, started_at, status,"
-                " turn_count, record_count) VALUES (?, ?, ?, ?, 'in_progress', 0, 1)",
-                (
-                    run_id,
-                    _blob(started["agent_id"]),
-                    _blob(started["intent"]),
-                    _blob(started["started_at"]),
-                ),
-            ).lastrowid
-            db.execute(
-                "INSERT INTO records (run, position, body) VALUES (?, 0, ?)",
-                (seq, _encode(started)),
-            )
+            _start(db, _start_row(started), started["run_id"])
 
-        return self._submit(started["run_id"], apply)
+        return self._submit(started["run_id"], apply, started)
 
     @staticmethod
     def _open_run(db, run_id):
@@ -484,6 +534,7 @@ class SQLiteRunStore:
         have left part of a write behind: unless C{isolated} (each write in
         its own savepoint), the transaction is rolled back and
         L{_WriteBroke} raised so the batch can be replayed isolated.
+        Unless C{isolated}, consecutive starts are inserted together.
 
         @return: the outcomes, or a Failure if the commit itself failed.
         """
@@ -491,7 +542,16 @@ class SQLiteRunStore:
         outcomes = []
         try:
             db.execute("BEGIN IMMEDIATE")
-            for write in batch:
+            i = 0
+            while i < len(batch):
+                if not isolated and batch[i].started is not None:
+                    starts = self._starts_from(batch, i)
+                    if self._insert_together(db, starts):
+                        outcomes.extend([None] * len(starts))
+                        i += len(starts)
+                        continue
+                write = batch[i]
+                i += 1
                 if isolated:
                     db.execute("SAVEPOINT write")
                 try:
@@ -518,8 +578,36 @@ class SQLiteRunStore:
         return outcomes
 
     @staticmethod
-    def _settle(batch, outcomes) -> None:
+    def _starts_from(batch, i: int) -> list:
+        """The starts at C{batch[i:]} up to the first other write, at most
+        L{_STARTS_PER_INSERT}."""
+        end = min(len(batch), i + _STARTS_PER_INSERT)
+        j = i
+        while j < end and batch[j].started is not None:
+            j += 1
+        return batch[i:j]
+
+    @staticmethod
+    def _insert_together(db, starts: list) -> bool:
+        """
+        Insert C{starts} with one statement per table. False if a run id
+        is taken (nothing was written): they are then applied one by one,
+        so only the repeated start is refused.
+
+        @raise _WriteBroke: anything else went wrong.
+        """
+        try:
+            return _insert_starts(db, [_start_row(write.started) for write in starts])
+        except Exception:
+            raise _WriteBroke()
+
+    def _settle(self, batch, outcomes) -> None:
+        last_write = self._last_write
         for write, outcome in zip(batch, outcomes):
+            if last_write.get(write.run_id) is write:
+                del last_write[write.run_id]
+            if self._newest_write is write:
+                self._newest_write = None
             if isinstance(outcome, Failure) and outcome.check(sqlite3.Error):
                 # Rolled back, so nothing of it was kept: the caller may retry.
                 outcome = Failure(StoreWriteFailed(str(outcome.value)))
