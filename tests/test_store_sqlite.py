@@ -322,6 +322,32 @@ class SQLiteRunStoreTests(unittest.TestCase):
         trace, _ = await store.read_records(records[123]["run_id"], 0, 10)
         self.assertEqual([r.get("prompt") for r in trace[1:]], ["123", "second"])
 
+    async def test_starts_in_one_batch(self):
+        """More starts than one statement inserts, batched with a repeated
+        run id and a turn between them, commit together: each run has its
+        own started record, they list in call order, and only the repeat is
+        refused."""
+        store = self.open()
+        await store.start_run(started(run_id="seed"))
+        commits = store.commits
+        records = [started(intent=str(i)) for i in range(sqlite_store._STARTS_PER_INSERT + 5)]
+        with store._wake:
+            writes = [store.start_run(record) for record in records[:10]]
+            writes.append(store.append_turns(records[3]["run_id"], [turn()], 5))
+            writes.append(store.start_run(started(run_id="seed")))
+            writes += [store.start_run(record) for record in records[10:]]
+        outcomes = await gatherResults(
+            [d.addErrback(lambda f: f.trap(RunExists)) for d in writes], consumeErrors=True
+        )
+        self.assertEqual(outcomes, [None] * 10 + [0, RunExists] + [None] * (len(records) - 10))
+        self.assertEqual(store.commits, commits + 1)
+        page, _ = await store.list_runs("agent-a", None, 1000, None)
+        self.assertEqual([s.run_id for s in page], [r["run_id"] for r in reversed(records)] + ["seed"])
+        for record in [records[0], records[3], records[-1]]:
+            trace, _ = await store.read_records(record["run_id"], 0, 10)
+            self.assertEqual(trace[0], record)
+        self.assertEqual((await store.get_run(records[3]["run_id"])).turn_count, 1)
+
     async def test_reads_see_earlier_writes(self):
         """A read issued right after a write it does not wait for still sees
         that write: calls take effect in call order."""
