@@ -93,8 +93,9 @@ READ_RECORDS = """
 
 _MAX_SEQ = 2**63 - 1
 _READERS = 2
-#: Starts inserted by one statement at most (SQLite allows 32,766 parameters).
-_STARTS_PER_INSERT = 256
+#: Writes applied together by one statement at most (SQLite allows 32,766
+#: parameters).
+_WRITES_PER_STATEMENT = 256
 
 
 class RunDatabaseError(Exception):
@@ -147,7 +148,7 @@ def _start_row(started: dict) -> tuple:
 
 
 @lru_cache(maxsize=None)
-def _insert_starts_sql(count: int) -> tuple:
+def _start_runs_sql(count: int) -> tuple:
     """The statements inserting C{count} runs, then their started records."""
     runs = ", ".join(["(?, ?, ?, ?, 'in_progress', 0, 1)"] * count)
     records = ", ".join(["(?, 0, ?)"] * count)
@@ -174,23 +175,74 @@ def _start(db, row: tuple, run_id: str) -> None:
     db.execute("INSERT INTO records (run, position, body) VALUES (?, 0, ?)", (seq, row[4]))
 
 
-def _insert_starts(db, rows: list) -> bool:
+def _start_runs(db, writes: list):
     """
-    Insert started runs (rows from L{_start_row}) with two statements,
-    whatever their number: each statement is one step, so the writer thread
-    gives the GIL up and takes it back twice per batch rather than twice
-    per start. False if a run id is taken: nothing was written.
+    Insert the runs of start C{writes} and their started records with two
+    statements, whatever their number.
+
+    @return: their outcomes, or None if a run id is taken (nothing was
+        written): they are then applied one by one.
     """
-    insert_runs, insert_records = _insert_starts_sql(len(rows))
+    rows = [_start_row(write.payload) for write in writes]
+    insert_runs, insert_records = _start_runs_sql(len(rows))
     try:
         last = db.execute(insert_runs, [v for row in rows for v in row[:4]]).lastrowid
     except sqlite3.IntegrityError:
-        return False
+        return None
     # A multi-row INSERT gives each row the next sequence number in turn
     # (seq is the rowid and never reaches its maximum).
     first = last - len(rows) + 1
     db.execute(insert_records, [v for i, row in enumerate(rows) for v in (first + i, row[4])])
-    return True
+    return [None] * len(rows)
+
+
+@lru_cache(maxsize=None)
+def _end_runs_sql(count: int) -> tuple:
+    """The statements finding C{count} runs, adding their ended records and
+    updating their rows."""
+    return (
+        "SELECT run_id, seq, status, record_count FROM runs WHERE run_id IN"
+        f" ({', '.join(['?'] * count)})",
+        f"INSERT INTO records (run, position, body) VALUES {', '.join(['(?, ?, ?)'] * count)}",
+        "UPDATE runs SET status = v.column1, outcome_status = v.column2,"
+        " ended_at = v.column3, record_count = v.column4"
+        f" FROM (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * count)}) AS v"
+        " WHERE runs.seq = v.column5",
+    )
+
+
+def _end_runs(db, writes: list) -> list:
+    """
+    Apply end C{writes} with three statements, whatever their number: one
+    finds their runs, so each is checked (and refused alone) as
+    L{SQLiteRunStore.end_run} checks it; one inserts the ended records; one
+    updates the runs.
+
+    @return: their outcomes.
+    """
+    blobs = [_blob(write.run_id) for write in writes]
+    find, insert_records, update_runs = _end_runs_sql(len(writes))
+    runs = {row[0]: list(row[1:]) for row in db.execute(find, blobs)}
+    outcomes, records, updates = [], [], []
+    for write, blob in zip(writes, blobs):
+        run = runs.get(blob)
+        if run is None:
+            outcomes.append(Failure(RunNotFound(write.run_id)))
+            continue
+        seq, status, position = run
+        if status != "in_progress":
+            outcomes.append(Failure(RunTerminal(write.run_id)))
+            continue
+        ended, status, outcome_status = write.payload
+        records.append((seq, position, _encode(ended)))
+        updates.append((status, outcome_status, _blob(ended["ended_at"]), position + 1, seq))
+        run[1:] = status, position + 1
+        outcomes.append(None)
+    if records:
+        insert_records, update_runs = _end_runs_sql(len(records))[1:]
+        db.execute(insert_records, [v for record in records for v in record])
+        db.execute(update_runs, [v for update in updates for v in update])
+    return outcomes
 
 
 def _parse_cursor(cursor) -> int:
@@ -335,12 +387,15 @@ class _WriteBroke(Exception):
 class _Write:
     """One write operation waiting for (or past) the commit that holds it."""
 
-    __slots__ = ("run_id", "apply", "started", "deferred", "settled", "waiters")
+    __slots__ = ("run_id", "apply", "together", "payload", "deferred", "settled", "waiters")
 
-    def __init__(self, run_id, apply, started=None):
+    def __init__(self, run_id, apply, together=None, payload=None):
         self.run_id = run_id
         self.apply = apply  # f(connection) -> result, on the writer thread
-        self.started = started  # a start's record: starts are inserted together
+        # f(connection, writes) applying consecutive writes of one kind
+        # together, on the writer thread, each write's C{payload} its input.
+        self.together = together
+        self.payload = payload
         self.deferred = Deferred()
         self.settled = False
         self.waiters = []  # Deferreds of reads issued after this write
@@ -420,10 +475,10 @@ class SQLiteRunStore:
 
     # Writes
 
-    def _submit(self, run_id: str, apply, started=None) -> Deferred:
+    def _submit(self, run_id: str, apply, together=None, payload=None) -> Deferred:
         if self._closing is not None:
             return fail(RuntimeError(f"the run store {self.path} is closed"))
-        write = _Write(run_id, apply, started)
+        write = _Write(run_id, apply, together, payload)
         self._last_write[run_id] = write
         self._newest_write = write
         with self._wake:
@@ -437,7 +492,7 @@ class SQLiteRunStore:
         def apply(db):
             _start(db, _start_row(started), started["run_id"])
 
-        return self._submit(started["run_id"], apply, started)
+        return self._submit(started["run_id"], apply, _start_runs, started)
 
     @staticmethod
     def _open_run(db, run_id):
@@ -492,7 +547,7 @@ class SQLiteRunStore:
                 (status, outcome_status, _blob(ended["ended_at"]), position + 1, seq),
             )
 
-        return self._submit(run_id, apply)
+        return self._submit(run_id, apply, _end_runs, (ended, status, outcome_status))
 
     def _write_loop(self) -> None:
         """The writer thread: commit whatever is pending, one batch at a time."""
@@ -534,7 +589,8 @@ class SQLiteRunStore:
         have left part of a write behind: unless C{isolated} (each write in
         its own savepoint), the transaction is rolled back and
         L{_WriteBroke} raised so the batch can be replayed isolated.
-        Unless C{isolated}, consecutive starts are inserted together.
+        Unless C{isolated}, consecutive writes of one kind are applied
+        together (L{_Write.together}).
 
         @return: the outcomes, or a Failure if the commit itself failed.
         """
@@ -544,11 +600,12 @@ class SQLiteRunStore:
             db.execute("BEGIN IMMEDIATE")
             i = 0
             while i < len(batch):
-                if not isolated and batch[i].started is not None:
-                    starts = self._starts_from(batch, i)
-                    if self._insert_together(db, starts):
-                        outcomes.extend([None] * len(starts))
-                        i += len(starts)
+                if not isolated and batch[i].together is not None:
+                    group = self._group_at(batch, i)
+                    done = self._apply_together(db, group)
+                    if done is not None:
+                        outcomes.extend(done)
+                        i += len(group)
                         continue
                 write = batch[i]
                 i += 1
@@ -578,26 +635,26 @@ class SQLiteRunStore:
         return outcomes
 
     @staticmethod
-    def _starts_from(batch, i: int) -> list:
-        """The starts at C{batch[i:]} up to the first other write, at most
-        L{_STARTS_PER_INSERT}."""
-        end = min(len(batch), i + _STARTS_PER_INSERT)
-        j = i
-        while j < end and batch[j].started is not None:
+    def _group_at(batch, i: int) -> list:
+        """The writes from C{batch[i]} on that can be applied together with
+        it, at most L{_WRITES_PER_STATEMENT}."""
+        together = batch[i].together
+        end = min(len(batch), i + _WRITES_PER_STATEMENT)
+        j = i + 1
+        while j < end and batch[j].together is together:
             j += 1
         return batch[i:j]
 
     @staticmethod
-    def _insert_together(db, starts: list) -> bool:
+    def _apply_together(db, group: list):
         """
-        Insert C{starts} with one statement per table. False if a run id
-        is taken (nothing was written): they are then applied one by one,
-        so only the repeated start is refused.
+        Apply C{group} together: its outcomes, or None if it must be
+        applied one write at a time (nothing was written).
 
-        @raise _WriteBroke: anything else went wrong.
+        @raise _WriteBroke: anything went wrong.
         """
         try:
-            return _insert_starts(db, [_start_row(write.started) for write in starts])
+            return group[0].together(db, group)
         except Exception:
             raise _WriteBroke()
 
