@@ -342,7 +342,8 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.assertEqual(outcomes, [None] * 10 + [0, RunExists] + [None] * (len(records) - 10))
         self.assertEqual(store.commits, commits + 1)
         page, _ = await store.list_runs("agent-a", None, 1000, None)
-        self.assertEqual([s.run_id for s in page], [r["run_id"] for r in reversed(records)] + ["seed"])
+        newest_first = [r["run_id"] for r in reversed(records)]
+        self.assertEqual([s.run_id for s in page], newest_first + ["seed"])
         for record in [records[0], records[3], records[-1]]:
             trace, _ = await store.read_records(record["run_id"], 0, 10)
             self.assertEqual(trace[0], record)
@@ -377,7 +378,9 @@ class SQLiteRunStoreTests(unittest.TestCase):
         )
         self.assertEqual(
             outcomes,
-            [None, None, RunTerminal, RunTerminal] + [None] * (len(earlier) - 1) + [RunNotFound, RunTerminal],
+            [None, None, RunTerminal, RunTerminal]
+            + [None] * (len(earlier) - 1)
+            + [RunNotFound, RunTerminal],
         )
         self.assertEqual(store.commits, commits + 1)
         self.assertEqual(await store.open_runs(), [])
@@ -389,8 +392,8 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.assertEqual(trace[-1]["reason"], "7")
         trace, _ = await store.read_records(earlier[0]["run_id"], 0, 10)
         self.assertEqual([r.get("reason") for r in trace], [None, "x"])
-        self.assertEqual(await store.append_turns(fresh["run_id"], [turn()], 5).addErrback(
-            lambda f: f.trap(RunTerminal)), RunTerminal)
+        with self.assertRaises(RunTerminal):
+            await store.append_turns(fresh["run_id"], [turn()], 5)
 
     async def test_reads_see_earlier_writes(self):
         """A read issued right after a write it does not wait for still sees

@@ -147,102 +147,146 @@ def _start_row(started: dict) -> tuple:
     )
 
 
+def _values(row: str, count: int) -> str:
+    return ", ".join([row] * count)
+
+
 @lru_cache(maxsize=None)
-def _start_runs_sql(count: int) -> tuple:
-    """The statements inserting C{count} runs, then their started records."""
-    runs = ", ".join(["(?, ?, ?, ?, 'in_progress', 0, 1)"] * count)
-    records = ", ".join(["(?, 0, ?)"] * count)
+def _insert_runs_sql(count: int) -> str:
     return (
-        "INSERT INTO runs (run_id, agent_id, intent, started_at, status,"
-        f" turn_count, record_count) VALUES {runs}",
-        f"INSERT INTO records (run, position, body) VALUES {records}",
+        "INSERT INTO runs (run_id, agent_id, intent, started_at, status, turn_count,"
+        f" record_count) VALUES {_values('(?, ?, ?, ?, ?, 0, 1)', count)}"
     )
 
 
-def _start(db, row: tuple, run_id: str) -> None:
-    """Insert one started run (C{row} from L{_start_row})."""
-    try:
-        seq = db.execute(
-            "INSERT INTO runs (run_id, agent_id, intent, started_at, status,"
-            " turn_count, record_count) VALUES (?, ?, ?, ?, 'in_progress', 0, 1)",
-            row[:4],
-        ).lastrowid
-    except sqlite3.IntegrityError:
-        # The INSERT wrote nothing; a taken run id is the caller's error.
-        if db.execute("SELECT 1 FROM runs WHERE run_id = ?", row[:1]).fetchone():
-            raise RunExists(run_id) from None
-        raise
-    db.execute("INSERT INTO records (run, position, body) VALUES (?, 0, ?)", (seq, row[4]))
+@lru_cache(maxsize=None)
+def _insert_records_sql(count: int) -> str:
+    return f"INSERT INTO records (run, position, body) VALUES {_values('(?, ?, ?)', count)}"
 
 
-def _start_runs(db, writes: list):
+@lru_cache(maxsize=None)
+def _find_runs_sql(count: int) -> str:
+    return (
+        "SELECT run_id, seq, status, turn_count, record_count FROM runs"
+        f" WHERE run_id IN ({_values('?', count)})"
+    )
+
+
+@lru_cache(maxsize=None)
+def _update_runs_sql(count: int) -> str:
+    return (
+        "UPDATE runs SET status = v.column2, outcome_status = v.column3,"
+        " ended_at = v.column4, turn_count = v.column5, record_count = v.column6"
+        f" FROM (VALUES {_values('(?, ?, ?, ?, ?, ?)', count)}) AS v"
+        " WHERE runs.seq = v.column1"
+    )
+
+
+def _insert_records(db, records: list) -> None:
+    """Insert C{(run, position, body)} rows, a statement per
+    L{_WRITES_PER_STATEMENT}."""
+    for i in range(0, len(records), _WRITES_PER_STATEMENT):
+        chunk = records[i : i + _WRITES_PER_STATEMENT]
+        db.execute(_insert_records_sql(len(chunk)), [v for record in chunk for v in record])
+
+
+def _start_runs(db, writes: list) -> list:
     """
-    Insert the runs of start C{writes} and their started records with two
-    statements, whatever their number.
+    Insert the runs of start C{writes}, and their started records, with one
+    statement per table.
 
-    @return: their outcomes, or None if a run id is taken (nothing was
-        written): they are then applied one by one.
+    @return: their outcomes.
     """
     rows = [_start_row(write.payload) for write in writes]
-    insert_runs, insert_records = _start_runs_sql(len(rows))
     try:
-        last = db.execute(insert_runs, [v for row in rows for v in row[:4]]).lastrowid
+        last = db.execute(
+            _insert_runs_sql(len(rows)),
+            [v for row in rows for v in (*row[:4], "in_progress")],
+        ).lastrowid
     except sqlite3.IntegrityError:
-        return None
+        # The INSERT wrote nothing.
+        if len(writes) > 1:
+            return [_start_runs(db, [write])[0] for write in writes]
+        if db.execute("SELECT 1 FROM runs WHERE run_id = ?", rows[0][:1]).fetchone():
+            return [Failure(RunExists(writes[0].run_id))]
+        raise
     # A multi-row INSERT gives each row the next sequence number in turn
     # (seq is the rowid and never reaches its maximum).
     first = last - len(rows) + 1
-    db.execute(insert_records, [v for i, row in enumerate(rows) for v in (first + i, row[4])])
+    _insert_records(db, [(first + i, 0, row[4]) for i, row in enumerate(rows)])
     return [None] * len(rows)
 
 
-@lru_cache(maxsize=None)
-def _end_runs_sql(count: int) -> tuple:
-    """The statements finding C{count} runs, adding their ended records and
-    updating their rows."""
-    return (
-        "SELECT run_id, seq, status, record_count FROM runs WHERE run_id IN"
-        f" ({', '.join(['?'] * count)})",
-        f"INSERT INTO records (run, position, body) VALUES {', '.join(['(?, ?, ?)'] * count)}",
-        "UPDATE runs SET status = v.column1, outcome_status = v.column2,"
-        " ended_at = v.column3, record_count = v.column4"
-        f" FROM (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * count)}) AS v"
-        " WHERE runs.seq = v.column5",
-    )
-
-
-def _end_runs(db, writes: list) -> list:
+def _extend_runs(db, writes: list, extend) -> list:
     """
-    Apply end C{writes} with three statements, whatever their number: one
-    finds their runs, so each is checked (and refused alone) as
-    L{SQLiteRunStore.end_run} checks it; one inserts the ended records; one
-    updates the runs.
+    Apply C{writes} to open runs with three statements, whatever their
+    number: one finds their runs, one inserts their records, one updates
+    the runs' rows. C{extend(write, run)} checks one write against its
+    run's row C{[seq, status, outcome_status, ended_at, turn_count,
+    record_count]}, updates that row and returns the write's records;
+    it raises a L{RunStoreError} to refuse the write alone.
 
     @return: their outcomes.
     """
     blobs = [_blob(write.run_id) for write in writes]
-    find, insert_records, update_runs = _end_runs_sql(len(writes))
-    runs = {row[0]: list(row[1:]) for row in db.execute(find, blobs)}
-    outcomes, records, updates = [], [], []
+    runs = {
+        run_id: [seq, status, None, None, turns, position]
+        for run_id, seq, status, turns, position in db.execute(
+            _find_runs_sql(len(writes)), blobs
+        )
+    }
+    outcomes, records, touched = [], [], {}
     for write, blob in zip(writes, blobs):
         run = runs.get(blob)
-        if run is None:
-            outcomes.append(Failure(RunNotFound(write.run_id)))
+        try:
+            if run is None:
+                raise RunNotFound(write.run_id)
+            if run[1] != "in_progress":
+                raise RunTerminal(write.run_id)
+            outcome, added = extend(write, run)
+        except RunStoreError:
+            outcomes.append(Failure())
             continue
-        seq, status, position = run
-        if status != "in_progress":
-            outcomes.append(Failure(RunTerminal(write.run_id)))
-            continue
-        ended, status, outcome_status = write.payload
-        records.append((seq, position, _encode(ended)))
-        updates.append((status, outcome_status, _blob(ended["ended_at"]), position + 1, seq))
-        run[1:] = status, position + 1
-        outcomes.append(None)
-    if records:
-        insert_records, update_runs = _end_runs_sql(len(records))[1:]
-        db.execute(insert_records, [v for record in records for v in record])
-        db.execute(update_runs, [v for update in updates for v in update])
+        records += added
+        touched[run[0]] = run
+        outcomes.append(outcome)
+    if touched:
+        _insert_records(db, records)
+        db.execute(
+            _update_runs_sql(len(touched)), [v for run in touched.values() for v in run]
+        )
     return outcomes
+
+
+def _append(write, run):
+    turns, max_turns = write.payload
+    base, position = run[4], run[5]
+    if base + len(turns) > max_turns:
+        raise TurnLimitReached(write.run_id)
+    run[4:] = base + len(turns), position + len(turns)
+    seq = run[0]
+    return base, [
+        (seq, position + i, _encode(dict(turn, index=base + i))) for i, turn in enumerate(turns)
+    ]
+
+
+def _end(write, run):
+    ended, status, outcome_status = write.payload
+    seq, position = run[0], run[5]
+    run[1:4] = status, outcome_status, _blob(ended["ended_at"])
+    run[5] = position + 1
+    return None, [(seq, position, _encode(ended))]
+
+
+def _append_turns(db, writes: list) -> list:
+    """Append the turns of C{writes}; their outcomes (each its first turn
+    index)."""
+    return _extend_runs(db, writes, _append)
+
+
+def _end_runs(db, writes: list) -> list:
+    """End the runs of C{writes}; their outcomes."""
+    return _extend_runs(db, writes, _end)
 
 
 def _parse_cursor(cursor) -> int:
@@ -387,24 +431,24 @@ class _WriteBroke(Exception):
 class _Write:
     """One write operation waiting for (or past) the commit that holds it."""
 
-    __slots__ = ("run_id", "apply", "together", "payload", "deferred", "settled", "waiters")
+    __slots__ = ("run_id", "apply", "payload", "deferred", "settled", "waiters")
 
-    def __init__(self, run_id, apply, together=None, payload=None):
+    def __init__(self, run_id, apply, payload):
         self.run_id = run_id
-        self.apply = apply  # f(connection) -> result, on the writer thread
-        # f(connection, writes) applying consecutive writes of one kind
-        # together, on the writer thread, each write's C{payload} its input.
-        self.together = together
+        # apply(connection, writes) -> outcomes, on the writer thread: applies
+        # consecutive writes of one kind together, each write's payload its input.
+        self.apply = apply
         self.payload = payload
         self.deferred = Deferred()
         self.settled = False
-        self.waiters = []  # Deferreds of reads issued after this write
+        self.waiters = None  # Deferreds of reads issued after this write
 
     def settle(self, outcome) -> None:
         self.settled = True
-        for waiter in self.waiters:
-            waiter.callback(None)
-        self.waiters = []
+        if self.waiters:
+            for waiter in self.waiters:
+                waiter.callback(None)
+            self.waiters = None
         if isinstance(outcome, Failure):
             self.deferred.errback(outcome)
         else:
@@ -415,9 +459,24 @@ class _Write:
         waiter = Deferred()
         if self.settled:
             waiter.callback(None)
+        elif self.waiters is None:
+            self.waiters = [waiter]
         else:
             self.waiters.append(waiter)
         return waiter
+
+
+def _groups(batch: list):
+    """C{batch} cut into runs of consecutive writes of one kind, each at
+    most L{_WRITES_PER_STATEMENT} long."""
+    group = []
+    for write in batch:
+        if group and (write.apply is not group[0].apply or len(group) == _WRITES_PER_STATEMENT):
+            yield group
+            group = []
+        group.append(write)
+    if group:
+        yield group
 
 
 @implementer(IRunStore)
@@ -475,10 +534,10 @@ class SQLiteRunStore:
 
     # Writes
 
-    def _submit(self, run_id: str, apply, together=None, payload=None) -> Deferred:
+    def _submit(self, run_id: str, apply, payload) -> Deferred:
         if self._closing is not None:
             return fail(RuntimeError(f"the run store {self.path} is closed"))
-        write = _Write(run_id, apply, together, payload)
+        write = _Write(run_id, apply, payload)
         self._last_write[run_id] = write
         self._newest_write = write
         with self._wake:
@@ -487,67 +546,15 @@ class SQLiteRunStore:
         return write.deferred
 
     def start_run(self, started):
-        started = dict(started)
-
-        def apply(db):
-            _start(db, _start_row(started), started["run_id"])
-
-        return self._submit(started["run_id"], apply, _start_runs, started)
-
-    @staticmethod
-    def _open_run(db, run_id):
-        """The C{(seq, turn_count, record_count)} of an open run."""
-        row = db.execute(
-            "SELECT seq, status, turn_count, record_count FROM runs WHERE run_id = ?",
-            (_blob(run_id),),
-        ).fetchone()
-        if row is None:
-            raise RunNotFound(run_id)
-        seq, status, turn_count, record_count = row
-        if status != "in_progress":
-            raise RunTerminal(run_id)
-        return seq, turn_count, record_count
+        return self._submit(started["run_id"], _start_runs, dict(started))
 
     def append_turns(self, run_id, turns, max_turns):
-        turns = [dict(t) for t in turns]
-
-        def apply(db):
-            seq, base, position = self._open_run(db, run_id)
-            if base + len(turns) > max_turns:
-                raise TurnLimitReached(run_id)
-            db.executemany(
-                "INSERT INTO records (run, position, body) VALUES (?, ?, ?)",
-                [
-                    (seq, position + i, _encode(dict(t, index=base + i)))
-                    for i, t in enumerate(turns)
-                ],
-            )
-            db.execute(
-                "UPDATE runs SET turn_count = ?, record_count = ? WHERE seq = ?",
-                (base + len(turns), position + len(turns), seq),
-            )
-            return base
-
-        return self._submit(run_id, apply)
+        return self._submit(run_id, _append_turns, ([dict(t) for t in turns], max_turns))
 
     def end_run(self, run_id, ended):
-        ended = dict(ended)
         status = status_of(ended)
         outcome_status = ended["outcome"]["status"] if status == "completed" else None
-
-        def apply(db):
-            seq, _, position = self._open_run(db, run_id)
-            db.execute(
-                "INSERT INTO records (run, position, body) VALUES (?, ?, ?)",
-                (seq, position, _encode(ended)),
-            )
-            db.execute(
-                "UPDATE runs SET status = ?, outcome_status = ?, ended_at = ?,"
-                " record_count = ? WHERE seq = ?",
-                (status, outcome_status, _blob(ended["ended_at"]), position + 1, seq),
-            )
-
-        return self._submit(run_id, apply, _end_runs, (ended, status, outcome_status))
+        return self._submit(run_id, _end_runs, (dict(ended), status, outcome_status))
 
     def _write_loop(self) -> None:
         """The writer thread: commit whatever is pending, one batch at a time."""
@@ -584,13 +591,12 @@ class SQLiteRunStore:
         """
         Apply every write of C{batch}, then commit.
 
-        A write refused with a L{RunStoreError} has written nothing (each
-        checks before it writes), so it fails alone. Any other error may
-        have left part of a write behind: unless C{isolated} (each write in
-        its own savepoint), the transaction is rolled back and
-        L{_WriteBroke} raised so the batch can be replayed isolated.
-        Unless C{isolated}, consecutive writes of one kind are applied
-        together (L{_Write.together}).
+        Consecutive writes of one kind are applied together, each refused
+        alone (its outcome a L{RunStoreError}) before anything of it is
+        written. Any other error may have left part of a write behind:
+        unless C{isolated} (each write alone, in its own savepoint), the
+        transaction is rolled back and L{_WriteBroke} raised so the batch
+        can be replayed isolated.
 
         @return: the outcomes, or a Failure if the commit itself failed.
         """
@@ -598,30 +604,21 @@ class SQLiteRunStore:
         outcomes = []
         try:
             db.execute("BEGIN IMMEDIATE")
-            i = 0
-            while i < len(batch):
-                if not isolated and batch[i].together is not None:
-                    group = self._group_at(batch, i)
-                    done = self._apply_together(db, group)
-                    if done is not None:
-                        outcomes.extend(done)
-                        i += len(group)
-                        continue
-                write = batch[i]
-                i += 1
-                if isolated:
+            if isolated:
+                for write in batch:
                     db.execute("SAVEPOINT write")
-                try:
-                    outcomes.append(write.apply(db))
-                except RunStoreError:
-                    outcomes.append(Failure())
-                except Exception:
-                    if not isolated:
-                        raise _WriteBroke()
-                    outcomes.append(Failure())
-                    db.execute("ROLLBACK TO write")
-                if isolated:
+                    try:
+                        outcomes += write.apply(db, [write])
+                    except Exception:
+                        outcomes.append(Failure())
+                        db.execute("ROLLBACK TO write")
                     db.execute("RELEASE write")
+            else:
+                for group in _groups(batch):
+                    try:
+                        outcomes += group[0].apply(db, group)
+                    except Exception:
+                        raise _WriteBroke()
             db.execute("COMMIT")
         except _WriteBroke:
             if db.in_transaction:
@@ -633,30 +630,6 @@ class SQLiteRunStore:
                 db.execute("ROLLBACK")
             return failure
         return outcomes
-
-    @staticmethod
-    def _group_at(batch, i: int) -> list:
-        """The writes from C{batch[i]} on that can be applied together with
-        it, at most L{_WRITES_PER_STATEMENT}."""
-        together = batch[i].together
-        end = min(len(batch), i + _WRITES_PER_STATEMENT)
-        j = i + 1
-        while j < end and batch[j].together is together:
-            j += 1
-        return batch[i:j]
-
-    @staticmethod
-    def _apply_together(db, group: list):
-        """
-        Apply C{group} together: its outcomes, or None if it must be
-        applied one write at a time (nothing was written).
-
-        @raise _WriteBroke: anything went wrong.
-        """
-        try:
-            return group[0].together(db, group)
-        except Exception:
-            raise _WriteBroke()
 
     def _settle(self, batch, outcomes) -> None:
         last_write = self._last_write
