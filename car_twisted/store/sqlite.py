@@ -93,6 +93,9 @@ READ_RECORDS = """
 
 _MAX_SEQ = 2**63 - 1
 _READERS = 2
+#: Writes committed by one transaction at most: a burst (the recovery's
+#: ends) is committed in pieces, so the WAL is checkpointed between them.
+_WRITES_PER_COMMIT = 4096
 #: Writes applied together by one statement at most (SQLite allows 32,766
 #: parameters).
 _WRITES_PER_STATEMENT = 256
@@ -562,7 +565,8 @@ class SQLiteRunStore:
             with self._wake:
                 while not self._pending and not self._stopping:
                     self._wake.wait()
-                batch, self._pending = self._pending, []
+                batch = self._pending[:_WRITES_PER_COMMIT]
+                del self._pending[:_WRITES_PER_COMMIT]
             if not batch:
                 break
             outcomes = self._commit(batch)
