@@ -565,12 +565,13 @@ class SQLiteRunStore:
             with self._wake:
                 while not self._pending and not self._stopping:
                     self._wake.wait()
-                batch = self._pending[:_WRITES_PER_COMMIT]
-                del self._pending[:_WRITES_PER_COMMIT]
-            if not batch:
+                pending, self._pending = self._pending, []
+            if not pending:
                 break
-            outcomes = self._commit(batch)
-            self._reactor.callFromThread(self._settle, batch, outcomes)
+            for i in range(0, len(pending), _WRITES_PER_COMMIT):
+                batch = pending[i : i + _WRITES_PER_COMMIT]
+                outcomes = self._commit(batch)
+                self._reactor.callFromThread(self._settle, batch, outcomes)
         self._writer.close()
         self._reactor.callFromThread(self._stopped.callback, None)
 
