@@ -57,6 +57,8 @@ from car_twisted.shared import SharedRuns
 
 log = Logger()
 
+#: Runs ended together by restart recovery.
+RECOVERY_BATCH = 1000
 #: The grace window after a producer's connection closes (seconds).
 DEFAULT_GRACE = 0.25
 #: The same window for sessions that negotiated ``runs.resume.v1``.
@@ -275,33 +277,34 @@ class RunService:
         End every run the store holds open with an C{incomplete} record
         (reason C{"daemon restarted"}): before this daemon serves anyone, an
         open run can only be one whose producer died with the last daemon.
-        Call it once, before listening. The ends are issued together so a
-        store can share flushes among them. A store several daemons share
-        ends only the runs of dead daemons (this daemon's predecessors and
-        those whose lease expired), never a live peer's.
+        Call it once, before listening. The ends are issued
+        L{RECOVERY_BATCH} at a time, so a store can share flushes among
+        them while memory stays bounded however many runs were left open.
+        A store several daemons share ends only the runs of dead daemons
+        (this daemon's predecessors and those whose lease expired), never a
+        live peer's.
 
         @return: how many runs were ended.
         """
         if self._shared is not None:
             return await self.store.recover()
-        stale = [s for s in await self.store.open_runs() if s.run_id not in self._live]
-        results = await DeferredList(
-            [
-                self.store.end_run(
-                    summary.run_id, ended_record("incomplete", reason="daemon restarted")
-                )
-                for summary in stale
-            ],
-            consumeErrors=True,
-        )
+        stale = [s.run_id for s in await self.store.open_runs() if s.run_id not in self._live]
         ended = 0
-        for summary, (ok, result) in zip(stale, results):
-            if ok:
-                ended += 1
-                self._metrics.run_ended("incomplete")
-                log.info("run {run_id} ended incomplete: the daemon restarted", run_id=summary.run_id)
-            elif not result.check(RunTerminal, RunNotFound):
-                log.failure("run {run_id} could not be ended", result, run_id=summary.run_id)
+        for first in range(0, len(stale), RECOVERY_BATCH):
+            batch = stale[first : first + RECOVERY_BATCH]
+            results = await DeferredList(
+                [
+                    self.store.end_run(run_id, ended_record("incomplete", reason="daemon restarted"))
+                    for run_id in batch
+                ],
+                consumeErrors=True,
+            )
+            for run_id, (ok, result) in zip(batch, results):
+                if ok:
+                    ended += 1
+                    self._metrics.run_ended("incomplete")
+                elif not result.check(RunTerminal, RunNotFound):
+                    log.failure("run {run_id} could not be ended", result, run_id=run_id)
         return ended
 
     # Runs changed through other daemons (a store several daemons share)
