@@ -262,3 +262,23 @@ class PostgresRunStoreTests(unittest.TestCase):
         await store.append_turns(first["run_id"], [{"record": "turn", "prompt": "p"}], 10)
         self.assertEqual([writes for writes, _ in commits], [2, 1])
         self.assertTrue(all(seconds >= 0 for _, seconds in commits))
+
+    async def test_two_daemons_prune_at_once(self):
+        """Two daemons pruning at once delete each old ended run exactly
+        once, whole, and never an open one (retention, docs/storage.md)."""
+        a, b = await self.open(), await self.open()
+        ended_ids, open_record = [], started()
+        for _ in range(20):
+            record = started()
+            await a.start_run(record)
+            await a.end_run(record["run_id"], ended_record("incomplete", reason="x"))
+            ended_ids.append(record["run_id"])
+        await a.start_run(open_record)
+        later = "9999-12-31T23:59:59.999Z"
+        self.assertEqual(await a.count_prunable(later), 20)
+        results = await DeferredList([a.prune_runs(later, 15), b.prune_runs(later, 15)])
+        pruned = [run_id for _, ids in results for run_id in ids]
+        self.assertEqual(sorted(pruned), sorted(ended_ids))
+        self.assertEqual(await b.count_prunable(later), 0)
+        self.assertEqual(self.sql("SELECT count(*) FROM car_records"), [(1,)])
+        self.assertEqual((await b.get_run(open_record["run_id"])).status, "in_progress")

@@ -98,9 +98,10 @@ MIGRATIONS = [
     );
     CREATE UNIQUE INDEX car_records_one_terminal ON car_records (run) WHERE terminal;
     """,
-    # runs.list without agent_id (every agent's runs), by status.
+    # runs.list without agent_id (every agent's runs), by status; pruning.
     """
     CREATE INDEX car_runs_by_status ON car_runs (status, seq);
+    CREATE INDEX car_runs_ended ON car_runs (ended_at) WHERE status <> 'in_progress';
     """,
 ]
 #: The schema version this code writes and understands.
@@ -167,6 +168,22 @@ WITH run AS (
 )
 SELECT status, owner, (SELECT count(*) FROM notified) FROM run
 """
+
+# Ended runs before a time, oldest first, each deleted whole in one
+# statement (foreign keys are checked at its end); rows another daemon's
+# prune holds are skipped.
+PRUNE_RUNS = """
+WITH doomed AS (
+    SELECT seq FROM car_runs WHERE status <> 'in_progress' AND ended_at < %(before)s
+    ORDER BY ended_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), records AS (
+    DELETE FROM car_records USING doomed WHERE car_records.run = doomed.seq
+)
+DELETE FROM car_runs r USING doomed WHERE r.seq = doomed.seq RETURNING r.run_id
+"""
+#: The key prunes are chained under (no run id can be it: ids are at most
+#: 256 characters).
+_PRUNE_KEY = "\0prune" * 64
 
 _SUMMARY_COLUMNS = (
     "run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turn_count"
@@ -702,6 +719,18 @@ class PostgresRunStore:
         if owner is not None and row[1] != owner:
             raise RunAdopted(run_id)
 
+    def prune_runs(self, ended_before, limit):
+        d = self._after_writes_on(
+            _PRUNE_KEY, lambda: self._commit(1, self._prune_runs, _bytes(ended_before), limit)
+        )
+        d.addErrback(_write_failed)
+        return d
+
+    @staticmethod
+    def _prune_runs(txn, before, limit) -> list:
+        txn.execute(PRUNE_RUNS, {"before": before, "limit": limit})
+        return [_text(run_id) for (run_id,) in txn.fetchall()]
+
     # Reads
 
     def _read(self, after, work, *args) -> Deferred:
@@ -774,6 +803,17 @@ class PostgresRunStore:
         page = [_summary(row[1:]) for row in rows[:limit]]
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return page, next_cursor
+
+    def count_prunable(self, ended_before):
+        return self._read(list(self._writes), self._count_prunable, _bytes(ended_before))
+
+    @staticmethod
+    def _count_prunable(txn, before) -> int:
+        txn.execute(
+            "SELECT count(*) FROM car_runs WHERE status <> 'in_progress' AND ended_at < %s",
+            (before,),
+        )
+        return txn.fetchone()[0]
 
     def open_runs(self):
         return self._read(list(self._writes), self._open_runs)
