@@ -9,6 +9,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from car_twisted.errors import AuthRequired
@@ -223,10 +224,18 @@ class RunTracingProtocol(WebSocketServerProtocol):
 
     def _dispatch(self, payload):
         self.in_flight += 1
-        d = self.factory.dispatcher.dispatch(self.session, payload)
-        d.addCallback(self._answer)
-        d.addErrback(self._failed)
-        d.addBoth(self._settled)
+        try:
+            reply = self.factory.dispatcher.answer(self.session, payload)
+            if isinstance(reply, Deferred):
+                reply.addCallback(self._answer)
+                reply.addErrback(self._failed)
+                reply.addBoth(self._settled)
+                return
+            # Answered in this call: no Deferred on the way.
+            self._answer(reply)
+        except Exception:
+            self._failed(Failure())
+        self._settled(None)
 
     def _settled(self, _):
         """A frame is answered: hand on waiting frames, then read again."""

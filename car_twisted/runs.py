@@ -31,6 +31,7 @@ from car_twisted.interfaces import (
     status_of,
 )
 from car_twisted.limits import MAX_TURN_BYTES, MAX_TURNS_PER_RUN
+from car_twisted.outcomes import as_deferred, then
 from car_twisted.records import (
     agent_slug,
     clip_text,
@@ -165,7 +166,7 @@ class RunService:
 
     async def _end(self, live: LiveRun, ended: dict) -> None:
         """Write a run's terminal record and tell its followers."""
-        await self._stored(self.store.end_run(live.run_id, ended))
+        await as_deferred(self._stored(self.store.end_run(live.run_id, ended)))
         self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, live.turns, status_of(ended))
 
     async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
@@ -195,23 +196,28 @@ class RunService:
                 self._orphan(live, self._window(producer))
             raise
 
-    async def _stored(self, write: Deferred):
+    def _stored(self, write: Deferred):
         """
-        Wait for a store write. A store that cannot write answers
-        L{StoreUnavailable}; the failure is logged once until a write
-        succeeds again.
+        The outcome of a store write (L{then}). A store that cannot write
+        answers L{StoreUnavailable}; the failure is logged once until a
+        write succeeds again.
         """
-        try:
-            result = await write
-        except StoreWriteFailed as e:
-            if not self._store_failing:
-                self._store_failing = True
-                log.error("the run store cannot write: {detail}", detail=e.detail)
-            raise StoreUnavailable(e.detail) from None
+        return then(write, self._written, self._write_failed)
+
+    def _written(self, result):
         if self._store_failing:
             self._store_failing = False
             log.info("the run store writes again")
         return result
+
+    def _write_failed(self, failure):
+        if not failure.check(StoreWriteFailed):
+            return failure
+        detail = failure.value.detail
+        if not self._store_failing:
+            self._store_failing = True
+            log.error("the run store cannot write: {detail}", detail=detail)
+        raise StoreUnavailable(detail)
 
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
@@ -304,7 +310,7 @@ class RunService:
             "(send agent_id or agent_name, or bind the session with session.auth)"
         )
 
-    async def start(self, session: Session, params: dict) -> dict:
+    def start(self, session: Session, params: dict):
         intent = text_param(params, "intent", required=True)
         description = text_param(params, "outcome_description")
         idempotency_key = id_param(params, "idempotency_key")
@@ -323,21 +329,29 @@ class RunService:
             clip_text(intent),
             clip_text(description) if description is not None else None,
         )
-        try:
-            await self._stored(self.store.start_run(record))
-        except BaseException as e:
-            if self._live.get(run_id) is live:
-                self._finish(live)
-            if isinstance(e, RunExists):
-                existing = await self.store.get_run(run_id)
-                if existing is None:
-                    raise RunRefused(
-                        f"run id {run_id!r} is held by a run file the store cannot read; "
-                        "choose another idempotency_key"
-                    )
-                return self._restart(session, run_id, existing.agent_id, agent_id)
-            raise
-        return {"run_id": run_id, "agent_id": agent_id}
+        return then(
+            self._stored(self.store.start_run(record)),
+            lambda _: {"run_id": run_id, "agent_id": agent_id},
+            lambda failure: self._start_failed(failure, session, live),
+        )
+
+    def _start_failed(self, failure, session: Session, live: LiveRun):
+        """Undo a start the store refused; a run id it holds already is restarted."""
+        run_id = live.run_id
+        if self._live.get(run_id) is live:
+            self._finish(live)
+        if not failure.check(RunExists):
+            return failure
+        return then(self.store.get_run(run_id), lambda existing: self._restart_stored(session, run_id, existing, live.agent_id))
+
+    def _restart_stored(self, session: Session, run_id: str, existing, agent_id: str) -> dict:
+        """Answer a start whose run id the store holds already."""
+        if existing is None:
+            raise RunRefused(
+                f"run id {run_id!r} is held by a run file the store cannot read; "
+                "choose another idempotency_key"
+            )
+        return self._restart(session, run_id, existing.agent_id, agent_id)
 
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
         """Answer a start whose idempotency key names an existing run."""
@@ -355,13 +369,13 @@ class RunService:
             return live
         return None
 
-    async def _visible_run(self, session: Session, run_id: str):
-        """The run's summary if it exists and the session may read it."""
-        return self._policy.readable(session, await self.store.get_run(run_id))
+    def _visible_run(self, session: Session, run_id: str):
+        """The run's summary if it exists and the session may read it (an outcome)."""
+        return then(self.store.get_run(run_id), lambda summary: self._policy.readable(session, summary))
 
     async def _refuse_write(self, session: Session, run_id: str):
         """Raise the error for a write the session cannot make."""
-        summary = await self._visible_run(session, run_id)
+        summary = await as_deferred(self._visible_run(session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id in self._live:
@@ -388,30 +402,35 @@ class RunService:
             raise RunRefused(f"run {run_id} already ended")
         return {"ok": True, "run_id": run_id}
 
-    async def record_turns(self, session: Session, params: dict) -> dict:
+    def record_turns(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
-        return await self._record(session, run_id, parse_turns(params.get("turns")))
+        return self._record(session, run_id, parse_turns(params.get("turns")))
 
-    async def record_model_turn(self, session: Session, params: dict) -> dict:
+    def record_model_turn(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
-        return await self._record(session, run_id, [parse_model_turn(params)])
+        return self._record(session, run_id, [parse_model_turn(params)])
 
-    async def _record(self, session: Session, run_id: str, records: list) -> dict:
+    def _record(self, session: Session, run_id: str, records: list):
         """Append turn records; a run that cannot take them says why."""
         live = self._writable(session, run_id)
         if live is None:
-            ended = run_id not in self._live and await self._visible_run(session, run_id)
-            return _dropped(run_id, "run_terminal" if ended else "run_not_found")
+            if run_id in self._live:
+                return _dropped(run_id, "run_not_found")
+            return then(
+                self._visible_run(session, run_id),
+                lambda ended: _dropped(run_id, "run_terminal" if ended else "run_not_found"),
+            )
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
-        try:
-            base = await self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN))
-        except TurnLimitReached:
-            return _dropped(run_id, "run_turn_limit")
-        except RunTerminal:
-            return _dropped(run_id, "run_terminal")
-        except RunNotFound:
-            return _dropped(run_id, "run_not_found")
+        return then(
+            self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN)),
+            lambda base: self._recorded(live, records, base),
+            lambda failure: _refused_turns(failure, run_id),
+        )
+
+    def _recorded(self, live: LiveRun, records: list, base: int) -> dict:
+        """The turns are durable: count them and tell the run's followers."""
+        run_id = live.run_id
         live.turns = base + len(records)
         for offset, record in enumerate(records):
             record["index"] = base + offset
@@ -440,7 +459,7 @@ class RunService:
             await self._end_live(session, live, ended)
             log.debug("run {run_id} cancelled", run_id=run_id)
             return {**answer, "status": "cancelled_confirmed"}
-        summary = await self._visible_run(session, run_id)
+        summary = await as_deferred(self._visible_run(session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id in self._live:
@@ -484,6 +503,19 @@ def _cancel_expiry(live: LiveRun) -> None:
     if live.expiry is not None:
         live.expiry.cancel()
         live.expiry = None
+
+
+def _refused_turns(failure, run_id: str):
+    """The answer for turns the store refused, by why; other failures pass on."""
+    refusal = failure.check(*_TURN_REFUSALS)
+    return failure if refusal is None else _dropped(run_id, _TURN_REFUSALS[refusal])
+
+
+_TURN_REFUSALS = {
+    TurnLimitReached: "run_turn_limit",
+    RunTerminal: "run_terminal",
+    RunNotFound: "run_not_found",
+}
 
 
 def _dropped(run_id: str, reason: str) -> dict:
