@@ -14,8 +14,7 @@ size. This module is the daemon's one JSON codec for the wire.
 """
 
 import json
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import orjson
 from types import CoroutineType
@@ -70,9 +69,8 @@ def error_response(id_, code: int, message: str, data=None) -> dict:
     return {"jsonrpc": "2.0", "error": error, "id": id_}
 
 
-@dataclass(frozen=True)
-class Reply:
-    """What one frame is owed."""
+class Reply(NamedTuple):
+    """What one frame is owed (a named tuple: one is made per frame)."""
 
     #: The response frame, or None when nothing is owed.
     frame: Optional[bytes]

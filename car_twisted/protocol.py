@@ -243,8 +243,10 @@ class RunTracingProtocol(WebSocketServerProtocol):
         if self._handing_on:
             # A frame answered at once while L{_hand_on} hands on.
             return
-        self._hand_on()
-        if self.in_flight == 0:
+        if self._waiting:
+            # Reading is paused only while frames wait.
+            self._hand_on()
+        if self.in_flight == 0 and self._idle:
             idle, self._idle = self._idle, []
             for d in idle:
                 d.callback(None)
@@ -292,7 +294,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self.outbox.answer(reply.frame)
         if reply.close_code is not None:
             self._close(reply.close_code, reply.close_reason)
-        elif self.session.authenticated:
+        elif self._auth_deadline is not None and self.session.authenticated:
             self._cancel_auth_deadline()
 
     def _close(self, code, reason):

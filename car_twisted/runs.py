@@ -56,7 +56,7 @@ DEFAULT_GRACE = 0.25
 DEFAULT_RESUME_LEASE = 10.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class LiveRun:
     """An open run this daemon is producing."""
 
