@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from car_twisted.errors import AuthRequired
-from car_twisted.jsonrpc import Dispatcher, encode, error_response, notification
+from car_twisted.jsonrpc import Dispatcher, Reply, encode, error_response, notification
 from car_twisted.limits import WireLimits
 
 log = Logger()
@@ -226,7 +226,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self.in_flight += 1
         try:
             reply = self.factory.dispatcher.answer(self.session, payload)
-            if isinstance(reply, Deferred):
+            if not isinstance(reply, Reply):
                 reply.addCallback(self._answer)
                 reply.addErrback(self._failed)
                 reply.addBoth(self._settled)

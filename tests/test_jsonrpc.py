@@ -5,9 +5,10 @@ examples, adapted to our methods, plus the edge cases SPEC.md names.
 
 import json
 
+from twisted.internet.defer import fail
 from twisted.trial import unittest
 
-from car_twisted.jsonrpc import Dispatcher
+from car_twisted.jsonrpc import Dispatcher, Reply
 from car_twisted.store.memory import MemoryRunStore
 from tests.support import HeldStore, InProcessDaemon, serve, wait_for
 
@@ -181,6 +182,74 @@ class SpecExamplesTests(unittest.TestCase):
         self.assertEqual(answer["error"]["code"], -32603)
         self.assertNotIn("secret", answer["error"]["message"])
         self.assertNotIn("Traceback", answer["error"]["message"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class FastPathTests(unittest.TestCase):
+    """
+    A request whose store has already answered (the memory store) is
+    answered in the call that brought it: no coroutine, no Deferred.
+    """
+
+    def setUp(self):
+        self.daemon = InProcessDaemon()
+        self.session = self.daemon.session()
+
+    def frame(self, *requests):
+        body = [
+            {"jsonrpc": "2.0", "id": n, "method": method, "params": params}
+            for n, (method, params) in enumerate(requests, 1)
+        ]
+        return json.dumps(body if len(body) > 1 else body[0]).encode()
+
+    def test_known_answers_come_in_the_call(self):
+        """runs.start, record_turns, get_trace and list on the memory store
+        answer with the Reply itself, and the methods return plain values."""
+        reply = self.daemon.dispatcher.answer(self.session, self.frame(("runs.start", START)))
+        self.assertIsInstance(reply, Reply)
+        run_id = json.loads(reply.frame)["result"]["run_id"]
+        for method, params in [
+            ("runs.record_turns", {"run_id": run_id, "turns": [{"prompt": "p"}]}),
+            ("runs.get_trace", {"run_id": run_id}),
+            ("runs.list", {"agent_id": "agent-a"}),
+        ]:
+            reply = self.daemon.dispatcher.answer(self.session, self.frame((method, params)))
+            self.assertIsInstance(reply, Reply, method)
+            self.assertIn("result", json.loads(reply.frame), method)
+        self.assertEqual(
+            self.daemon.runs.start(self.session, {**START, "idempotency_key": "k"})["agent_id"], "agent-a"
+        )
+
+    def test_known_batch_comes_in_the_call(self):
+        """A batch whose every answer is known is answered in the call, in
+        array order."""
+        reply = self.daemon.dispatcher.answer(
+            self.session, self.frame(("runs.start", START), ("runs.list", {"agent_id": "agent-a"}))
+        )
+        answers = json.loads(reply.frame)
+        self.assertEqual([a["id"] for a in answers], [1, 2])
+        self.assertEqual(answers[1]["result"]["runs"][0]["run_id"], answers[0]["result"]["run_id"])
+
+    def test_pending_store_answers_later(self):
+        """With a store that has not answered, the call returns a Deferred
+        that fires with the answer once the write is done; the start's
+        effect (the live run) is there before."""
+        store = HeldStore(MemoryRunStore())
+        daemon = InProcessDaemon(store=store)
+        session = daemon.session()
+        d = daemon.dispatcher.answer(session, self.frame(("runs.start", START)))
+        self.assertNoResult(d)
+        self.assertIsNotNone(session.current_run_id)
+        store.release()
+        answer = json.loads(self.successResultOf(d).frame)
+        self.assertEqual(answer["result"]["run_id"], session.current_run_id)
+
+    def test_known_failure_answers_internal_error_in_the_call(self):
+        """A method whose Deferred has already failed unexpectedly is
+        answered -32603 in the call, and the failure is logged."""
+        dispatcher = Dispatcher({"broken": lambda session, params: fail(ZeroDivisionError("secret"))})
+        reply = dispatcher.answer(self.session, b'{"jsonrpc": "2.0", "method": "broken", "id": 1}')
+        self.assertEqual(json.loads(reply.frame)["error"]["code"], -32603)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
