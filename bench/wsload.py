@@ -270,7 +270,9 @@ async def throughput(args) -> dict:
         "per_second": round(meter.answers / elapsed, 1),
         "client_cpu": round(cpu / elapsed, 3),
         "server_cpu": None if server_cpu is None else round(server_cpu / elapsed, 3),
-        "server_cpu_us": None if server_cpu is None or not meter.answers else round(server_cpu / meter.answers * 1e6, 2),
+        "server_cpu_us": (
+            None if server_cpu is None or not meter.answers else round(server_cpu / meter.answers * 1e6, 2)
+        ),
     }
 
 

@@ -342,7 +342,10 @@ class RunService:
             self._finish(live)
         if not failure.check(RunExists):
             return failure
-        return then(self.store.get_run(run_id), lambda existing: self._restart_stored(session, run_id, existing, live.agent_id))
+        return then(
+            self.store.get_run(run_id),
+            lambda existing: self._restart_stored(session, run_id, existing, live.agent_id),
+        )
 
     def _restart_stored(self, session: Session, run_id: str, existing, agent_id: str) -> dict:
         """Answer a start whose run id the store holds already."""

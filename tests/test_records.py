@@ -46,8 +46,9 @@ class ValueTests(unittest.TestCase):
             stamps.append(now())
             clock.ns += 1_000_000
         expected = [
-            datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
             for ms in (1_700_000_000_998, 1_700_000_000_999, 1_700_000_001_000)
         ]
+        expected = [stamp.replace("+00:00", "Z") for stamp in expected]
         self.assertEqual(stamps, expected)
         self.assertEqual(stamps[2], "2023-11-14T22:13:21.000Z")
