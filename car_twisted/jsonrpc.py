@@ -14,12 +14,11 @@ size. This module is the daemon's one JSON codec for the wire.
 """
 
 import json
+from types import CoroutineType
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import orjson
-from types import CoroutineType
-
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -126,7 +125,10 @@ class Dispatcher:
 
         @return: Deferred firing with a L{Reply}.
         """
-        return as_deferred(self.answer(session, payload))
+        try:
+            return as_deferred(self.answer(session, payload))
+        except Exception:
+            return fail()
 
     def answer(self, session, payload: bytes):
         """
