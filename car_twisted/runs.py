@@ -147,7 +147,7 @@ class RunService:
         live.expiry = None
         self._finish(live)
         ended = ended_record("incomplete", reason="connection closed")
-        d = Deferred.fromCoroutine(self._end(live, ended))
+        d = as_deferred(self._end(live, ended))
         d.addCallbacks(
             lambda _: log.info(
                 "run {run_id} ended incomplete: its producer went away", run_id=live.run_id
@@ -164,16 +164,20 @@ class RunService:
             self._live[live.run_id] = live
             self._orphan(live, self._grace)
 
-    async def _end(self, live: LiveRun, ended: dict) -> None:
-        """Write a run's terminal record and tell its followers."""
-        await as_deferred(self._stored(self.store.end_run(live.run_id, ended)))
-        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, live.turns, status_of(ended))
+    def _end(self, live: LiveRun, ended: dict):
+        """Write a run's terminal record and tell its followers (an outcome)."""
+        return then(
+            self._stored(self.store.end_run(live.run_id, ended)),
+            lambda _: self._fanout.publish(
+                live.run_id, live.agent_id, ended, live.turns + 2, live.turns, status_of(ended)
+            ),
+        )
 
-    async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
+    def _end_live(self, session: Session, live: LiveRun, ended: dict):
         """
-        End a live run for C{session}'s request. If the store cannot write,
-        the run is put back as it was (live, with its producer or its grace
-        window), so the client's retry ends it.
+        End a live run for C{session}'s request (an outcome). If the store
+        cannot write, the run is put back as it was (live, with its producer
+        or its grace window), so the client's retry ends it.
         """
         producer = live.producer
         deadline = live.expiry.getTime() if live.expiry is not None else None
@@ -181,9 +185,10 @@ class RunService:
         self._finish(live)
         for s in current:
             s.current_run_id = None
-        try:
-            await self._end(live, ended)
-        except StoreUnavailable:
+
+        def restore(failure):
+            if not failure.check(StoreUnavailable):
+                return failure
             self._live[live.run_id] = live
             for s in current:
                 s.current_run_id = live.run_id
@@ -194,7 +199,9 @@ class RunService:
                 producer.producing.add(live.run_id)
             else:
                 self._orphan(live, self._window(producer))
-            raise
+            return failure
+
+        return then(self._end(live, ended), _same, restore)
 
     def _stored(self, write: Deferred):
         """
@@ -387,7 +394,7 @@ class RunService:
         status = "" if summary.status == "in_progress" else f" ({summary.status})"
         raise RunRefused(f"run {run_id} already ended{status}")
 
-    async def complete(self, session: Session, params: dict) -> dict:
+    def complete(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
         if "outcome" not in params:
             raise InvalidParams("invalid params: outcome is required")
@@ -398,12 +405,12 @@ class RunService:
             )
         live = self._writable(session, run_id)
         if live is None:
-            await self._refuse_write(session, run_id)
-        try:
-            await self._end_live(session, live, ended_record("outcome", outcome=outcome))
-        except RunTerminal:
-            raise RunRefused(f"run {run_id} already ended")
-        return {"ok": True, "run_id": run_id}
+            return Deferred.fromCoroutine(self._refuse_write(session, run_id))
+        return then(
+            self._end_live(session, live, ended_record("outcome", outcome=outcome)),
+            lambda _: {"ok": True, "run_id": run_id},
+            lambda failure: _refused_end(failure, run_id),
+        )
 
     def record_turns(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
@@ -459,7 +466,7 @@ class RunService:
             live = self._live.get(run_id)
         if live is not None:
             ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
-            await self._end_live(session, live, ended)
+            await as_deferred(self._end_live(session, live, ended))
             log.debug("run {run_id} cancelled", run_id=run_id)
             return {**answer, "status": "cancelled_confirmed"}
         summary = await as_deferred(self._visible_run(session, run_id))
@@ -506,6 +513,17 @@ def _cancel_expiry(live: LiveRun) -> None:
     if live.expiry is not None:
         live.expiry.cancel()
         live.expiry = None
+
+
+def _same(result):
+    return result
+
+
+def _refused_end(failure, run_id: str):
+    """A run the store holds ended already is refused; other failures pass on."""
+    if failure.check(RunTerminal):
+        raise RunRefused(f"run {run_id} already ended")
+    return failure
 
 
 def _refused_turns(failure, run_id: str):

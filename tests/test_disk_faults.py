@@ -227,12 +227,12 @@ class RunServiceWriteFailureTests(unittest.TestCase):
         params = {"run_id": run_id, "outcome": SUCCESS_OUTCOME}
         fail_next()
         with self.assertRaises(StoreUnavailable) as caught:
-            await daemon.runs.complete(session, params)
+            await as_deferred(daemon.runs.complete(session, params))
         self.assertStoreUnavailable(caught.exception, detail)
         listed = await as_deferred(daemon.parts.reader.list_runs(session, {"agent_id": "agent-a"}))
         self.assertEqual([r["status"] for r in listed["runs"]], ["in_progress"])
         self.assertEqual(session.producing, {run_id})
-        self.assertEqual(await daemon.runs.complete(session, params), {"ok": True, "run_id": run_id})
+        self.assertEqual(await as_deferred(daemon.runs.complete(session, params)), {"ok": True, "run_id": run_id})
         trace = await as_deferred(daemon.parts.reader.get_trace(session, {"run_id": run_id}))
         self.assertEqual([r["record"] for r in trace["records"]], ["started", "turn", "ended"])
         listed = await as_deferred(daemon.parts.reader.list_runs(session, {"agent_id": "agent-a"}))

@@ -8,6 +8,7 @@ import json
 from twisted.internet.defer import fail
 from twisted.trial import unittest
 
+from car_twisted.interfaces import StoreWriteFailed
 from car_twisted.jsonrpc import Dispatcher, Reply
 from car_twisted.store.memory import MemoryRunStore
 from tests.support import HeldStore, InProcessDaemon, serve, wait_for
@@ -185,6 +186,24 @@ class SpecExamplesTests(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
+class RefusingStore(MemoryRunStore):
+    """A memory store whose next C{refusals} writes fail at once, as a full disk would."""
+
+    refusals = 0
+
+    def _refuse(self, write, *args):
+        if self.refusals:
+            self.refusals -= 1
+            return fail(StoreWriteFailed("No space left on device"))
+        return write(*args)
+
+    def start_run(self, started):
+        return self._refuse(super().start_run, started)
+
+    def end_run(self, run_id, ended):
+        return self._refuse(super().end_run, run_id, ended)
+
+
 class FastPathTests(unittest.TestCase):
     """
     A request whose store has already answered (the memory store) is
@@ -203,8 +222,9 @@ class FastPathTests(unittest.TestCase):
         return json.dumps(body if len(body) > 1 else body[0]).encode()
 
     def test_known_answers_come_in_the_call(self):
-        """runs.start, record_turns, get_trace and list on the memory store
-        answer with the Reply itself, and the methods return plain values."""
+        """runs.start, record_turns, get_trace, list and complete on the
+        memory store answer with the Reply itself, and the methods return
+        plain values."""
         reply = self.daemon.dispatcher.answer(self.session, self.frame(("runs.start", START)))
         self.assertIsInstance(reply, Reply)
         run_id = json.loads(reply.frame)["result"]["run_id"]
@@ -212,6 +232,7 @@ class FastPathTests(unittest.TestCase):
             ("runs.record_turns", {"run_id": run_id, "turns": [{"prompt": "p"}]}),
             ("runs.get_trace", {"run_id": run_id}),
             ("runs.list", {"agent_id": "agent-a"}),
+            ("runs.complete", {"run_id": run_id, "outcome": {"status": "done"}}),
         ]:
             reply = self.daemon.dispatcher.answer(self.session, self.frame((method, params)))
             self.assertIsInstance(reply, Reply, method)
@@ -243,6 +264,31 @@ class FastPathTests(unittest.TestCase):
         store.release()
         answer = json.loads(self.successResultOf(d).frame)
         self.assertEqual(answer["result"]["run_id"], session.current_run_id)
+
+    def test_refused_writes_are_undone_in_the_call(self):
+        """A store that refuses a write at once (its Deferred has already
+        failed) gets store_unavailable answered in the call, with the
+        in-memory change undone: the same start and complete succeed when
+        retried."""
+        store = RefusingStore()
+        daemon = InProcessDaemon(store=store)
+        session = daemon.session()
+        start = self.frame(("runs.start", {**START, "idempotency_key": "k"}))
+        store.refusals = 1
+        refused = json.loads(daemon.dispatcher.answer(session, start).frame)
+        self.assertEqual(refused["error"]["data"]["reason"], "store_unavailable")
+        self.assertIsNone(session.current_run_id)
+        run_id = json.loads(daemon.dispatcher.answer(session, start).frame)["result"]["run_id"]
+        self.assertEqual(session.current_run_id, run_id)
+        complete = self.frame(("runs.complete", {"run_id": run_id, "outcome": {"status": "done"}}))
+        store.refusals = 1
+        refused = json.loads(daemon.dispatcher.answer(session, complete).frame)
+        self.assertEqual(refused["error"]["data"]["reason"], "store_unavailable")
+        self.assertEqual((session.current_run_id, session.producing), (run_id, {run_id}))
+        self.assertEqual(
+            json.loads(daemon.dispatcher.answer(session, complete).frame)["result"], {"ok": True, "run_id": run_id}
+        )
+        self.assertEqual(self.successResultOf(store.get_run(run_id)).status, "completed")
 
     def test_known_failure_answers_internal_error_in_the_call(self):
         """A method whose Deferred has already failed unexpectedly is
