@@ -49,11 +49,12 @@ class RunReader:
         )
 
     def _trace_page(self, summary, run_id: str, cursor: int, limit: int):
+        """A page of a run's trace, once its summary is known."""
         if summary is None:
             return {"run_id": run_id, "not_found": True}
         return then(
             self._store.read_records(run_id, cursor, limit),
-            lambda page: _trace_answer(summary, cursor, *page),
+            lambda page: _trace_answer(run_id, summary.agent_id, cursor, *page),
         )
 
     def list_runs(self, session: Session, params: dict):
@@ -118,14 +119,14 @@ class RunReader:
         return {"run_id": run_id, "removed": self._fanout.unfollow(session, run_id)}
 
 
-def _trace_answer(summary, cursor: int, records: list, next_cursor: int) -> dict:
+def _trace_answer(run_id: str, agent_id: str, cursor: int, records: list, next_cursor: int) -> dict:
     """A page of a trace, cut to what fits in one answer."""
     kept = _fitting(records)
     if kept < len(records):
         records, next_cursor = records[:kept], cursor + kept
     return {
-        "run_id": summary.run_id,
-        "agent_id": summary.agent_id,
+        "run_id": run_id,
+        "agent_id": agent_id,
         "records": records,
         "cursor": next_cursor,
     }
