@@ -382,7 +382,7 @@ class RunService:
         return self._restart(session, run_id, existing.agent_id, agent_id)
 
     def _started(self, run_id: str, agent_id: str) -> dict:
-        self._metrics.runs_started.inc()
+        self._metrics.runs_started += 1
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
