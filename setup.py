@@ -15,9 +15,11 @@ setup(
         "orjson>=3.9",
         "txaio>=23.1",
         "zope.interface>=6.0",
+        "opentelemetry-sdk>=1.27",
+        "opentelemetry-exporter-otlp-proto-http>=1.27",
     ],
     entry_points={"console_scripts": ["car-twisted = car_twisted.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "opentelemetry-proto>=1.27"],
     },
 )

@@ -107,6 +107,8 @@ class RunRegistry:
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
         self._stopped = False
+        #: Called with the run id of each run once its terminal record is durable.
+        self.run_ended_observers = []
 
     def methods(self) -> dict:
         """The JSON-RPC methods, by wire name."""
@@ -158,6 +160,11 @@ class RunRegistry:
         """Write a run's terminal record and tell its followers."""
         await self.store.end_run(live.run_id, ended)
         self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, status_of(ended))
+        self._ended(live.run_id)
+
+    def _ended(self, run_id: str) -> None:
+        for observer in self.run_ended_observers:
+            observer(run_id)
 
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
@@ -205,6 +212,7 @@ class RunRegistry:
         for summary, (ok, result) in zip(stale, results):
             if ok:
                 ended += 1
+                self._ended(summary.run_id)
                 log.info("run {run_id} ended incomplete: the daemon restarted", run_id=summary.run_id)
             elif not result.check(RunTerminal, RunNotFound):
                 log.failure("run {run_id} could not be ended", result, run_id=summary.run_id)

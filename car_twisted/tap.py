@@ -17,6 +17,7 @@ from car_twisted.auth import (
     Authenticator,
     TokenFileError,
 )
+from car_twisted.export.otlp import RunExporter, otlp_exporter, traces_endpoint
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
@@ -73,11 +74,13 @@ class Options(usage.Options):
 
     optFlags = [
         ["no-auth", None, "Accept every session without a token (local experiments only)."],
+        ["otlp-content", None, "Export prompt and output text in the OTLP spans too (it is sensitive)."],
     ]
     optParameters = [
         ["data-dir", None, None, "Where runs and tokens are kept [default: $CAR_HOME or ~/.car]."],
         ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
+        ["otlp-endpoint", None, None, "Export every run as it ends to this OpenTelemetry collector (base URL; spans go to URL/v1/traces) [default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off]. See docs/export.md."],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
     ] + [
         [name, None, getattr(_DEFAULT_LIMITS, field), description, kind]
@@ -112,6 +115,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--listen {description!r} is not a server endpoint: {e}")
         self["endpoints"] = endpoints
         self["data-dir"] = os.path.abspath(self["data-dir"] or default_data_dir())
+        try:
+            self["otlp-traces-endpoint"] = traces_endpoint(self["otlp-endpoint"])
+        except ValueError as e:
+            raise usage.UsageError(f"--otlp-endpoint: {e}")
 
     def _limits(self) -> WireLimits:
         for name, (_, _, lowest, _) in LIMIT_OPTIONS.items():
@@ -136,6 +143,8 @@ class DaemonService(Service):
         self._ports = []
         self.registry = None
         self.factory = None
+        #: The L{RunExporter}, when OTLP export is on.
+        self.exporter = None
         self.ready = None
 
     def startService(self):
@@ -151,6 +160,14 @@ class DaemonService(Service):
             store, self._reactor, options["grace"], authenticator=authenticator
         )
         self.factory = factory = RunTracingFactory(self.registry, options["limits"])
+        endpoint = options["otlp-traces-endpoint"]
+        if endpoint is not None:
+            self.exporter = RunExporter(
+                self._reactor, store, otlp_exporter(endpoint), content=options["otlp-content"]
+            )
+            self.exporter.startService()
+            self.registry.run_ended_observers.append(self.exporter.run_ended)
+            log.info("car-twisted: runs are exported to {endpoint} as they end", endpoint=endpoint)
         log.info(
             "car-twisted: {store} store, data in {data_dir}, auth {auth}",
             store=options["store"],
@@ -215,6 +232,8 @@ class DaemonService(Service):
             await self.factory.stop_serving()
         if self.registry is not None:
             await self.registry.stop()
+        if self.exporter is not None:
+            await self.exporter.stopService()
         log.info("car-twisted stopped: the store is closed")
 
 
