@@ -3,7 +3,7 @@ The ``car-twisted`` command, for operators and supervisors.
 
 ``car-twisted agent-token AGENT_ID`` prints an agent's token from the daemon
 secret; ``car-twisted runs list|show|tail`` read a running daemon's runs as
-the host. Tables for people, ``--json`` for scripts.
+the host; ``car-twisted export`` writes ended runs out (docs/export.md). Tables for people, ``--json`` for scripts.
 """
 
 import argparse
@@ -24,6 +24,7 @@ from car_twisted.auth import (
     read_token,
 )
 from car_twisted.client import DEFAULT_URL, ConnectionClosed, DaemonClient, RemoteError
+from car_twisted.export import command as export_command
 from car_twisted.interfaces import RUN_STATUSES
 from car_twisted.records import MAX_ID
 from car_twisted.tap import default_data_dir
@@ -71,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
         "tail", parents=[daemon], help="a run's trace, following it until it ends"
     )
     tail.add_argument("run_id", metavar="RUN_ID")
+    export_command.add_parser(commands, data_dir)
     return top
 
 
@@ -79,6 +81,9 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.command == "agent-token":
         sys.exit(print_agent_token(args, os.environ, sys.stdout, sys.stderr))
+    if args.command == "export":
+        data_dir = args.data_dir or default_data_dir(os.environ)
+        sys.exit(export_command.export(args, os.environ, sys.stdout, sys.stderr, data_dir))
     react(_react_main, (args,))
 
 

@@ -36,20 +36,24 @@ class _TrackingSite(Site):
 
     def __init__(self, resource):
         super().__init__(resource)
-        self.channels = set()
+        self.channels = {}  # channel -> its transport
 
     def buildProtocol(self, addr):
         channel = super().buildProtocol(addr)
-        lost = channel.connectionLost
+        made, lost = channel.makeConnection, channel.connectionLost
+
+        def make_connection(transport):
+            self.channels[channel] = transport
+            return made(transport)
 
         def connection_lost(reason):
-            self.channels.discard(channel)
+            del self.channels[channel]
             channel.gone.callback(None)
             return lost(reason)
 
         channel.gone = Deferred()
+        channel.makeConnection = make_connection
         channel.connectionLost = connection_lost
-        self.channels.add(channel)
         return channel
 
 
@@ -85,6 +89,6 @@ class OTLPReceiver:
 
     async def stop(self):
         await self._port.stopListening()
-        for channel in list(self._site.channels):
-            channel.transport.abortConnection()
+        for channel, transport in list(self._site.channels.items()):
+            transport.abortConnection()
             await channel.gone

@@ -193,3 +193,37 @@ class RunExporter(Service):
 def otlp_exporter(endpoint: str, timeout: float = 10.0) -> OTLPSpanExporter:
     """An OTLP/HTTP protobuf exporter sending to C{endpoint} (a full traces URL)."""
     return OTLPSpanExporter(endpoint=endpoint, timeout=timeout)
+
+
+class SpanBatches:
+    """
+    Spans sent in batches, each send waited for: for ``car-twisted export``,
+    which runs outside the reactor and would rather wait than drop.
+
+    @ivar failed: spans the collector did not take.
+    """
+
+    def __init__(self, exporter, content=False):
+        self._exporter = exporter
+        self._content = content
+        self._resource = default_resource()
+        self._batch = []
+        self.exported = 0
+        self.failed = 0
+
+    def write(self, records: list) -> None:
+        self._batch.extend(run_spans(records, self._content, self._resource))
+        if len(self._batch) >= EXPORT_BATCH:
+            self._send()
+
+    def _send(self) -> None:
+        batch, self._batch = self._batch, []
+        if self._exporter.export(batch) is SpanExportResult.SUCCESS:
+            self.exported += len(batch)
+        else:
+            self.failed += len(batch)
+
+    def close(self) -> None:
+        if self._batch:
+            self._send()
+        self._exporter.shutdown()
