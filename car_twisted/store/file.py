@@ -13,6 +13,7 @@ See docs/storage.md.
 
 import bisect
 import fcntl
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -48,13 +49,22 @@ class AgentRuns:
     def __init__(self, agent_id: str, directory: str):
         self.agent_id = agent_id
         self.directory = directory
+        #: The runs by position; a pruned run leaves None, so cursors stay valid.
         self.runs = []
+        self._present = []  # positions of the runs not pruned
         self._positions = {status: [] for status in RUN_STATUSES}
 
     def add(self, run: RunState) -> None:
         run.position = len(self.runs)
         self.runs.append(run)
+        self._present.append(run.position)
         self._positions[run.status].append(run.position)
+
+    def remove(self, run: RunState) -> None:
+        """Forget a pruned run."""
+        self.runs[run.position] = None
+        for positions in (self._present, self._positions[run.status]):
+            del positions[bisect.bisect_left(positions, run.position)]
 
     def moved(self, run: RunState, old_status: str) -> None:
         """Re-file a run whose status changed."""
@@ -67,14 +77,10 @@ class AgentRuns:
     def page(self, cursor, limit: int, status: Optional[str]):
         """Newest first from below C{cursor}; cost grows with C{limit} only."""
         below = parse_position_cursor(cursor, len(self.runs))
-        if status is None:
-            chosen = range(below - 1, max(below - limit, 0) - 1, -1)
-            more = below - limit > 0
-        else:
-            positions = self._positions[status]
-            end = bisect.bisect_left(positions, below)
-            chosen = positions[max(end - limit, 0) : end][::-1]
-            more = end - limit > 0
+        positions = self._present if status is None else self._positions[status]
+        end = bisect.bisect_left(positions, below)
+        chosen = positions[max(end - limit, 0) : end][::-1]
+        more = end - limit > 0
         page = [self.runs[position].summary() for position in chosen]
         return page, (str(chosen[-1]) if more else None)
 
@@ -397,7 +403,13 @@ class FileRunStore:
             d.callback(None)
         d.addCallback(lambda _: self._in_thread(layout.read_run_file, run.path))
         d.addCallback(self._page_of_records, run, cursor, limit)
+        d.addErrback(self._pruned_while_read, run)
         return d
+
+    def _pruned_while_read(self, failure, run: RunState):
+        if failure.check(FileNotFoundError) and self._runs.get(run.run_id) is not run:
+            return fail(RunNotFound(run.run_id))
+        return failure
 
     def _page_of_records(self, run_file, run, cursor, limit):
         if run_file.damaged and run.run_id not in self.corrupt_runs:
@@ -425,6 +437,73 @@ class FileRunStore:
             [run.summary() for run in self._runs.values() if run.status == "in_progress"]
         )
 
+    # Retention
+
+    def prune_runs(self, ended_before, limit):
+        if self._closed is not None:
+            return fail(RuntimeError("the file store is closed"))
+        # The scan runs on a disk thread over a snapshot (a C-speed copy), so
+        # a store of millions of runs never holds the reactor for long.
+        d = self._in_thread(_prunable, list(self._runs.values()), ended_before, limit)
+        d.addCallback(self._prune, ended_before)
+        return d
+
+    def _prune(self, candidates, ended_before):
+        """Forget the runs (still prunable) at once, then delete their files."""
+        runs = [
+            run
+            for run in candidates
+            if self._runs.get(run.run_id) is run and _is_prunable(run, ended_before)
+        ]
+        for run in runs:
+            del self._runs[run.run_id]
+            self.corrupt_runs.discard(run.run_id)
+            agent = self._agents.get(run.agent_id)
+            if agent is not None and run.position is not None:
+                agent.remove(run)
+        d = self._in_thread(self._delete_runs, runs)
+        d.addCallback(self._deleted, runs)
+        return d
+
+    def _delete_runs(self, runs) -> list:
+        """
+        On a disk thread: unlink each run file (the run is gone once its
+        file is), make that durable, then note the drops in the indexes.
+        A crash before the index entries leaves an index out of step with
+        the files, which the next start rebuilds from the files.
+
+        @return: notes on what failed.
+        """
+        notes = []
+        directories = {}
+        for run in runs:
+            try:
+                os.unlink(run.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                notes.append(f"{run.path}: not deleted ({e}); the run is back at the next start")
+                continue
+            directories.setdefault(os.path.dirname(run.path), []).append(run.drop_entry())
+        for directory, entries in directories.items():
+            try:
+                if self._sync:
+                    layout.sync_directory(directory)
+                layout.append_to_index(directory, b"".join(entries))
+            except OSError as e:
+                notes.append(f"{directory}: index not updated ({e}); rebuilt at next start")
+        return notes
+
+    def _deleted(self, notes, runs) -> list:
+        for note in notes:
+            log.warn("file store: {note}", note=note)
+        return [run.run_id for run in runs]
+
+    def count_prunable(self, ended_before):
+        d = self._in_thread(_prunable, list(self._runs.values()), ended_before, None)
+        d.addCallback(len)
+        return d
+
     def close(self):
         """Finish the queued writes, then stop the disk threads."""
         if self._closed is None:
@@ -442,3 +521,19 @@ class FileRunStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+
+def _is_prunable(run: RunState, ended_before: str) -> bool:
+    """
+    Ended before the cut, and its terminal record durable. (The disk thread's
+    scan may see a run mid-change; the reactor thread checks again.)
+    """
+    return (
+        run.status != "in_progress"
+        and isinstance(run.ended_at, str)
+        and run.ended_at < ended_before
+        and (run.last_write is None or run.last_write.finished)
+    )
+
+
+def _prunable(runs, ended_before: str, limit) -> list:
+    return list(itertools.islice((r for r in runs if _is_prunable(r, ended_before)), limit))

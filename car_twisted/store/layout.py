@@ -2,7 +2,7 @@
 The file store's on-disk layout: names for ids, run files, agent indexes.
 
     <data-dir>/runs/<agent-dir>/<run-file>.jsonl   one JSON record per line
-    <data-dir>/runs/<agent-dir>/.index             the agent's runs, in start order
+    <data-dir>/runs/<agent-dir>/.index             the agent's runs, in start order (and drops)
     <data-dir>/runs/.lock                          held by the daemon using the store
 
 Everything here is plain blocking file work: the store runs it in its own
@@ -119,6 +119,10 @@ class RunState:
             {"start": self.run_id, "intent": self.intent, "started_at": self.started_at}
         )
 
+    def drop_entry(self) -> bytes:
+        """The index entry of a pruned run."""
+        return encode_line({"drop": self.run_id})
+
     def end_entry(self) -> bytes:
         return encode_line(
             {
@@ -234,6 +238,8 @@ def read_index(agent_dir: str) -> "tuple[str, list[RunState]]":
                 if run.run_id in runs or not isinstance(run.intent, str):
                     raise ValueError("duplicate run")
                 runs[run.run_id] = run
+            elif "drop" in entry:
+                del runs[entry["drop"]]
             else:
                 run = runs[entry["end"]]
                 run.ended_at = entry["ended_at"]

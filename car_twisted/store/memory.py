@@ -1,5 +1,7 @@
 """A run store that keeps everything in memory: for tests and ephemeral use."""
 
+import itertools
+
 from twisted.internet.defer import fail, succeed
 from zope.interface import implementer
 
@@ -32,7 +34,7 @@ class MemoryRunStore:
     def __init__(self):
         self._records = {}  # run_id -> [record]
         self._turns = {}  # run_id -> number of turn records
-        self._by_agent = {}  # agent_id -> [run_id] in start order
+        self._by_agent = {}  # agent_id -> [run_id, or None once pruned] in start order
 
     def start_run(self, started):
         run_id = started["run_id"]
@@ -91,6 +93,8 @@ class MemoryRunStore:
         page = []
         while position > 0 and len(page) < limit:
             position -= 1
+            if run_ids[position] is None:
+                continue
             summary = summarize(self._records[run_ids[position]])
             if status is None or summary.status == status:
                 page.append(summary)
@@ -104,6 +108,23 @@ class MemoryRunStore:
                 if records[-1]["record"] != "ended"
             ]
         )
+
+    def _prunable(self, ended_before):
+        for run_id, records in self._records.items():
+            if records[-1]["record"] == "ended" and records[-1]["ended_at"] < ended_before:
+                yield run_id
+
+    def prune_runs(self, ended_before, limit):
+        pruned = list(itertools.islice(self._prunable(ended_before), limit))
+        for run_id in pruned:
+            records = self._records.pop(run_id)
+            del self._turns[run_id]
+            run_ids = self._by_agent[records[0]["agent_id"]]
+            run_ids[run_ids.index(run_id)] = None
+        return succeed(pruned)
+
+    def count_prunable(self, ended_before):
+        return succeed(sum(1 for _ in self._prunable(ended_before)))
 
     def close(self):
         return succeed(None)
