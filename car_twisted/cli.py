@@ -3,7 +3,9 @@ The ``car-twisted`` command, for operators and supervisors.
 
 ``car-twisted agent-token AGENT_ID`` prints an agent's token from the daemon
 secret; ``car-twisted runs list|show|tail`` read a running daemon's runs as
-the host; ``car-twisted export`` writes ended runs out (docs/export.md). Tables for people, ``--json`` for scripts.
+the host and ``runs prune`` deletes its old ended runs; ``car-twisted
+export`` writes ended runs out (docs/export.md). Tables for people,
+``--json`` for scripts.
 """
 
 import argparse
@@ -72,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
         "tail", parents=[daemon], help="a run's trace, following it until it ends"
     )
     tail.add_argument("run_id", metavar="RUN_ID")
+    prune = runs_commands.add_parser(
+        "prune", parents=[daemon], help="delete ended runs older than some days (never open runs)"
+    )
+    prune.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    prune.add_argument("--dry-run", action="store_true", help="only count the runs it would delete")
     export_command.add_parser(commands, data_dir)
     return top
 
@@ -121,7 +128,7 @@ async def run(reactor, args, environ, out, err) -> int:
     try:
         client = await _connect_as_host(reactor, url, data_dir)
         try:
-            action = {"list": _list, "show": _show, "tail": _tail}[args.runs_command]
+            action = {"list": _list, "show": _show, "tail": _tail, "prune": _prune}[args.runs_command]
             return await action(client, args, environ, out, err)
         finally:
             await client.close()
@@ -194,6 +201,25 @@ async def _list(client, args, environ, out, err) -> int:
         out.write(
             f"more: car-twisted runs list {_printable(agent_id)} "
             f"--cursor {_printable(page['next_cursor'])}\n"
+        )
+    return 0
+
+
+async def _prune(client, args, environ, out, err) -> int:
+    answer = await client.call(
+        "runs.prune", {"older_than_days": args.older_than, "dry_run": args.dry_run}
+    )
+    if args.json:
+        out.write(json.dumps(answer, indent=2) + "\n")
+    elif args.dry_run:
+        out.write(
+            f"{_printable(answer.get('prunable'))} runs ended before "
+            f"{_printable(answer.get('ended_before'))} would be pruned\n"
+        )
+    else:
+        out.write(
+            f"pruned {_printable(answer.get('pruned'))} runs ended before "
+            f"{_printable(answer.get('ended_before'))}\n"
         )
     return 0
 

@@ -109,6 +109,8 @@ class RunRegistry:
         self._stopped = False
         #: Called with the run id of each run once its terminal record is durable.
         self.run_ended_observers = []
+        #: Methods served beside the registry's own (wire name -> method).
+        self.extra_methods = {}
 
     def methods(self) -> dict:
         """The JSON-RPC methods, by wire name."""
@@ -125,6 +127,7 @@ class RunRegistry:
             "runs.list": self.list_runs,
             "runs.subscribe": self.subscribe,
             "runs.unsubscribe": self.unsubscribe,
+            **self.extra_methods,
         }
 
     # Sessions

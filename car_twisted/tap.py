@@ -21,6 +21,7 @@ from car_twisted.export.otlp import RunExporter, otlp_exporter, traces_endpoint
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.registry import DEFAULT_GRACE, RunRegistry
+from car_twisted.retention import Retention
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.sqlite import SQLiteRunStore
@@ -68,7 +69,8 @@ def default_data_dir(environ=os.environ) -> str:
 class Options(usage.Options):
     synopsis = (
         "[--listen ENDPOINT]... [--store file|memory|sqlite] [--durability fsync|none] "
-        "[--data-dir DIR] [--grace SECONDS] [--no-auth] [LIMIT OPTIONS]"
+        "[--data-dir DIR] [--grace SECONDS] [--no-auth] [--retain-days N] "
+        "[--otlp-endpoint URL [--otlp-content]] [LIMIT OPTIONS]"
     )
     longdesc = "Serve the CAR agent-run-tracing protocol (JSON-RPC 2.0 over WebSocket)."
 
@@ -81,6 +83,7 @@ class Options(usage.Options):
         ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
         ["otlp-endpoint", None, None, "Export every run as it ends to this OpenTelemetry collector (base URL; spans go to URL/v1/traces) [default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off]. See docs/export.md."],
+        ["retain-days", None, None, "Prune ended runs older than this many days, in the background [default: keep forever].", int],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
     ] + [
         [name, None, getattr(_DEFAULT_LIMITS, field), description, kind]
@@ -101,6 +104,8 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--{name} must be one of {', '.join(choices)}, not {self[name]!r}"
                 )
+        if self["retain-days"] is not None and self["retain-days"] < 1:
+            raise usage.UsageError("--retain-days must be at least 1")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must be zero or more seconds")
         self["limits"] = self._limits()
@@ -145,6 +150,7 @@ class DaemonService(Service):
         self.factory = None
         #: The L{RunExporter}, when OTLP export is on.
         self.exporter = None
+        self.retention = None
         self.ready = None
 
     def startService(self):
@@ -159,6 +165,10 @@ class DaemonService(Service):
         self.registry = RunRegistry(
             store, self._reactor, options["grace"], authenticator=authenticator
         )
+        self.retention = Retention(
+            store, self._reactor, authenticator, days=options["retain-days"]
+        )
+        self.registry.extra_methods["runs.prune"] = self.retention.prune_method
         self.factory = factory = RunTracingFactory(self.registry, options["limits"])
         endpoint = options["otlp-traces-endpoint"]
         if endpoint is not None:
@@ -176,6 +186,7 @@ class DaemonService(Service):
         )
         recovered = await self.registry.recover()
         log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
+        self.retention.startService()
         for description, endpoint in zip(options["listen"], options["endpoints"]):
             port = await endpoint.listen(factory)
             self._ports.append(port)
@@ -230,6 +241,8 @@ class DaemonService(Service):
                 count=len(self.factory.connections),
             )
             await self.factory.stop_serving()
+        if self.retention is not None:
+            await self.retention.stopService()
         if self.registry is not None:
             await self.registry.stop()
         if self.exporter is not None:
