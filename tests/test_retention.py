@@ -7,6 +7,7 @@ real daemon leaving every run whole or gone.
 import io
 import os
 import sqlite3
+import threading
 import time
 
 from twisted.internet import reactor
@@ -128,17 +129,23 @@ class FileRetentionTests(RetentionMixin, unittest.TestCase):
         self.assertEqual([s.run_id for s in page], [kept])
 
     async def test_read_racing_a_prune_is_not_found(self):
-        """A read of a run pruned while the read was on disk answers RunNotFound."""
+        """A read of a run whose file is pruned while the read waits for the
+        disk answers RunNotFound, as a read after the prune does."""
         store = await self.store()
         old = await add_run(store, ended_at=LONG_AGO)
+        gate = threading.Event()
+        read_run_file = layout.read_run_file
+
+        def held_read(path):
+            gate.wait(10)
+            return read_run_file(path)
+
+        self.patch(layout, "read_run_file", held_read)
         read = store.read_records(old, 0, 10)
         await store.prune_runs("2021-01-01T00:00:00.000Z", 10)
-        try:
-            records, _ = await read
-        except RunNotFound:
-            pass
-        else:
-            self.assertEqual(records[0]["run_id"], old)
+        gate.set()
+        with self.assertRaises(RunNotFound):
+            await read
 
 
 class SQLiteRetentionTests(RetentionMixin, unittest.TestCase):
