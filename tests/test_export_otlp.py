@@ -327,3 +327,38 @@ class DaemonExportTests(unittest.TestCase):
         recovered = receiver.by_trace(bytes.fromhex(left_open["run_id"].replace("-", "")))
         self.assertEqual(attributes(recovered[0])["error.type"], "incomplete")
         self.assertEqual(service.exporter.dropped_spans, 0)
+
+
+class SpanMappingTests(unittest.TestCase):
+    RUN = [
+        {"record": "started", "run_id": "my-key", "agent_id": "a", "intent": "i", "started_at": "2026-01-01T00:00:00.000Z"},
+        {"record": "turn", "tool": "t", "index": 0, "recorded_at": "not a time"},
+        {"record": "model_turn", "model_id": "m", "index": 1, "duration_ms": 5000.0, "recorded_at": "2026-01-01T00:00:01.000Z"},
+        {"record": "ended", "termination": "outcome", "outcome": {"status": "give_up"}, "ended_at": "2026-01-01T00:00:02.000Z"},
+    ]  # fmt: skip
+
+    def test_same_run_same_spans(self):
+        """Mapping a run twice gives the same ids, so a re-export is not a
+        second copy; a run id that is not a UUID is hashed into a trace id."""
+        first, second = run_spans(self.RUN), run_spans(self.RUN)
+        self.assertEqual(
+            [(s.context.trace_id, s.context.span_id) for s in first],
+            [(s.context.trace_id, s.context.span_id) for s in second],
+        )
+        self.assertNotEqual(first[0].context.trace_id, 0)
+        self.assertEqual(len({s.context.span_id for s in first}), 3)
+
+    def test_times_stay_inside_the_run(self):
+        """An unreadable time takes the previous record's; a duration longer
+        than the run is cut at its start; give_up is an error."""
+        root, tool, chat = run_spans(self.RUN)
+        self.assertEqual((tool.start_time, tool.end_time), (root.start_time, root.start_time))
+        self.assertEqual(chat.start_time, root.start_time)
+        self.assertEqual(chat.end_time, root.start_time + 1_000_000_000)
+        self.assertEqual(root.status.status_code, StatusCode.ERROR)
+        self.assertEqual(root.attributes["error.type"], "give_up")
+
+    def test_an_open_run_does_not_map(self):
+        """Only a run with its ended record becomes spans."""
+        with self.assertRaises(ValueError):
+            run_spans(self.RUN[:-1])

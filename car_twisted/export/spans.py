@@ -106,26 +106,16 @@ def run_spans(records: list, content: bool = False, resource: "Resource | None" 
             )
         previous = at
 
-    attributes = {
-        "gen_ai.operation.name": "invoke_agent",
-        "gen_ai.agent.id": agent_id,
-        "gen_ai.agent.name": agent_id,
-        "gen_ai.conversation.id": run_id,
-        "car.run.status": _run_status(ended),
-    }
-    status = Status(StatusCode.UNSET)
-    termination = ended.get("termination")
+    attributes, status = _outcome(ended)
+    attributes.update(
+        {
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.id": agent_id,
+            "gen_ai.agent.name": agent_id,
+            "gen_ai.conversation.id": run_id,
+        }
+    )
     outcome = ended.get("outcome") if isinstance(ended.get("outcome"), dict) else {}
-    if termination == "outcome":
-        attributes["car.outcome.status"] = outcome.get("status")
-        if outcome.get("status") in FAILED_OUTCOMES:
-            attributes["error.type"] = outcome["status"]
-            status = Status(StatusCode.ERROR, f"outcome {outcome['status']}")
-        else:
-            status = Status(StatusCode.OK)
-    elif termination == "incomplete":
-        attributes["error.type"] = "incomplete"
-        status = Status(StatusCode.ERROR, f"incomplete: {ended.get('reason')}")
     if content:
         attributes["gen_ai.input.messages"] = _messages("user", started.get("intent"))
         if outcome.get("summary"):
@@ -145,10 +135,22 @@ def run_spans(records: list, content: bool = False, resource: "Resource | None" 
     return [span, *children]
 
 
-def _run_status(ended: dict) -> str:
-    return {"outcome": "completed", "incomplete": "incomplete", "cancelled": "cancelled"}.get(
-        ended.get("termination"), "unknown"
-    )
+def _outcome(ended: dict):
+    """The root span's status attributes and its L{Status}, from the ``ended`` record."""
+    termination = ended.get("termination")
+    run_status = {"outcome": "completed", "incomplete": "incomplete", "cancelled": "cancelled"}
+    attributes = {"car.run.status": run_status.get(termination, "unknown")}
+    if termination == "incomplete":
+        attributes["error.type"] = "incomplete"
+        return attributes, Status(StatusCode.ERROR, f"incomplete: {ended.get('reason')}")
+    if termination != "outcome" or not isinstance(ended.get("outcome"), dict):
+        return attributes, Status(StatusCode.UNSET)
+    outcome_status = ended["outcome"].get("status")
+    attributes["car.outcome.status"] = outcome_status
+    if outcome_status in FAILED_OUTCOMES:
+        attributes["error.type"] = outcome_status
+        return attributes, Status(StatusCode.ERROR, f"outcome {outcome_status}")
+    return attributes, Status(StatusCode.OK)
 
 
 def _child_span(record: dict, content: bool):
