@@ -118,22 +118,19 @@ class RunExporter(Service):
     Exports each run that ends (L{run_ended}) as spans.
 
     @param store: where the ended run's records are read.
-    @param exporter: the C{SpanExporter} (an C{OTLPSpanExporter} by default,
-        see L{otlp_exporter}).
+    @param exporter: the C{SpanExporter} that sends (L{otlp_exporter}).
     @param content: export prompt and output text too.
-    @param threadpool: where the blocking shutdown waits (the reactor's
-        pool by default).
+    @param schedule_delay_millis: how long the processor waits to fill a batch.
     """
 
     def __init__(self, reactor, store, exporter, content=False, max_queue_size=DEFAULT_QUEUE_SIZE,
-                 schedule_delay_millis=1000, threadpool=None):  # fmt: skip
+                 schedule_delay_millis=1000):  # fmt: skip
         self._reactor = reactor
         self._store = store
         self._exporter = exporter
         self._content = content
         self._max_queue_size = max_queue_size
         self._schedule_delay_millis = schedule_delay_millis
-        self._threadpool = threadpool
         self._resource = default_resource()
         self._processor = None
         self.counts = SpanCounts()
@@ -158,13 +155,13 @@ class RunExporter(Service):
         )
 
     def stopService(self):
-        """Send what is queued (bounded by the exporter's timeout), then stop."""
+        """Send what is queued (bounded by the exporter's timeout), then
+        stop; the wait is on a thread of the reactor's pool."""
         super().stopService()
         processor, self._processor = self._processor, None
         if processor is None:
             return None
-        pool = self._threadpool or self._reactor.getThreadPool()
-        return deferToThreadPool(self._reactor, pool, processor.shutdown)
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), processor.shutdown)
 
     def run_ended(self, run_id: str) -> Deferred:
         """Export a run that just ended (its records are durable)."""
