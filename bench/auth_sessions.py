@@ -16,9 +16,8 @@ from twisted.internet.task import react
 
 from car_twisted.auth import Authenticator, agent_token, daemon_secret
 from car_twisted.client import DaemonClient
-from car_twisted.protocol import RunTracingFactory
-from car_twisted.registry import RunRegistry
 from car_twisted.store.memory import MemoryRunStore
+from car_twisted.tap import assemble
 
 ROUND_TRIPS = 2000
 SESSIONS = 100
@@ -34,12 +33,8 @@ async def timed_calls(client, method, params):
 async def main(reactor):
     data_dir = tempfile.mkdtemp(prefix="car-bench-")
     try:
-        registry = RunRegistry(
-            MemoryRunStore(), reactor, authenticator=Authenticator.from_data_dir(data_dir, {})
-        )
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            RunTracingFactory(registry)
-        )
+        daemon = assemble(MemoryRunStore(), reactor, Authenticator.from_data_dir(data_dir, {}))
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(daemon.factory)
         url = f"ws://127.0.0.1:{port.getHost().port}"
         secret = daemon_secret(data_dir, {})
 
@@ -66,7 +61,7 @@ async def main(reactor):
         elapsed = time.perf_counter() - began
         print(f"connect+auth+start+complete+close: {SESSIONS / elapsed:,.0f} sessions/s ({elapsed / SESSIONS * 1e3:.2f} ms each)")
         await port.stopListening()
-        await registry.stop()
+        await daemon.runs.stop()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 

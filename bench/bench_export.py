@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from car_twisted.records import ended_record, started_record
-from car_twisted.store import layout
+from car_twisted.store import naming, runfiles
 from car_twisted.store.sqlite import DATABASE_NAME, open_database
 
 AGENTS = 10
@@ -59,22 +59,22 @@ def fill_sqlite(data_dir: str, first: int, last: int) -> None:
         ).lastrowid  # fmt: skip
         db.executemany(
             "INSERT INTO records (run, position, body) VALUES (?, ?, ?)",
-            [(seq, i, layout.encode_line(r).decode()) for i, r in enumerate(records)],
+            [(seq, i, runfiles.encode_line(r).decode()) for i, r in enumerate(records)],
         )
     db.execute("COMMIT")
     db.close()
 
 
 def fill_file(data_dir: str, first: int, last: int) -> None:
-    runs_dir = os.path.join(data_dir, layout.RUNS)
+    runs_dir = os.path.join(data_dir, naming.RUNS)
     os.makedirs(runs_dir, exist_ok=True)
     for n in range(first, last):
         records = run_records(n)
-        agent_dir = os.path.join(runs_dir, layout.encode_name(records[0]["agent_id"]))
+        agent_dir = os.path.join(runs_dir, naming.encode_name(records[0]["agent_id"]))
         os.makedirs(agent_dir, exist_ok=True)
-        path = os.path.join(agent_dir, layout.encode_name(records[0]["run_id"]) + layout.RUN_SUFFIX)
+        path = os.path.join(agent_dir, naming.encode_name(records[0]["run_id"]) + naming.RUN_SUFFIX)
         with open(path, "wb") as f:
-            f.write(b"".join(layout.encode_line(r) for r in records))
+            f.write(b"".join(runfiles.encode_line(r) for r in records))
 
 
 def export_peak_rss(store: str, data_dir: str) -> tuple:

@@ -74,7 +74,8 @@ class Server:
         data_dir = os.path.join(workdir, f"{name}-data")
         command = [
             sys.executable, os.path.join(BENCH, "daemon_probe.py"), "-n", "--pidfile=",
-            "car", "--no-auth", "--store", store, "--data-dir", data_dir, "--listen", LISTEN, *extra,
+            "car", "--no-auth", "--store", store, "--data-dir", data_dir, "--listen", LISTEN,
+            "--http", "none", *extra,
         ]  # fmt: skip
         return cls(name, command, workdir)
 

@@ -13,11 +13,13 @@ import hashlib
 import hmac
 import os
 import stat
-from typing import Mapping, Optional
+import time
+from typing import Callable, Mapping, Optional
 
 from twisted.logger import Logger
 
-from car_twisted.errors import AuthFailed, AuthRequired, InvalidParams
+from car_twisted.errors import AuthFailed, AuthFailedTooOften, AuthRequired, InvalidParams
+from car_twisted.disk import sync_directory
 from car_twisted.records import id_param
 from car_twisted.session import Session
 
@@ -31,6 +33,15 @@ SECRET_ENV = "CAR_AUTH_TOKEN"
 OPEN_METHODS = frozenset({"session.auth", "server.handshake"})
 
 _TOKEN_BYTES = 32
+#: The shortest C{CAR_AUTH_TOKEN} accepted as the daemon secret (UTF-8 bytes).
+MIN_SECRET_BYTES = 16
+
+#: Token mismatches one connection may make; the last is answered and the
+#: connection closed with 4001.
+MAX_AUTH_FAILURES = 3
+#: Seconds between two log lines about refused tokens; the refusals in
+#: between are counted in the next line.
+AUTH_FAILURE_LOG_INTERVAL = 10.0
 
 
 def b64url_nopad(data: bytes) -> str:
@@ -54,7 +65,10 @@ def tokens_match(given: str, expected: str) -> bool:
 
 
 class TokenFileError(Exception):
-    """A token file cannot be used; the message says why and what to do."""
+    """
+    A secret (a token file, or C{CAR_AUTH_TOKEN}) cannot be used; the
+    message says why and what to do.
+    """
 
 
 def read_token(path: str) -> str:
@@ -104,18 +118,10 @@ def ensure_token(path: str) -> str:
         except FileExistsError:
             pass
         else:
-            _fsync_directory(os.path.dirname(path))
+            sync_directory(os.path.dirname(path))
     finally:
         os.unlink(temporary)
     return read_token(path)
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def ensure_data_dir(path: str) -> None:
@@ -129,7 +135,22 @@ def daemon_secret(data_dir: str, environ: Mapping[str, str]) -> str:
     else the data directory's secret file. Raises L{FileNotFoundError} when
     there is none yet.
     """
-    return environ.get(SECRET_ENV) or read_token(os.path.join(data_dir, SECRET_FILE))
+    return environment_secret(environ) or read_token(os.path.join(data_dir, SECRET_FILE))
+
+
+def environment_secret(environ: Mapping[str, str]) -> Optional[str]:
+    """
+    C{CAR_AUTH_TOKEN}, if set and not empty. A short one is refused: every
+    agent token derives from it, so it must be as hard to guess as they are.
+    """
+    secret = environ.get(SECRET_ENV)
+    if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise TokenFileError(
+            f"${SECRET_ENV} is {len(secret.encode())} bytes, too short for the daemon secret "
+            f"(at least {MIN_SECRET_BYTES}): set a long random value, or unset it to use "
+            f"the data dir's {SECRET_FILE} file"
+        )
+    return secret or None
 
 
 class Authenticator:
@@ -138,13 +159,27 @@ class Authenticator:
 
     @param secret: the daemon secret; agent tokens are derived from it.
     @param host_token: the token of the host role.
+    @param seconds: the current time, for spacing the refusal log lines.
     Use L{Authenticator.disabled} for a daemon that accepts every session.
     """
 
-    def __init__(self, secret: Optional[str], host_token: Optional[str]):
+    def __init__(
+        self,
+        secret: Optional[str],
+        host_token: Optional[str],
+        seconds: Callable[[], float] = time.monotonic,
+    ):
         self.enabled = secret is not None
         self._secret = secret
         self._host_token = host_token
+        self._seconds = seconds
+        self._last_refusal_logged = None
+        self._refusals_not_logged = 0
+
+    @property
+    def host_token(self) -> Optional[str]:
+        """The host token (None with auth off): the dashboard logs in with it."""
+        return self._host_token
 
     @classmethod
     def disabled(cls) -> "Authenticator":
@@ -159,7 +194,7 @@ class Authenticator:
         secret file (which is then neither read nor created).
         """
         ensure_data_dir(data_dir)
-        secret = environ.get(SECRET_ENV) or ensure_token(os.path.join(data_dir, SECRET_FILE))
+        secret = environment_secret(environ) or ensure_token(os.path.join(data_dir, SECRET_FILE))
         return cls(secret, ensure_token(os.path.join(data_dir, HOST_TOKEN_FILE)))
 
     def admit(self, session: Session, method: str) -> None:
@@ -203,13 +238,33 @@ class Authenticator:
         return {"ok": True, "auth_enabled": True}
 
     def _check(self, session: Session, matched: bool) -> None:
-        if not matched:
-            log.warn(
-                "session.auth refused for session {client_id} from {peer}: token mismatch",
-                client_id=session.client_id,
-                peer=session.peer,
+        if matched:
+            return
+        session.auth_failures += 1
+        self._log_refusal(session)
+        if session.auth_failures >= MAX_AUTH_FAILURES:
+            raise AuthFailedTooOften(
+                f"auth failed: token mismatch, {session.auth_failures} times on this connection; "
+                "closing it"
             )
-            raise AuthFailed("auth failed: token mismatch")
+        raise AuthFailed("auth failed: token mismatch")
+
+    def _log_refusal(self, session: Session) -> None:
+        """Log a refused token, at most once per L{AUTH_FAILURE_LOG_INTERVAL}."""
+        now = self._seconds()
+        last = self._last_refusal_logged
+        if last is not None and now - last < AUTH_FAILURE_LOG_INTERVAL:
+            self._refusals_not_logged += 1
+            return
+        log.warn(
+            "session.auth refused for session {client_id} from {peer}: token mismatch "
+            "({more} more refused since the last such line)",
+            client_id=session.client_id,
+            peer=session.peer,
+            more=self._refusals_not_logged,
+        )
+        self._last_refusal_logged = now
+        self._refusals_not_logged = 0
 
 
 def _token_param(params: dict, name: str) -> Optional[str]:

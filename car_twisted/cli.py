@@ -2,21 +2,25 @@
 The ``car-twisted`` command, for operators and supervisors.
 
 ``car-twisted agent-token AGENT_ID`` prints an agent's token from the daemon
-secret; ``car-twisted runs list|show|tail`` read a running daemon's runs as
-the host and ``runs prune`` deletes its old ended runs; ``car-twisted
-export`` writes ended runs out (docs/export.md). Tables for people,
-``--json`` for scripts.
+secret; ``car-twisted dashboard`` the dashboard's login link;
+``car-twisted runs list|show|tail`` read a running daemon's runs as the
+host and ``runs prune`` deletes its old ended runs; ``car-twisted export``
+writes ended runs out (docs/export.md). Tables for people, ``--json`` for
+scripts.
 """
 
 import argparse
 import json
 import os
+import shlex
 import sys
+from urllib.parse import quote
 
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.error import ConnectError
 from twisted.internet.task import react
 
+from car_twisted import __version__
 from car_twisted.auth import (
     HOST_TOKEN_FILE,
     SECRET_ENV,
@@ -26,13 +30,17 @@ from car_twisted.auth import (
     read_token,
 )
 from car_twisted.client import DEFAULT_URL, ConnectionClosed, DaemonClient, RemoteError
+from car_twisted.data_dir import default_data_dir
 from car_twisted.export import command as export_command
-from car_twisted.interfaces import RUN_STATUSES
-from car_twisted.records import MAX_ID
-from car_twisted.tap import default_data_dir
+from car_twisted.interfaces import RUN_STATUSES, TURN_RECORDS
+from car_twisted.limits import MAX_ID
 
+#: Where the dashboard is when the daemon runs with its default --http.
+DEFAULT_DASHBOARD_URL = "http://127.0.0.1:9101"
 #: How many trace records one runs.get_trace call asks for.
 TRACE_PAGE = 500
+#: Runs per ``runs list`` page unless --limit says otherwise.
+LIST_LIMIT = 50
 
 _TERMINAL = frozenset(RUN_STATUSES) - {"in_progress"}
 
@@ -41,12 +49,18 @@ class CommandFailed(Exception):
     """The command cannot do what was asked; the message says why."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"car-twisted: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="car-twisted", description="Operate a car-twisted run-tracing daemon."
-    )
+    top = _Parser(prog="car-twisted", description="Operate a car-twisted run-tracing daemon.")
+    top.add_argument("--version", action="version", version=f"car-twisted {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir = _Parser(add_help=False)
     data_dir.add_argument(
         "--data-dir", help="the daemon's data directory [default: $CAR_HOME or ~/.car]"
     )
@@ -55,8 +69,15 @@ def parser() -> argparse.ArgumentParser:
         "agent-token", parents=[data_dir], help="print the token an agent authenticates with"
     )
     token.add_argument("agent_id", metavar="AGENT_ID")
+    dashboard = commands.add_parser(
+        "dashboard", parents=[data_dir], help="print the dashboard's login link (it holds the host token)"
+    )
+    dashboard.add_argument(
+        "--url", default=DEFAULT_DASHBOARD_URL,
+        help=f"the daemon's --http address [default: {DEFAULT_DASHBOARD_URL}]",
+    )  # fmt: skip
 
-    daemon = argparse.ArgumentParser(add_help=False, parents=[data_dir])
+    daemon = _Parser(add_help=False, parents=[data_dir])
     daemon.add_argument(
         "--url", help=f"the daemon's address [default: $CAR_DAEMON_URL or {DEFAULT_URL}]"
     )
@@ -65,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
     listing = runs_commands.add_parser("list", parents=[daemon], help="an agent's runs, newest first")
     listing.add_argument("agent_id", metavar="AGENT", nargs="?", help="[default: $CAR_AGENT_ID]")
-    listing.add_argument("--limit", type=int, default=50, help="runs per page, 1 to 500 [50]")
+    listing.add_argument("--limit", type=int, default=LIST_LIMIT, help=f"runs per page, 1 to 500 [{LIST_LIMIT}]")
     listing.add_argument("--status", choices=RUN_STATUSES)
     listing.add_argument("--cursor", help="the next_cursor of the previous page")
     show = runs_commands.add_parser("show", parents=[daemon], help="one run's trace")
@@ -88,6 +109,8 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.command == "agent-token":
         sys.exit(print_agent_token(args, os.environ, sys.stdout, sys.stderr))
+    if args.command == "dashboard":
+        sys.exit(print_dashboard_link(args, os.environ, sys.stdout, sys.stderr))
     if args.command == "export":
         data_dir = args.data_dir or default_data_dir(os.environ)
         sys.exit(export_command.export(args, os.environ, sys.stdout, sys.stderr, data_dir))
@@ -103,21 +126,40 @@ async def _react_main(reactor, args):
 def print_agent_token(args, environ, out, err) -> int:
     """``car-twisted agent-token``: the exit status."""
     if not args.agent_id or len(args.agent_id) > MAX_ID:
-        err.write(f"car-twisted: AGENT_ID must be 1 to {MAX_ID} characters\n")
+        _fail(err, f"AGENT_ID must be 1 to {MAX_ID} characters")
         return 2
     data_dir = args.data_dir or default_data_dir(environ)
     try:
         secret = daemon_secret(data_dir, environ)
     except FileNotFoundError as e:
+        _fail(
+            err,
+            f"no daemon secret at {e.filename} and ${SECRET_ENV} is not set; start the "
+            f"daemon once (it creates the secret), or {_data_dir_hint(data_dir)}",
+        )
+        return 1
+    except (TokenFileError, OSError) as e:
+        _fail(err, str(e))
+        return 1
+    out.write(agent_token(secret, args.agent_id) + "\n")
+    return 0
+
+
+def print_dashboard_link(args, environ, out, err) -> int:
+    """``car-twisted dashboard``: the exit status."""
+    data_dir = args.data_dir or default_data_dir(environ)
+    try:
+        host_token = read_token(os.path.join(data_dir, HOST_TOKEN_FILE))
+    except FileNotFoundError as e:
         err.write(
-            f"car-twisted: no daemon secret at {e.filename} and ${SECRET_ENV} is not set; "
-            "start the daemon once (it creates the secret) or pass the daemon's --data-dir\n"
+            f"car-twisted: no host token at {e.filename}; start the daemon once "
+            "(it creates the token) or pass the daemon's --data-dir\n"
         )
         return 1
     except (TokenFileError, OSError) as e:
         err.write(f"car-twisted: {e}\n")
         return 1
-    out.write(agent_token(secret, args.agent_id) + "\n")
+    out.write(f"{args.url.rstrip('/')}/login?token={quote(host_token, safe='')}\n")
     return 0
 
 
@@ -133,15 +175,24 @@ async def run(reactor, args, environ, out, err) -> int:
         finally:
             await client.close()
     except CommandFailed as e:
-        err.write(f"car-twisted: {e}\n")
+        _fail(err, str(e))
     except RemoteError as e:
         hint = ""
         if e.code == -32001:
-            hint = f"; no usable host token in {data_dir} (pass the daemon's --data-dir)"
-        err.write(f"car-twisted: the daemon refused: {_printable(e.message)} ({e.code}){hint}\n")
+            hint = f"; {data_dir} has no host token: {_data_dir_hint(data_dir)}"
+        _fail(err, f"the daemon refused: {e.message} ({e.code}){hint}")
     except (ConnectError, ConnectionClosed, ValueError) as e:
-        err.write(f"car-twisted: cannot talk to the daemon at {url}: {e}\n")
+        _fail(err, f"cannot talk to the daemon at {url}: {e}")
     return 1
+
+
+def _fail(err, message: str) -> None:
+    """Write an error: always one line, whatever the message holds."""
+    err.write(f"car-twisted: {_printable(message)}\n")
+
+
+def _data_dir_hint(data_dir: str) -> str:
+    return f"is {data_dir} the daemon's data dir? pass its --data-dir or set $CAR_HOME"
 
 
 async def _connect_as_host(reactor, url, data_dir) -> DaemonClient:
@@ -149,8 +200,9 @@ async def _connect_as_host(reactor, url, data_dir) -> DaemonClient:
     A session authenticated as the host. Without a host token file (a
     ``--no-auth`` daemon has none) the session stays unauthenticated.
     """
+    path = os.path.join(data_dir, HOST_TOKEN_FILE)
     try:
-        host_token = read_token(os.path.join(data_dir, HOST_TOKEN_FILE))
+        host_token = read_token(path)
     except FileNotFoundError:
         host_token = None
     except (TokenFileError, OSError) as e:
@@ -159,6 +211,12 @@ async def _connect_as_host(reactor, url, data_dir) -> DaemonClient:
     if host_token is not None:
         try:
             await client.call("session.auth", {"host_token": host_token})
+        except RemoteError as e:
+            await client.close()
+            raise CommandFailed(
+                f"the daemon refused the host token in {path}: {e.message} ({e.code}); "
+                + _data_dir_hint(data_dir)
+            )
         except BaseException:
             await client.close()
             raise
@@ -198,10 +256,7 @@ async def _list(client, args, environ, out, err) -> int:
             ],
         ))
     if page.get("next_cursor"):
-        out.write(
-            f"more: car-twisted runs list {_printable(agent_id)} "
-            f"--cursor {_printable(page['next_cursor'])}\n"
-        )
+        out.write(f"more: {_next_page_command(args, agent_id, page['next_cursor'])}\n")
     return 0
 
 
@@ -222,6 +277,21 @@ async def _prune(client, args, environ, out, err) -> int:
             f"{_printable(answer.get('ended_before'))}\n"
         )
     return 0
+
+
+def _next_page_command(args, agent_id: str, cursor: str) -> str:
+    """The ``runs list`` command for the next page: this one's options, the new cursor."""
+    words = ["car-twisted", "runs", "list", agent_id]
+    for option, value in (
+        ("--status", args.status),
+        ("--limit", args.limit if args.limit != LIST_LIMIT else None),
+        ("--url", args.url),
+        ("--data-dir", args.data_dir),
+        ("--cursor", cursor),
+    ):
+        if value is not None:
+            words += [option, str(value)]
+    return " ".join(shlex.quote(_printable(word)) for word in words)
 
 
 async def _trace(client, run_id, start=0, stop=None) -> tuple:
@@ -268,10 +338,11 @@ async def _show(client, args, environ, out, err) -> int:
 async def _tail(client, args, environ, out, err) -> int:
     """
     Print the trace, then follow it with ``runs.subscribe`` until the run
-    ends. Positions are record positions, as in ``runs.get_trace``: the
-    subscription's C{cursor} is where its snapshot ends and each event's
-    C{cursor} is the position after its record, so a jump means missed
-    events, which are read back with ``runs.get_trace``.
+    ends. Cursors count turns (CAR's rule): the subscription's C{cursor} is
+    the number of turns in its snapshot, a turn event's the count with its
+    turn, the end's the count it ends with. A count ahead of the turns held
+    means missed events, read back with ``runs.get_trace`` (turn k is
+    record k + 1, after the started record).
     """
     events = DeferredQueue()
     client.on_notification = lambda method, params: (
@@ -281,29 +352,35 @@ async def _tail(client, args, environ, out, err) -> int:
     )
     client.closed.addCallback(lambda _: events.put(None))
     emit = (lambda r: out.write(json.dumps(r) + "\n")) if args.json else (lambda r: out.write(describe(r) + "\n"))
+    _, started = await _trace(client, args.run_id, 0, 1)
     subscription = await client.call("runs.subscribe", {"run_id": args.run_id})
-    position = subscription.get("cursor")
-    if type(position) is not int or position < 0:
+    turns, held = subscription.get("turns_so_far"), subscription.get("cursor")
+    if not isinstance(turns, list) or held != len(turns):
         raise CommandFailed("the daemon's runs.subscribe answer has no usable cursor")
-    _, records = await _trace(client, args.run_id, 0, position)
-    for record in records:
+    for record in started + turns:
         emit(record)
     status = subscription.get("status")
+    if status in _TERMINAL:
+        _, ended = await _trace(client, args.run_id, held + 1)
+        for record in ended:
+            emit(record)
     while status not in _TERMINAL:
         event = await events.get()
         if event is None:
             raise CommandFailed("the daemon closed the connection before the run ended")
-        cursor, status = event.get("cursor"), event.get("status")
-        if type(cursor) is not int or cursor <= position:
+        record, cursor = event.get("record"), event.get("cursor")
+        if not isinstance(record, dict) or type(cursor) is not int:
             continue
-        if cursor > position + 1:
-            err.write(f"car-twisted: missed {cursor - 1 - position} event(s); reading them back\n")
-            _, missed = await _trace(client, args.run_id, position, cursor - 1)
-            for record in missed:
-                emit(record)
-        if isinstance(event.get("record"), dict):
-            emit(event["record"])
-        position = cursor
+        before = cursor - 1 if record.get("record") in TURN_RECORDS else cursor
+        if before < held:
+            continue
+        if before > held:
+            err.write(f"car-twisted: missed {before - held} event(s); reading them back\n")
+            _, missed = await _trace(client, args.run_id, held + 1, before + 1)
+            for missed_record in missed:
+                emit(missed_record)
+        emit(record)
+        held, status = cursor, event.get("status")
     return 0
 
 

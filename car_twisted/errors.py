@@ -11,6 +11,8 @@ class RPCError(Exception):
     """A method failed in a way the client should be told about."""
 
     code = -32603
+    #: When set, the error object's C{data} member.
+    data = None
     #: When set, the connection is closed with this WebSocket close code
     #: once the answer is sent.
     close_code = None
@@ -38,10 +40,31 @@ class RunRefused(RPCError):
     code = -32603
 
 
+class StoreUnavailable(RPCError):
+    """
+    The run store cannot write (disk full, I/O error): nothing was recorded
+    and the same request may be retried once the store writes again (-32603).
+    """
+
+    code = -32603
+
+    def __init__(self, detail: str):
+        super().__init__(
+            f"the run store cannot write ({detail}); nothing was recorded, retry later"
+        )
+        self.data = {"reason": "store_unavailable", "detail": detail}
+
+
 class AuthFailed(RPCError):
     """A session.auth token did not match (-32603)."""
 
     code = -32603
+
+
+class AuthFailedTooOften(AuthFailed):
+    """A session.auth token did not match, once too often: the connection is then closed."""
+
+    close_code = 4001
 
 
 class AuthRequired(RPCError):

@@ -3,10 +3,13 @@ Live trace following: which sessions follow which runs, and delivery of
 each newly durable record to them as a ``runs.trace.event`` notification.
 
 A follower that is still taking its snapshot buffers events; when the
-snapshot is read, the buffered events it does not already hold extend it,
-so the snapshot and the stream meet with no gap and no duplicate.
+snapshot is read, the buffered events it does not already hold (by record
+position) extend it, so the snapshot and the stream meet with no gap and no
+duplicate. The events carry CAR's cursor, the run's turn count, which the
+run service computes (see docs/protocol.md).
 """
 
+from car_twisted.interfaces import position_after, turns_held
 from car_twisted.session import Session
 
 
@@ -19,19 +22,17 @@ class TraceFanout:
         self._followers.setdefault(run_id, {})[session] = []
         session.following.add(run_id)
 
-    def snapshot_taken(self, session: Session, run_id: str, records: list, cursor: int) -> int:
+    def snapshot_taken(self, session: Session, run_id: str, records: list, position: int) -> None:
         """
         Merge the events that arrived while the snapshot was read into
-        C{records} (in place), switch the follower to live delivery, and
-        return the cursor after the merged records.
+        C{records} (in place), and switch the follower to live delivery.
+        C{position} is the record position after the snapshot's records.
         """
-        buffered = self._followers[run_id][session]
-        for record, event_cursor in buffered:
-            if event_cursor > cursor:
+        for event_position, record in self._followers[run_id][session]:
+            if event_position > position:
                 records.append(record)
-                cursor = event_cursor
+                position = event_position
         self._followers[run_id][session] = None
-        return cursor
 
     def unfollow(self, session: Session, run_id: str) -> bool:
         followers = self._followers.get(run_id, {})
@@ -46,17 +47,21 @@ class TraceFanout:
         for run_id in list(session.following):
             self.unfollow(session, run_id)
 
-    def publish(self, run_id: str, agent_id: str, record: dict, cursor: int, status: str) -> None:
-        """Deliver a durable record at position C{cursor - 1} to the run's followers."""
+    def publish(self, run_id: str, agent_id: str, record: dict, turns: int, status: str) -> None:
+        """
+        Deliver a durable record of a run that has C{turns} turns to the
+        run's followers.
+        """
         followers = self._followers.get(run_id)
         if not followers:
             return
+        cursor = turns_held(record, turns)
         event = {"run_id": run_id, "agent_id": agent_id, "record": record, "cursor": cursor, "status": status}
         for session, buffered in list(followers.items()):
             if buffered is None:
                 session.notify("runs.trace.event", event)
             else:
-                buffered.append((record, cursor))
+                buffered.append((position_after(record, turns), record))
         if status != "in_progress":
             for session in list(followers):
                 if followers.get(session) is None:

@@ -15,6 +15,8 @@ from zope.interface import Interface
 
 #: The run statuses a summary (and ``runs.list``'s filter) can carry.
 RUN_STATUSES = ("in_progress", "completed", "incomplete", "cancelled")
+#: The records that are turns: they count toward a run's turns.
+TURN_RECORDS = frozenset({"turn", "model_turn"})
 
 
 class RunStoreError(Exception):
@@ -39,6 +41,18 @@ class RunTerminal(RunStoreError):
 
 class TurnLimitReached(RunStoreError):
     """The run cannot take that many more turns."""
+
+
+class StoreWriteFailed(Exception):
+    """
+    The store could not write (disk full, I/O error): nothing of the write
+    was kept, on disk or in memory, so the same call may be retried.
+    """
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        #: What went wrong, e.g. C{"No space left on device"}.
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,7 @@ def summarize(records: list) -> RunSummary:
     """
     started = records[0]
     ended = records[-1] if records[-1]["record"] == "ended" else None
-    turns = sum(1 for r in records if r["record"] in ("turn", "model_turn"))
+    turns = sum(1 for r in records if r["record"] in TURN_RECORDS)
     return RunSummary(
         run_id=started["run_id"],
         agent_id=started["agent_id"],
@@ -95,6 +109,31 @@ def status_of(ended: Optional[dict]) -> str:
     }[ended["termination"]]
 
 
+# Positions. A run's records stand in one sequence: ``started`` at 0, the
+# turn with index i at i + 1, then ``ended``. runs.get_trace's cursor is a
+# position in it; runs.subscribe's cursor (CAR's) counts turns only.
+
+
+def end_position(turns: int) -> int:
+    """Where the ``ended`` record of a run with C{turns} turns stands."""
+    return 1 + turns
+
+
+def position_after(record: dict, turns: int) -> int:
+    """The position after C{record}, in a run that has C{turns} turns."""
+    if record["record"] in TURN_RECORDS:
+        return record["index"] + 2
+    return end_position(turns) + 1 if record["record"] == "ended" else 1
+
+
+def turns_held(record: dict, turns: int) -> int:
+    """
+    CAR's subscription cursor once a follower holds C{record}: the turns so
+    far. A turn counts itself; ``started`` and ``ended`` leave C{turns}.
+    """
+    return record["index"] + 1 if record["record"] in TURN_RECORDS else turns
+
+
 class IRunStore(Interface):
     """
     Durable storage for runs and their records.
@@ -103,8 +142,20 @@ class IRunStore(Interface):
     in the order they were made, even when the caller does not wait for one
     to fire before making the next, and their Deferreds fire in that order.
     A Deferred that fires means the change is as durable as the store
-    promises (on stable storage, for the file store).
+    promises (on stable storage, for the file store). A write the store
+    could not make fails with L{StoreWriteFailed} and changes nothing, so
+    the same call can be made again.
     """
+
+    def open():
+        """
+        Load or create what the store keeps; called once, before any other
+        method (the daemon does it before it listens).
+
+        @return: Deferred firing with None once the store is ready; it fails
+            if the store cannot be used, with an error whose message says
+            why in one line.
+        """
 
     def start_run(started):
         """
@@ -120,8 +171,8 @@ class IRunStore(Interface):
         Append ``turn`` / ``model_turn`` records, stamping each with its
         ``index`` (0-based, one sequence per run), all or nothing.
 
-        @return: Deferred firing with the index of the first appended record;
-            fails with L{RunNotFound}, L{RunTerminal}, or L{TurnLimitReached}
+        @return: Deferred firing with the appended records as stored, each
+            with its C{index} (copies: the caller may keep them); fails with L{RunNotFound}, L{RunTerminal}, or L{TurnLimitReached}
             if the run would then hold more than C{max_turns} turns.
         """
 
@@ -146,14 +197,17 @@ class IRunStore(Interface):
         record), at most C{limit} of them.
 
         @return: Deferred firing with C{(records, next_cursor)} where
-            C{next_cursor} is the position after the last record returned;
+            C{next_cursor} is the position after the last record returned
+            (a store may bound a page's bytes, so a page may hold fewer
+            records before the run's end; an empty page is the end);
             fails with L{RunNotFound}.
         """
 
     def list_runs(agent_id, cursor, limit, status):
         """
-        One page of an agent's runs, newest first (runs started in the same
-        millisecond keep their start order, the later one first).
+        One page of an agent's runs (every agent's when C{agent_id} is
+        None), newest first (runs started in the same millisecond keep
+        their start order, the later one first).
 
         @param cursor: None for the first page, else a C{next_cursor} this
             store returned for the same query.
@@ -191,7 +245,8 @@ class IRunStore(Interface):
 
     def close():
         """
-        Finish pending writes and release resources.
+        Finish pending writes and release resources; called once, after
+        L{open} succeeded.
 
         @return: Deferred firing with None once everything acknowledged is
             durable.

@@ -21,14 +21,12 @@ from twisted.internet.defer import gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from car_twisted.errors import InvalidParams, InvalidRequest, MethodNotFound, RPCError
-from car_twisted.limits import WireLimits
+from car_twisted.limits import MAX_ID_CHARS, WireLimits
 
 log = Logger()
 
 PARSE_ERROR = -32700
 INTERNAL_ERROR = -32603
-#: Longest string id the daemon reads; a longer one is answered with id null.
-MAX_ID_CHARS = 256
 
 _NO_ID = object()
 
@@ -60,8 +58,11 @@ def notification(method: str, params: dict) -> bytes:
     return encode({"jsonrpc": "2.0", "method": method, "params": params})
 
 
-def error_response(id_, code: int, message: str) -> dict:
-    return {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": id_}
+def error_response(id_, code: int, message: str, data=None) -> dict:
+    error = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "error": error, "id": id_}
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,12 @@ class Dispatcher:
         error.
     @param admit: C{f(session, method_name)}, called before each request
         (known method or not); it raises L{RPCError} to refuse it. An error
-        with a C{close_code} also closes the connection.
+        with a C{close_code} also closes the connection, and the requests
+        after it in the same batch do not run: each is answered that error.
     @param limits: the batch length, nesting depth and message size it
         enforces.
+    @param on_error: C{f(code)}, called for each error object it answers
+        with (the metrics count them).
     """
 
     def __init__(
@@ -98,8 +102,10 @@ class Dispatcher:
         methods: Mapping[str, Callable[[Any, dict], Any]],
         admit: Callable[[Any, str], None] = _admit_all,
         limits: WireLimits = WireLimits(),
+        on_error: Callable[[int], None] = lambda code: None,
     ):
         self._methods = methods
+        self._on_error = on_error
         self._admit = admit
         self._max_batch = limits.max_batch
         self._max_depth = limits.max_depth
@@ -124,7 +130,7 @@ class Dispatcher:
         try:
             message = decode(payload)
         except ValueError:
-            return succeed(self._parse_error)
+            return self._refuse(self._parse_error, PARSE_ERROR)
         # A frame with few brackets cannot nest deeply: most frames skip the walk.
         if payload.count(b"[") + payload.count(b"{") > self._max_depth and _deeper_than(
             message, self._max_depth
@@ -132,13 +138,16 @@ class Dispatcher:
             id_ = _request_id(message)
             if id_ is _NO_ID:
                 return succeed(Reply(None))
-            return succeed(Reply(encode(error_response(id_, InvalidRequest.code, self._too_deep))))
+            return self._refuse(
+                Reply(encode(error_response(id_, InvalidRequest.code, self._too_deep))),
+                InvalidRequest.code,
+            )
         closing = []  # the errors of this frame that close the connection
         if isinstance(message, list):
             if not message:
-                return succeed(self._empty_batch)
+                return self._refuse(self._empty_batch, InvalidRequest.code)
             if len(message) > self._max_batch:
-                return succeed(self._long_batch)
+                return self._refuse(self._long_batch, InvalidRequest.code)
             answers = [self._handle(session, m, closing) for m in message]
             d = gatherResults(answers)
             d.addCallback(lambda rs: _reply(self._batch_frame(rs), closing))
@@ -146,6 +155,11 @@ class Dispatcher:
         d = self._handle(session, message, closing)
         d.addCallback(lambda r: _reply(None if r is None else self._frame(r), closing))
         return d
+
+    def _refuse(self, reply: Reply, code: int):
+        """Answer a whole frame with one error."""
+        self._on_error(code)
+        return succeed(reply)
 
     def _frame(self, response: dict) -> bytes:
         """A response's frame, or an error in its place if it is too large."""
@@ -174,6 +188,7 @@ class Dispatcher:
         return b"[" + b",".join(f for f, _ in frames) + b"]"
 
     def _too_large(self, response: dict) -> dict:
+        self._on_error(INTERNAL_ERROR)
         return error_response(
             response["id"],
             INTERNAL_ERROR,
@@ -187,7 +202,13 @@ class Dispatcher:
         try:
             name, params = _parse(request, id_)
         except InvalidRequest as e:
+            self._on_error(e.code)
             return succeed(error_response(None if id_ is _NO_ID else id_, e.code, e.message))
+        if closing:
+            # An earlier request of the batch closes the connection: this
+            # one does not run, and is refused with the same error.
+            refusal = closing[0]
+            return succeed(None if id_ is _NO_ID else error_response(id_, refusal.code, refusal.message))
         d = maybeDeferred(self._call, name, session, params)
         d.addErrback(_note_closing, closing)
         if id_ is _NO_ID:
@@ -209,8 +230,9 @@ class Dispatcher:
         return method(session, params)
 
     def _error(self, failure, id_) -> dict:
+        self._on_error(failure.value.code if failure.check(RPCError) else INTERNAL_ERROR)
         if failure.check(RPCError):
-            return error_response(id_, failure.value.code, failure.value.message)
+            return error_response(id_, failure.value.code, failure.value.message, failure.value.data)
         log.failure("request {id} failed", failure, id=id_)
         return error_response(id_, INTERNAL_ERROR, "internal error: the request could not be handled")
 

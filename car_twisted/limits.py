@@ -1,10 +1,12 @@
 """
-The daemon's wire limits, in one place.
+The daemon's limits, in one place.
 
-L{WireLimits} holds every bound the network side enforces: the WebSocket
-settings handed to Autobahn and the JSON-RPC input limits the dispatcher
-checks. ``twistd car`` builds one from its options; embedders build their
-own. ``docs/hardening.md`` says what a client sees at each limit.
+L{WireLimits} holds every bound the network side enforces that an option
+can set: the WebSocket settings handed to Autobahn and the JSON-RPC input
+limits the dispatcher checks. ``twistd car`` builds one from its options;
+embedders build their own. The constants below it are the protocol's
+fixed limits (``docs/protocol.md``). ``docs/hardening.md`` says what a
+client sees at each limit.
 """
 
 from dataclasses import dataclass
@@ -35,6 +37,13 @@ class WireLimits:
     #: Frames of one session handled at once; past it the daemon stops
     #: reading that client's socket until answers drain.
     max_in_flight: int = 64
+    #: Bytes of one session's answers and events not yet sent (waiting in the
+    #: daemon or in its transport) past which the daemon stops reading that
+    #: client's socket until they drain.
+    max_unsent_bytes: int = 4 * MIB
+    #: Seconds a session has, with auth on, from the WebSocket upgrade to a
+    #: successful session.auth; then it is closed with 4001.
+    auth_timeout: float = 10.0
 
     def autobahn_options(self) -> dict:
         """The keyword arguments for Autobahn's C{setProtocolOptions}."""
@@ -67,3 +76,23 @@ def _refuse_compression(offers):
     the message limit before the limit is checked.
     """
     return None
+
+
+#: Longest JSON-RPC request id the daemon reads; a longer one is answered
+#: with id null.
+MAX_ID_CHARS = 256
+#: Longest id (agent, run, idempotency key) accepted in params.
+MAX_ID = 256
+#: Longest text kept in one field; longer text is cut with a visible marker.
+MAX_TEXT = 16 * 1024
+#: Turns in one runs.record_turns call, turns in one run, and the encoded
+#: size of one turn record.
+MAX_TURNS_PER_CALL = 256
+MAX_TURNS_PER_RUN = 2000
+MAX_TURN_BYTES = 256 * 1024
+#: How many runs one session may follow live at once.
+MAX_FOLLOWED = 100
+#: Record bytes in one runs.get_trace page or runs.subscribe snapshot: with
+#: its envelope it fits the smallest message limit (512 KiB), and every
+#: record (at most 256 KiB) fits in it.
+PAGE_BYTES = 384 * 1024

@@ -11,8 +11,10 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from car_twisted.errors import AuthRequired
 from car_twisted.jsonrpc import Dispatcher, encode, error_response, notification
 from car_twisted.limits import WireLimits
+from car_twisted.metrics import DaemonMetrics
 
 log = Logger()
 
@@ -25,61 +27,150 @@ _BINARY_REFUSED = encode(
 
 SHUTDOWN_REASON = "the daemon is shutting down"
 
-#: Notification bytes a session may have waiting while its client does not
-#: read; past it, the oldest waiting events are dropped, so the client gets
-#: the newest and sees the cursor jump.
+#: Event bytes a session may have unsent (waiting in the daemon or in its
+#: transport) while its client does not read; past it, the oldest waiting
+#: events are dropped, so the client gets the newest and sees the cursor jump.
 MAX_PENDING_EVENT_BYTES = 1024 * 1024
+
+#: What a transport holds before it pauses its producer, for transports that
+#: do not say (Twisted's socket transports say: C{bufferSize}).
+TRANSPORT_HIGH_WATER = 64 * 1024
 
 
 @implementer(IPushProducer)
-class EventOutbox:
+class Outbox:
     """
-    Pushes notifications to one client, holding them while the transport's
-    buffer is full (it pauses us) and dropping them past a byte cap, so a
-    client that stops reading cannot grow the daemon's memory.
+    Everything the daemon sends one client (answers and events), in order.
+
+    Frames go straight to the transport while it takes them. Once its buffer
+    passes its high-water mark it pauses us and frames wait here until it
+    has sent everything and resumes us. Waiting events past C{event_cap}
+    bytes, counting what the transport holds, are dropped oldest first;
+    answers are never dropped: the protocol stops reading a client whose
+    unsent bytes pass its cap (L{over}).
+
+    What the transport holds is known without looking inside it: the bytes
+    handed to it since it last drained (it resumes us only once empty), and
+    at most its high-water mark while it has not paused us.
     """
 
-    def __init__(self, send, cap=MAX_PENDING_EVENT_BYTES):
-        self._send = send
-        self._cap = cap
-        self._pending = deque()
-        self._pending_bytes = 0
+    def __init__(
+        self,
+        write,
+        high_water,
+        event_cap=MAX_PENDING_EVENT_BYTES,
+        drained=lambda: None,
+        on_drop=lambda: None,
+    ):
+        self._write = write
+        self._on_drop = on_drop
+        self._high_water = high_water
+        self._event_cap = event_cap
+        self._drained = drained
+        self._answers = deque()  # (sequence, frame), oldest first
+        self._events = deque()
+        self._sequence = 0
+        self._answer_bytes = 0
+        self._event_bytes = 0
+        self._written = 0
         self._paused = False
+        #: Events not delivered (dropped here or too large to send).
         self.dropped = 0
 
-    def push(self, frame: bytes) -> None:
+    @property
+    def in_transport(self) -> int:
+        """At most the bytes the transport holds unsent."""
+        return self._written if self._paused else min(self._written, self._high_water)
+
+    @property
+    def waiting_bytes(self) -> int:
+        """Bytes of the frames waiting here for the transport."""
+        return self._answer_bytes + self._event_bytes
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes handed to us and not yet sent: waiting here or in the transport."""
+        return self.waiting_bytes + self.in_transport
+
+    def over(self, cap: int) -> bool:
+        """Whether the transport is full and more than C{cap} bytes are unsent."""
+        return self._paused and self.unsent_bytes > cap
+
+    def answer(self, frame: bytes) -> None:
         if not self._paused:
-            self._send(frame)
+            self._hand(frame)
             return
-        self._pending.append(frame)
-        self._pending_bytes += len(frame)
-        while self._pending_bytes > self._cap:
-            self._pending_bytes -= len(self._pending.popleft())
+        self._answers.append((self._next_sequence(), frame))
+        self._answer_bytes += len(frame)
+
+    def event(self, frame: bytes) -> None:
+        if not self._paused:
+            self._hand(frame)
+            return
+        self._events.append((self._next_sequence(), frame))
+        self._event_bytes += len(frame)
+        while self._events and self._event_bytes + self.in_transport > self._event_cap:
+            self._event_bytes -= len(self._events.popleft()[1])
             self.dropped += 1
+            self._on_drop()
+
+    def flush(self) -> None:
+        """
+        Hand every waiting frame to the transport now, paused or not: the
+        session is closing and its close frame must follow them. They are
+        already counted against the session's caps, and the close
+        handshake timeout drops a client that does not take them.
+        """
+        while self._answers or self._events:
+            self._hand(self._pop_oldest())
+
+    def _pop_oldest(self) -> bytes:
+        if self._events and (not self._answers or self._events[0][0] < self._answers[0][0]):
+            frame = self._events.popleft()[1]
+            self._event_bytes -= len(frame)
+        else:
+            frame = self._answers.popleft()[1]
+            self._answer_bytes -= len(frame)
+        return frame
+
+    def _next_sequence(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def _hand(self, frame: bytes) -> None:
+        self._written += len(frame)
+        # The transport may pause us from inside this write.
+        self._write(frame)
 
     def pauseProducing(self):
         self._paused = True
 
     def resumeProducing(self):
+        # The transport has sent everything it held.
         self._paused = False
-        while self._pending and not self._paused:
-            frame = self._pending.popleft()
-            self._pending_bytes -= len(frame)
-            self._send(frame)
+        self._written = 0
+        while not self._paused and (self._answers or self._events):
+            self._hand(self._pop_oldest())
+        self._drained()
 
     def stopProducing(self):
-        self._pending.clear()
-        self._pending_bytes = 0
+        self._answers.clear()
+        self._events.clear()
+        self._answer_bytes = self._event_bytes = 0
 
 
 class RunTracingProtocol(WebSocketServerProtocol):
     """
-    One client connection: a session of the run registry.
+    One client connection: a session of the run service.
 
-    At most C{max_in_flight} of its frames are being handled at once; the
-    frames read past that wait here, in order, and the socket is not read
-    until they are all handed on, so one client cannot monopolise the
-    daemon.
+    At most C{max_in_flight} of its frames are being handled at once, and
+    none is handed on while more than C{max_unsent_bytes} of what it was
+    sent wait unread; the frames read past that wait here, in order, and the
+    socket is not read until they are all handed on, so one client cannot
+    monopolise the daemon nor grow its memory.
+
+    With auth on, a session that has not authenticated C{auth_timeout}
+    seconds after the upgrade is closed with 4001.
     """
 
     session = None
@@ -88,47 +179,65 @@ class RunTracingProtocol(WebSocketServerProtocol):
     closing = False
     #: Frames being handled (dispatched, not yet answered).
     in_flight = 0
+    _auth_deadline = None
 
     def onOpen(self):
         self._waiting = deque()
         self._reading_paused = False
         self._handing_on = False
         self._idle = []
-        self.outbox = EventOutbox(self._send)
+        high_water = getattr(self.transport, "bufferSize", TRANSPORT_HIGH_WATER)
+        self.outbox = Outbox(
+            self._write,
+            high_water,
+            drained=self._hand_on,
+            on_drop=self.factory.metrics.events_dropped.inc,
+        )
         self.registerProducer(self.outbox, True)
-        self.session = self.factory.registry.open_session(self.peer, self._notify)
+        self.session = self.factory.runs.open_session(self.peer, self._notify)
         self.factory.connections.add(self)
         log.debug("session {client_id} opened from {peer}", client_id=self.session.client_id, peer=self.peer)
+        if self.factory.auth_required:
+            self._auth_deadline = self.factory.clock.callLater(
+                self.factory.limits.auth_timeout, self._auth_timed_out
+            )
         if self.factory.stopping:
             self.stop_handling()
             self.going_away()
 
-    def _send(self, frame):
+    def _write(self, frame):
         # Answers can be ready after the client has gone; they are dropped.
         if self.state == self.STATE_OPEN:
             self.sendMessage(frame)
+            self.factory.metrics.frames_sent.inc()
 
     def _notify(self, method, params):
         frame = notification(method, params)
         if len(frame) > self.factory.limits.max_message_size:
             # Cannot be sent: counted as dropped, so the cursor jumps.
             self.outbox.dropped += 1
+            self.factory.metrics.events_dropped.inc()
             return
-        self.outbox.push(frame)
+        self.outbox.event(frame)
 
     def onMessage(self, payload, isBinary):
+        self.factory.metrics.frames_received.inc()
         if self.closing:
             return
         if isBinary:
-            self._send(_BINARY_REFUSED)
+            self.outbox.answer(_BINARY_REFUSED)
             return
-        if self.in_flight >= self.factory.limits.max_in_flight:
+        if self._waiting or not self._may_dispatch():
             self._waiting.append(payload)
             if not self._reading_paused:
                 self._reading_paused = True
                 self.transport.pauseProducing()
             return
         self._dispatch(payload)
+
+    def _may_dispatch(self) -> bool:
+        limits = self.factory.limits
+        return self.in_flight < limits.max_in_flight and not self.outbox.over(limits.max_unsent_bytes)
 
     def _dispatch(self, payload):
         self.in_flight += 1
@@ -141,20 +250,26 @@ class RunTracingProtocol(WebSocketServerProtocol):
         """A frame is answered: hand on waiting frames, then read again."""
         self.in_flight -= 1
         if self._handing_on:
-            # A frame answered at once while the loop below hands on.
+            # A frame answered at once while L{_hand_on} hands on.
+            return
+        self._hand_on()
+        if self.in_flight == 0:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def _hand_on(self):
+        """Dispatch the waiting frames the caps allow; read again once none wait."""
+        if self._handing_on:
             return
         self._handing_on = True
         try:
-            while self._waiting and self.in_flight < self.factory.limits.max_in_flight:
+            while self._waiting and self._may_dispatch():
                 self._dispatch(self._waiting.popleft())
         finally:
             self._handing_on = False
         if not self._waiting:
             self._resume_reading()
-        if self.in_flight == 0:
-            idle, self._idle = self._idle, []
-            for d in idle:
-                d.callback(None)
 
     def _resume_reading(self):
         if self._reading_paused:
@@ -170,6 +285,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
 
     def going_away(self):
         """Close with 1001, which Autobahn's C{sendClose} does not offer."""
+        self.outbox.flush()
         self.sendCloseFrame(self.CLOSE_STATUS_CODE_GOING_AWAY, SHUTDOWN_REASON.encode(), isReply=False)
 
     def settled(self) -> Deferred:
@@ -181,27 +297,47 @@ class RunTracingProtocol(WebSocketServerProtocol):
         return d
 
     def _answer(self, reply):
-        if reply.close_code is not None:
-            self.stop_handling()
         if reply.frame is not None:
-            self._send(reply.frame)
-        if reply.close_code is not None and self.state == self.STATE_OPEN:
+            self.outbox.answer(reply.frame)
+        if reply.close_code is not None:
+            self._close(reply.close_code, reply.close_reason)
+        elif self.session.authenticated:
+            self._cancel_auth_deadline()
+
+    def _close(self, code, reason):
+        """Handle no more frames and close with C{code}, after what was sent."""
+        self.stop_handling()
+        self.outbox.flush()
+        if self.state == self.STATE_OPEN:
             log.info(
                 "closing session {client_id} from {peer}: {reason}",
                 client_id=self.session.client_id,
                 peer=self.peer,
-                reason=reply.close_reason,
+                reason=reason,
             )
-            self.sendClose(reply.close_code, reply.close_reason[:120])
+            self.sendClose(code, reason[:120])
+
+    def _auth_timed_out(self):
+        self._auth_deadline = None
+        self._close(
+            AuthRequired.close_code,
+            f"auth timeout: no session.auth within {self.factory.limits.auth_timeout:g} s of connecting",
+        )
+
+    def _cancel_auth_deadline(self):
+        if self._auth_deadline is not None:
+            self._auth_deadline.cancel()
+            self._auth_deadline = None
 
     def _failed(self, failure):
         log.failure("a frame from {peer} could not be answered", failure, peer=self.peer)
-        self._send(
+        self.outbox.answer(
             encode(error_response(None, -32603, "internal error: the frame could not be answered"))
         )
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         if code == 503:
+            self.factory.metrics.connections_refused.inc()
             log.warn(
                 "refused a connection from {peer}: {count} connections are open, the limit is {limit}",
                 peer=self.peer,
@@ -218,35 +354,53 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self.closeHandshakeTimeoutCall = None
         # Also called for connections that never finished the handshake,
         # which have no session.
+        self._cancel_auth_deadline()
         if self.session is not None:
             self._waiting.clear()
             self.factory.connections.discard(self)
-            self.factory.registry.close_session(self.session)
+            self.factory.runs.close_session(self.session)
             log.debug("session {client_id} closed", client_id=self.session.client_id)
 
 
 class RunTracingFactory(WebSocketServerFactory):
     """
-    Serves a L{RunRegistry} over WebSocket.
+    Serves JSON-RPC over WebSocket: each connection is a session of C{runs}
+    (the L{RunService}) whose frames C{dispatcher} answers.
 
-    Listen with any stream endpoint: C{endpoint.listen(RunTracingFactory(registry))}.
-    C{limits} are the L{WireLimits} it enforces (the defaults when omitted).
+    Listen with any stream endpoint: C{endpoint.listen(factory)}. C{limits}
+    are the L{WireLimits} it enforces (the defaults when omitted); C{clock}
+    (an L{IReactorTime}) runs its timers, Autobahn's and the auth deadline,
+    which applies when C{auth_required}. C{metrics} is the
+    L{DaemonMetrics} it counts frames, dropped events and refusals in.
     """
 
     protocol = RunTracingProtocol
     #: Set by L{stop_serving}: connections opened from now on are closed.
     stopping = False
 
-    def __init__(self, registry, limits: WireLimits = WireLimits(), url=None):
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        runs,
+        limits: WireLimits = WireLimits(),
+        clock=None,
+        auth_required: bool = False,
+        url=None,
+        metrics=None,
+    ):
         # The Server header names the software, never its version.
-        super().__init__(url, server="car-twisted")
+        super().__init__(url, server="car-twisted", reactor=clock)
+        #: Schedules the auth deadline: C{clock}, else Autobahn's reactor.
+        self.clock = self.reactor
         self.setProtocolOptions(**limits.autobahn_options())
         self.noisy = False
         self.limits = limits
-        self.registry = registry
+        self.dispatcher = dispatcher
+        self.runs = runs
+        self.auth_required = auth_required
+        self.metrics = metrics if metrics is not None else DaemonMetrics()
         #: The open connections (their protocols).
         self.connections = set()
-        self.dispatcher = Dispatcher(registry.methods(), registry.authenticator.admit, limits)
 
     def stop_serving(self) -> Deferred:
         """

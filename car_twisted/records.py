@@ -11,16 +11,13 @@ import os
 import re
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 
 from car_twisted.errors import InvalidParams
+from car_twisted.limits import MAX_ID, MAX_TEXT, MAX_TURN_BYTES, MAX_TURNS_PER_CALL
 
-#: Longest text kept in one field; longer text is cut with a visible marker.
-MAX_TEXT = 16 * 1024
 TRUNCATION_MARKER = "…[truncated]"
-
-#: Longest id (agent, run, idempotency key) accepted from the wire.
-MAX_ID = 256
 
 OUTCOME_STATUSES = (
     "success",
@@ -69,6 +66,19 @@ class _RunIdMinter:
 
 
 new_run_id = _RunIdMinter()
+
+#: The namespace of the run ids minted from idempotency keys.
+_KEYED_RUNS = uuid.UUID("6f1c2a3e-5d0b-4c8e-9a47-2b7d1e0c9f35")
+
+
+def keyed_run_id(agent_id: str, idempotency_key: str) -> str:
+    """
+    The run id of C{agent_id}'s start with C{idempotency_key}: the same for
+    the same pair on every daemon and store, another for any other agent, so
+    a key neither reveals nor reaches another agent's runs (a name-based
+    UUIDv5; minted ids are UUIDv7, so the two never meet).
+    """
+    return str(uuid.uuid5(_KEYED_RUNS, json.dumps([agent_id, idempotency_key])))
 
 
 def agent_slug(name: str) -> str:
@@ -184,12 +194,6 @@ def _duration_ms(value, field: str) -> float:
     if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
         raise InvalidParams(f"invalid params: {field} must be a non-negative number")
     return float(value)
-
-
-#: Limits on turns (SPEC.md section 3).
-MAX_TURNS_PER_CALL = 256
-MAX_TURNS_PER_RUN = 2000
-MAX_TURN_BYTES = 256 * 1024
 
 
 def _optional(value, kinds, field):

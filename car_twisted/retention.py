@@ -37,21 +37,25 @@ class Retention(Service):
     whenever L{prune_method} is called.
 
     @param clock: schedules the passes and tells the time (C{seconds()}).
-    @param authenticator: who may call ``runs.prune``: the host, or anyone
-        when auth is off.
+    @param policy: the L{car_twisted.access.AccessPolicy}: who may call
+        ``runs.prune``.
     """
 
-    def __init__(self, store, clock, authenticator, days=None, batch=DEFAULT_BATCH,
+    def __init__(self, store, clock, policy, days=None, batch=DEFAULT_BATCH,
                  interval=DEFAULT_INTERVAL):  # fmt: skip
         self._store = store
         self._clock = clock
-        self._authenticator = authenticator
+        self._policy = policy
         self.days = days
         self._batch = batch
         self._interval = interval
         self._loop = None
         self._passes = set()  # Deferreds of the prunes under way
         self._stopping = False
+
+    def methods(self) -> dict:
+        """The methods it serves, by wire name."""
+        return {"runs.prune": self.prune_method}
 
     def startService(self):
         super().startService()
@@ -109,7 +113,7 @@ class Retention(Service):
 
     async def prune_method(self, session, params: dict) -> dict:
         """``runs.prune``: C{older_than_days} (a number above 0), C{dry_run}."""
-        if self._authenticator.enabled and session.role != "host":
+        if not self._policy.may_prune(session):
             raise RunRefused("runs.prune is for the host: authenticate with the host token first")
         days = params.get("older_than_days")
         if type(days) not in (int, float) or not 0 < days <= MAX_DAYS:

@@ -20,6 +20,8 @@ class Session:
     role: Optional[str] = None
     #: Whether a session.auth succeeded (with auth on).
     authenticated: bool = False
+    #: session.auth calls refused for a token mismatch.
+    auth_failures: int = 0
     capabilities: frozenset = frozenset()
     current_run_id: Optional[str] = None
     #: Ids of the open runs this session is producing.

@@ -1,40 +1,51 @@
 """
-``twistd car``: command-line options and the service they build.
+``twistd car``: the command-line options, and the composition root that
+builds every part of the daemon from them and wires the parts together.
 """
 
 import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
-from car_twisted.auth import (
-    HOST_TOKEN_FILE,
-    SECRET_ENV,
-    SECRET_FILE,
-    Authenticator,
-    TokenFileError,
-)
+from car_twisted import __version__
+from car_twisted.access import AccessPolicy
+from car_twisted.auth import HOST_TOKEN_FILE, SECRET_ENV, SECRET_FILE, Authenticator, TokenFileError
+from car_twisted.data_dir import default_data_dir
 from car_twisted.export.otlp import RunExporter, otlp_exporter, traces_endpoint
+from car_twisted.fanout import TraceFanout
+from car_twisted.handshake import handshake
+from car_twisted.jsonrpc import Dispatcher
 from car_twisted.limits import WireLimits
+from car_twisted.metrics import DaemonMetrics
 from car_twisted.protocol import RunTracingFactory
-from car_twisted.registry import DEFAULT_GRACE, RunRegistry
+from car_twisted.reads import RunReader
 from car_twisted.retention import Retention
+from car_twisted.runs import DEFAULT_GRACE, RunService
+from car_twisted.service import CannotStart, DaemonService
 from car_twisted.store.file import DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
-from car_twisted.store.sqlite import SQLiteRunStore
+from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
+from car_twisted.web.health import DaemonHealth
+from car_twisted.web.live import DashboardFactory, read_methods
+from car_twisted.web.login import DashboardLogin
+from car_twisted.web.site import dashboard_site
 
 log = Logger()
 
 DEFAULT_LISTEN = "tcp:9100:interface=127.0.0.1"
+#: The HTTP side (dashboard, health, metrics): the WebSocket port + 1.
+DEFAULT_HTTP = "tcp:9101:interface=127.0.0.1"
 
-#: --store name -> f(reactor, options) returning the store, or a Deferred of it.
+#: --store name -> f(reactor, options) returning the (not yet open) store.
 STORES = {
-    "file": lambda reactor, options: FileRunStore.open(
-        reactor, options["data-dir"], options["durability"]
-    ),
+    "file": lambda reactor, options: FileRunStore(reactor, options["data-dir"], options["durability"]),
     "memory": lambda reactor, options: MemoryRunStore(),
     "sqlite": lambda reactor, options: SQLiteRunStore(options["data-dir"], reactor),
 }
@@ -59,16 +70,14 @@ LIMIT_OPTIONS = {
     "max-batch": ("max_batch", int, 1, "Requests in one JSON-RPC batch; a longer batch gets one -32600 error and nothing runs."),
     "max-depth": ("max_depth", int, 2, f"Nesting of arrays and objects in one frame (at most {MAX_DEPTH}); deeper frames get -32600."),
     "max-in-flight": ("max_in_flight", int, 1, "Frames of one session handled at once; past it the daemon stops reading that client until answers drain."),
+    "max-unsent-bytes": ("max_unsent_bytes", int, 64 * 1024, "Bytes of answers and events one session has not yet been sent; past it the daemon stops reading that client until they drain."),
+    "auth-timeout": ("auth_timeout", float, 1, "Seconds a client has, with auth on, to succeed at session.auth after connecting; then it is closed with 4001."),
 }
-
-
-def default_data_dir(environ=os.environ) -> str:
-    return environ.get("CAR_HOME") or os.path.expanduser("~/.car")
 
 
 class Options(usage.Options):
     synopsis = (
-        "[--listen ENDPOINT]... [--store file|memory|sqlite] [--durability fsync|none] "
+        "[--listen ENDPOINT]... [--http ENDPOINT|none] [--store file|memory|sqlite] [--durability fsync|none] "
         "[--data-dir DIR] [--grace SECONDS] [--no-auth] [--retain-days N] "
         "[--otlp-endpoint URL [--otlp-content]] [LIMIT OPTIONS]"
     )
@@ -82,6 +91,7 @@ class Options(usage.Options):
         ["data-dir", None, None, "Where runs and tokens are kept [default: $CAR_HOME or ~/.car]."],
         ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
+        ["http", None, DEFAULT_HTTP, "Endpoint of the dashboard, /healthz and /metrics (none: no HTTP side)."],
         ["otlp-endpoint", None, None, "Export every run as it ends to this OpenTelemetry collector (base URL; spans go to URL/v1/traces) [default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off]. See docs/export.md."],
         ["retain-days", None, None, "Prune ended runs older than this many days, in the background [default: keep forever].", int],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
@@ -93,6 +103,16 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+
+    def parseOptions(self, options=None):
+        """
+        Parse the command line; a bad option ends the process with one line
+        naming it (twistd would print its whole help first) and status 1.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"car-twisted: {e} (twistd car --help lists the options)")
 
     def opt_listen(self, description):
         """Endpoint to listen on (repeatable) [default: tcp:9100:interface=127.0.0.1]."""
@@ -119,6 +139,13 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--listen {description!r} is not a server endpoint: {e}")
         self["endpoints"] = endpoints
+        if self["http"] == "none":
+            self["http-endpoint"] = None
+        else:
+            try:
+                self["http-endpoint"] = serverFromString(reactor, self["http"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"--http {self['http']!r} is not a server endpoint (or none): {e}")
         self["data-dir"] = os.path.abspath(self["data-dir"] or default_data_dir())
         try:
             self["otlp-traces-endpoint"] = traces_endpoint(self["otlp-endpoint"])
@@ -134,123 +161,206 @@ class Options(usage.Options):
         return WireLimits(**{field: self[name] for name, (field, _, _, _) in LIMIT_OPTIONS.items()})
 
 
-class DaemonService(Service):
+def wire_methods(authenticator, runs, reader, retention) -> dict:
+    """The JSON-RPC method table: wire name -> method, from their owners."""
+    return {
+        "session.auth": authenticator.authenticate,
+        "server.handshake": handshake,
+        **runs.methods(),
+        **reader.methods(),
+        **retention.methods(),
+    }
+
+
+def _authenticator(options, environ) -> Authenticator:
     """
-    Loads the auth secrets, opens the store, ends the runs the last daemon
-    left open, then listens on every endpoint; undoes it on stop. C{environ}
-    is where C{CAR_AUTH_TOKEN} is looked up.
+    The daemon's authenticator; the secrets are made at first start. Logs
+    where the tokens are, never the tokens.
     """
+    if options["no-auth"]:
+        log.warn("car-twisted: auth is OFF (--no-auth): every session is accepted")
+        return Authenticator.disabled()
+    data_dir = options["data-dir"]
+    authenticator = Authenticator.from_data_dir(data_dir, environ)
+    log.info(
+        "car-twisted: auth on; agent tokens derive from {secret}, the host token is in {host}",
+        secret=f"${SECRET_ENV}" if environ.get(SECRET_ENV) else os.path.join(data_dir, SECRET_FILE),
+        host=os.path.join(data_dir, HOST_TOKEN_FILE),
+    )
+    return authenticator
 
-    def __init__(self, options, reactor, environ=os.environ):
-        self._options = options
-        self._reactor = reactor
-        self._environ = environ
-        self._ports = []
-        self.registry = None
-        self.factory = None
-        #: The L{RunExporter}, when OTLP export is on.
-        self.exporter = None
-        self.retention = None
-        self.ready = None
 
-    def startService(self):
-        super().startService()
-        self.ready = Deferred.fromCoroutine(self._start())
-        self.ready.addErrback(self._failed_to_start)
+@dataclass(frozen=True)
+class Daemon:
+    """The parts of one daemon, wired."""
 
-    async def _start(self):
-        options = self._options
-        authenticator = self._authenticator()
-        store = await maybeDeferred(STORES[options["store"]], self._reactor, options)
-        self.registry = RunRegistry(
-            store, self._reactor, options["grace"], authenticator=authenticator
+    store: object
+    fanout: TraceFanout
+    runs: RunService
+    reader: RunReader
+    #: The JSON-RPC method table the dispatcher serves.
+    methods: dict
+    dispatcher: Dispatcher
+    factory: RunTracingFactory
+    metrics: DaemonMetrics
+    #: The dashboard's WebSocket sessions (``/ws``): the host, reading.
+    dashboard: DashboardFactory
+    #: Prunes old ended runs (``--retain-days``, ``runs.prune``).
+    retention: Retention
+    #: Exports each run as it ends (``--otlp-endpoint``), if on.
+    exporter: Optional[RunExporter] = None
+
+
+def assemble(
+    store,
+    clock,
+    authenticator: Authenticator,
+    limits: WireLimits = WireLimits(),
+    grace: float = DEFAULT_GRACE,
+    environ=os.environ,
+    exporter: Optional[RunExporter] = None,
+    retain_days: Optional[int] = None,
+) -> Daemon:
+    """
+    Wire a daemon's parts around C{store}: the run service and the reader
+    share the followers and the access policy, the dispatcher serves their
+    methods, the retention's and C{authenticator}'s, the factory serves the
+    dispatcher; the dashboard's factory serves a dispatcher of the read
+    methods only. All count in one L{DaemonMetrics}. C{environ} is where
+    C{CAR_AGENT_ID} is looked up. C{exporter} (if any) is told of each run
+    that ends; C{retain_days} (if any) prunes in the background.
+    """
+    metrics = DaemonMetrics()
+    if hasattr(store, "on_commit"):
+        # The disk stores report each commit's size and time.
+        store.on_commit = metrics.commit
+    fanout = TraceFanout()
+    policy = AccessPolicy(authenticator.enabled)
+    observers = ()
+    if exporter is not None:
+        metrics.watch_export(exporter)
+        observers = (exporter.run_ended,)
+    runs = RunService(
+        store, fanout, policy, clock, grace, environ, metrics=metrics, run_ended_observers=observers
+    )
+    metrics.watch(runs)
+    reader = RunReader(store, fanout, policy)
+    retention = Retention(store, clock, policy, days=retain_days)
+    methods = wire_methods(authenticator, runs, reader, retention)
+    dispatcher = Dispatcher(methods, authenticator.admit, limits, metrics.error)
+    factory = RunTracingFactory(
+        dispatcher, runs, limits, clock, authenticator.enabled, metrics=metrics
+    )
+    dashboard = DashboardFactory(
+        Dispatcher(read_methods(methods), limits=limits, on_error=metrics.error),
+        runs,
+        limits,
+        clock,
+        metrics=metrics,
+    )
+    return Daemon(
+        store, fanout, runs, reader, methods, dispatcher, factory, metrics, dashboard, retention, exporter
+    )
+
+
+def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
+    """
+    The composition root: the daemon's service tree, from its options.
+    C{environ} is where C{CAR_AUTH_TOKEN} and C{CAR_AGENT_ID} are looked up.
+    """
+    authenticator = _authenticator(options, environ)
+    store = STORES[options["store"]](reactor, options)
+    exporter = None
+    if options["otlp-traces-endpoint"] is not None:
+        exporter = RunExporter(
+            reactor, store, otlp_exporter(options["otlp-traces-endpoint"]), options["otlp-content"]
         )
-        self.retention = Retention(
-            store, self._reactor, authenticator, days=options["retain-days"]
-        )
-        self.registry.extra_methods["runs.prune"] = self.retention.prune_method
-        self.factory = factory = RunTracingFactory(self.registry, options["limits"])
-        endpoint = options["otlp-traces-endpoint"]
-        if endpoint is not None:
-            self.exporter = RunExporter(
-                self._reactor, store, otlp_exporter(endpoint), content=options["otlp-content"]
-            )
-            self.exporter.startService()
-            self.registry.run_ended_observers.append(self.exporter.run_ended)
-            log.info("car-twisted: runs are exported to {endpoint} as they end", endpoint=endpoint)
+    parts = assemble(
+        store,
+        reactor,
+        authenticator,
+        options["limits"],
+        options["grace"],
+        environ,
+        exporter,
+        options["retain-days"],
+    )
+    daemon = DaemonService(parts.store, parts.runs)
+    daemon.maintain(parts.retention)
+    if exporter is not None:
+        daemon.export(exporter)
         log.info(
-            "car-twisted: {store} store, data in {data_dir}, auth {auth}",
-            store=options["store"],
-            data_dir=options["data-dir"],
-            auth="off" if options["no-auth"] else "on",
+            "car-twisted: runs are exported to {endpoint} as they end",
+            endpoint=options["otlp-traces-endpoint"],
         )
-        recovered = await self.registry.recover()
-        log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
-        self.retention.startService()
-        for description, endpoint in zip(options["listen"], options["endpoints"]):
-            port = await endpoint.listen(factory)
-            self._ports.append(port)
-            log.info("car-twisted listening on {endpoint} ({address})", endpoint=description, address=port.getHost())
-
-    def _authenticator(self):
-        """
-        The daemon's authenticator; the secrets are made at first start.
-        Logs where the tokens are, never the tokens.
-        """
-        if self._options["no-auth"]:
-            log.warn("car-twisted: auth is OFF (--no-auth): every session is accepted")
-            return Authenticator.disabled()
-        data_dir = self._options["data-dir"]
-        authenticator = Authenticator.from_data_dir(data_dir, self._environ)
-        log.info(
-            "car-twisted: auth on; agent tokens derive from {secret}, the host token is in {host}",
-            secret=(
-                f"${SECRET_ENV}"
-                if self._environ.get(SECRET_ENV)
-                else os.path.join(data_dir, SECRET_FILE)
-            ),
-            host=os.path.join(data_dir, HOST_TOKEN_FILE),
+    for description, endpoint in zip(options["listen"], options["endpoints"]):
+        daemon.listen(description, endpoint, parts.factory)
+    if options["http-endpoint"] is not None:
+        health = DaemonHealth(parts.runs, options["store"], lambda: daemon.stopping)
+        site = dashboard_site(
+            DashboardLogin(authenticator.host_token), health, parts.metrics, parts.dashboard
         )
-        return authenticator
-
-    def _failed_to_start(self, failure):
-        if failure.check(TokenFileError):
-            log.critical("car-twisted could not start: {error}", error=failure.value)
-        else:
-            log.failure("car-twisted could not start", failure)
-        self._reactor.stop()
-
-    def stopService(self):
-        """
-        Graceful stop (SIGTERM): stop accepting connections, answer every
-        request in flight, close the connections, then flush and close the
-        store. Runs still open stay open; the next start ends them
-        incomplete.
-        """
-        super().stopService()
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self):
-        if self.ready is not None:
-            await self.ready
-        ports, self._ports = self._ports, []
-        await gatherResults([port.stopListening() for port in ports])
-        if self.factory is not None:
-            log.info(
-                "car-twisted stopping: answering the requests in flight on {count} connections",
-                count=len(self.factory.connections),
-            )
-            await self.factory.stop_serving()
-        if self.retention is not None:
-            await self.retention.stopService()
-        if self.registry is not None:
-            await self.registry.stop()
-        if self.exporter is not None:
-            await self.exporter.stopService()
-        log.info("car-twisted stopped: the store is closed")
+        daemon.serve_http(options["http"], options["http-endpoint"], site, parts.dashboard)
+    log.info(
+        "car-twisted {version}: {store} store, data in {data_dir}, auth {auth}",
+        version=__version__,
+        store=options["store"],
+        data_dir=options["data-dir"],
+        auth="off" if options["no-auth"] else "on",
+    )
+    return daemon
 
 
 def makeService(options):
+    """
+    The daemon twistd runs. A daemon that cannot start says why in one line
+    on stderr and exits 1, whether it fails here (the secrets) or once
+    started (the store, recovery, a listener).
+    """
     from twisted.internet import reactor
 
-    return DaemonService(options, reactor, os.environ)
+    try:
+        daemon = build_daemon(options, reactor, os.environ)
+    except EXPLAINED_START_FAILURES as e:
+        raise SystemExit(f"car-twisted could not start: {_one_line(Failure(e))}")
+    daemon.start_failed = lambda failure: exit_process(reactor, failure)
+    return daemon
+
+
+#: Start failures whose message says all there is to say: no traceback.
+EXPLAINED_START_FAILURES = (OSError, RuntimeError, TokenFileError, RunDatabaseError, CannotStart)
+
+
+def _one_line(failure) -> str:
+    return " ".join(failure.getErrorMessage().split()) or failure.type.__name__
+
+
+def exit_process(reactor, failure) -> None:
+    """
+    End a daemon that could not start, so a supervisor sees it: one line on
+    the process's stderr (twistd sends C{sys.stderr} to the log), a clean
+    stop once the reactor runs (a stop before it runs would hang), then exit
+    status 1 (twistd exits 0 after any stop).
+    """
+    reason = _one_line(failure)
+    if not failure.check(*EXPLAINED_START_FAILURES):
+        log.failure("car-twisted could not start", failure)
+    log.error("car-twisted could not start: {reason}", reason=reason)
+    sys.__stderr__.write(f"car-twisted could not start: {reason}\n")
+    sys.__stderr__.flush()
+    reactor.addSystemEventTrigger("after", "shutdown", _exit, 1)
+    reactor.callWhenRunning(_stop_reactor, reactor)
+
+
+def _stop_reactor(reactor) -> None:
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping: the shutdown trigger still exits
+
+
+def _exit(status: int) -> None:
+    """Exit now, the log written out: the services have stopped."""
+    for stream in (sys.__stdout__, sys.__stderr__):
+        stream.flush()
+    os._exit(status)

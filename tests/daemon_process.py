@@ -1,6 +1,7 @@
 """
 The real daemon (``twistd -n car``) in a child process, for tests that kill
-it. Any ``--store`` name works: the same harness runs every store.
+it. Any ``--store`` name works: the same harness runs every store. It also
+serves its HTTP side (dashboard, health, metrics) on an ephemeral port.
 """
 
 import os
@@ -16,15 +17,16 @@ import car_twisted
 #: Where the source tree is, so the child imports this checkout.
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(car_twisted.__file__)))
 _LISTENING = re.compile(rb"car-twisted listening on .*port=(\d+)")
+_DASHBOARD = re.compile(rb"car-twisted dashboard on .*port=(\d+)")
 
 
-def daemon_command(store: str, data_dir: str, *extra: str) -> list:
-    """The command line of a daemon on an ephemeral loopback port."""
+def daemon_command(store: str, data_dir: str, *extra: str, auth: bool = False) -> list:
+    """The command line of a daemon on ephemeral loopback ports."""
     return [
         sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
         "-n", "--pidfile=",
-        "car", "--no-auth", "--store", store, "--data-dir", data_dir,
-        "--listen", "tcp:0:interface=127.0.0.1", *extra,
+        "car", *([] if auth else ["--no-auth"]), "--store", store, "--data-dir", data_dir,
+        "--listen", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1", *extra,
     ]  # fmt: skip
 
 
@@ -35,13 +37,15 @@ def daemon_environment() -> dict:
 class DaemonProcess(ProcessProtocol):
     """
     A daemon child process. C{await start()} fires with the port it listens
-    on (read from its log); C{ended} fires when the process is gone.
+    on (read from its log), once its HTTP side (C{http_port}) listens too;
+    C{ended} fires when the process is gone.
     """
 
-    def __init__(self, store: str, data_dir: str, *extra: str):
-        self.command = daemon_command(store, data_dir, *extra)
+    def __init__(self, store: str, data_dir: str, *extra: str, auth: bool = False):
+        self.command = daemon_command(store, data_dir, *extra, auth=auth)
         self.output = b""
         self.port = None
+        self.http_port = None
         #: The exit code once the process is gone (None if a signal ended it).
         self.exit_code = None
         #: The signal that ended the process, if one did.
@@ -60,7 +64,9 @@ class DaemonProcess(ProcessProtocol):
     def outReceived(self, data):
         self.output += data
         match = _LISTENING.search(self.output)
-        if match and not self._listening.called:
+        dashboard = _DASHBOARD.search(self.output)
+        if match and dashboard and not self._listening.called:
+            self.http_port = int(dashboard.group(1))
             self._listening.callback(int(match.group(1)))
 
     errReceived = outReceived

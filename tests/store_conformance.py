@@ -6,7 +6,7 @@ defines C{make_store()} (returning a store, or a Deferred/coroutine of one)
 and closes it in a cleanup.
 """
 
-from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.defer import gatherResults
 from zope.interface.verify import verifyObject
 
 from car_twisted.interfaces import (
@@ -44,8 +44,16 @@ def turn(prompt="p"):
 
 
 class RunStoreConformance:
+    """
+    The IRunStore contract. A test case mixes it in and defines
+    C{make_store()}, returning a new store that is not yet open (and
+    arranging for it to be closed).
+    """
+
     async def _store(self):
-        return await maybeDeferred(self.make_store)
+        store = self.make_store()
+        await store.open()
+        return store
 
     async def test_provides_interface(self):
         """The store and the summaries it returns provide what they claim."""
@@ -90,16 +98,19 @@ class RunStoreConformance:
         self.assertEqual((await store.get_run(record["run_id"])).intent, "first")
 
     async def test_turns_are_indexed_per_run(self):
-        """Turns get 0-based indices on one sequence per run; the base index
-        of each append is returned."""
+        """Turns get 0-based indices on one sequence per run; each append
+        returns the records it stored, stamped, as they read back."""
         store = await self._store()
         a, b = started(), started()
         await store.start_run(a)
         await store.start_run(b)
-        self.assertEqual(await store.append_turns(a["run_id"], [turn("1"), turn("2")], 10), 0)
-        self.assertEqual(await store.append_turns(b["run_id"], [turn("x")], 10), 0)
-        self.assertEqual(await store.append_turns(a["run_id"], [turn("3")], 10), 2)
+        first = await store.append_turns(a["run_id"], [turn("1"), turn("2")], 10)
+        self.assertEqual([r["index"] for r in first], [0, 1])
+        self.assertEqual([r["index"] for r in await store.append_turns(b["run_id"], [turn("x")], 10)], [0])
+        last = await store.append_turns(a["run_id"], [turn("3")], 10)
+        self.assertEqual([r["index"] for r in last], [2])
         records, cursor = await store.read_records(a["run_id"], 0, 100)
+        self.assertEqual(records[1:], first + last)
         self.assertEqual([r.get("index") for r in records], [None, 0, 1, 2])
         self.assertEqual([r.get("prompt") for r in records[1:]], ["1", "2", "3"])
         self.assertEqual(cursor, 4)
@@ -114,7 +125,7 @@ class RunStoreConformance:
         with self.assertRaises(TurnLimitReached):
             await store.append_turns(record["run_id"], [turn()] * 2, 4)
         self.assertEqual((await store.get_run(record["run_id"])).turn_count, 3)
-        self.assertEqual(await store.append_turns(record["run_id"], [turn()], 4), 3)
+        self.assertEqual((await store.append_turns(record["run_id"], [turn()], 4))[0]["index"], 3)
 
     async def test_first_terminal_record_wins(self):
         """Once ended, a run refuses another end and more turns, unchanged."""
@@ -162,7 +173,9 @@ class RunStoreConformance:
                 store.end_run(run_id, ended_record("incomplete", reason="x")),
             ]
         )
-        self.assertEqual(results, [None, 0, 1, None])
+        self.assertEqual(results[0], None)
+        self.assertEqual([[r["index"] for r in results[n]] for n in (1, 2)], [[0], [1]])
+        self.assertEqual(results[3], None)
         records, _ = await store.read_records(run_id, 0, 10)
         self.assertEqual([r["record"] for r in records], ["started", "turn", "turn", "ended"])
 
@@ -210,6 +223,10 @@ class RunStoreConformance:
         page[0]["intent"] = "changed again"
         page, _ = await store.read_records(record["run_id"], 0, 1)
         self.assertEqual(page[0]["intent"], "do it")
+        (stamped,) = await store.append_turns(record["run_id"], [turn("p")], 10)
+        stamped["prompt"] = "changed by caller"
+        page, _ = await store.read_records(record["run_id"], 1, 1)
+        self.assertEqual(page[0]["prompt"], "p")
 
     async def test_list_runs_newest_first_with_cursor(self):
         """An agent's runs page newest first (start order breaks ties within
@@ -249,6 +266,28 @@ class RunStoreConformance:
         self.assertEqual(seen, ended[::-1])
         page, _ = await store.list_runs("agent-a", None, 10, "in_progress")
         self.assertEqual(len(page), 3)
+
+    async def test_list_runs_of_every_agent(self):
+        """With agent None: every agent's runs, newest first, paged, and
+        filtered by status (the runs ended later move to their status)."""
+        store = await self._store()
+        ids = []
+        for i in range(5):
+            record = started(agent_id=f"agent-{i % 2}")
+            await store.start_run(record)
+            ids.append(record["run_id"])
+        await store.end_run(ids[1], ended_record("incomplete", reason="x"))
+        seen, cursor = [], None
+        while True:
+            page, cursor = await store.list_runs(None, cursor, 2, None)
+            seen.extend(s.run_id for s in page)
+            if cursor is None:
+                break
+        self.assertEqual(seen, ids[::-1])
+        page, _ = await store.list_runs(None, None, 10, "incomplete")
+        self.assertEqual([s.run_id for s in page], [ids[1]])
+        page, _ = await store.list_runs(None, None, 10, "in_progress")
+        self.assertEqual([s.run_id for s in page], [ids[4], ids[3], ids[2], ids[0]])
 
     async def test_list_runs_bad_cursor(self):
         """A cursor the store never issued fails ValueError."""
@@ -330,6 +369,10 @@ class RunStoreConformance:
         page, _ = await store.list_runs("agent-a", None, 10, None)
         self.assertEqual([s.run_id for s in page], [ids["recent"], ids["open"]])
         self.assertEqual((await store.list_runs("agent-b", None, 10, None))[0], [])
+        everyone, _ = await store.list_runs(None, None, 10, None)
+        self.assertEqual([s.run_id for s in everyone], [ids["recent"], ids["open"]])
+        ended, _ = await store.list_runs(None, None, 10, "incomplete")
+        self.assertEqual([s.run_id for s in ended], [ids["recent"]])
         self.assertEqual([s.run_id for s in await store.open_runs()], [ids["open"]])
         records, _ = await store.read_records(ids["recent"], 0, 10)
         self.assertEqual([r["record"] for r in records], ["started", "turn", "ended"])
@@ -363,3 +406,15 @@ class RunStoreConformance:
         self.assertIsNone(cursor)
         incomplete, _ = await store.list_runs("agent-a", None, 10, "incomplete")
         self.assertEqual([s.run_id for s in incomplete], [ids["recent"]])
+
+    async def test_every_agent_cursor_survives_prune(self):
+        """A list_runs cursor over every agent's runs, handed out before a
+        prune, pages on past the pruned runs."""
+        store = await self._store()
+        ids = await self._runs_for_pruning(store)
+        first, cursor = await store.list_runs(None, None, 1, None)
+        self.assertEqual([s.run_id for s in first], [ids["other"]])
+        await store.prune_runs("2021-01-01T00:00:00.000Z", 10)
+        rest, cursor = await store.list_runs(None, cursor, 10, None)
+        self.assertEqual([s.run_id for s in rest], [ids["recent"], ids["open"]])
+        self.assertIsNone(cursor)

@@ -1,8 +1,10 @@
 """
-Test support: a real daemon on a loopback port and a real WebSocket client.
+Test support: the daemon's parts in process (semantics, no socket), a real
+daemon on a loopback port and a real WebSocket client (what only the wire
+shows).
 
-The registry runs on a L{Clock} so tests move the grace window by hand,
-while the sockets use the real reactor.
+Both run the run service on a L{Clock}, so tests move the grace window by
+hand, while the sockets use the real reactor.
 """
 
 import json
@@ -16,12 +18,12 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.task import Clock, deferLater
 
-from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_token
+from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_token, new_token
 from car_twisted.jsonrpc import Dispatcher
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
-from car_twisted.registry import RunRegistry
 from car_twisted.store.memory import MemoryRunStore
+from car_twisted.tap import assemble
 
 SUCCESS_OUTCOME = {
     "status": "success",
@@ -103,6 +105,10 @@ class RPCClient:
         """The next frame the daemon sent, decoded."""
         return self.protocol.frames.get()
 
+    def unread(self):
+        """The frames the daemon sent that were not received yet, decoded."""
+        return list(self.protocol.frames.pending)
+
     async def call_raw(self, method, params=None):
         self.request(method, params)
         return await self.receive()
@@ -157,43 +163,148 @@ class HeldStore:
             getattr(self._store, name)(*args).chainDeferred(d)
 
 
-class LoopbackDaemon:
+class InProcessDaemon:
     """
-    A registry on a memory store, served on an ephemeral loopback port.
-
-    Without an C{authenticator} every session is accepted (``--no-auth``).
-    C{extra_methods} (wire name -> method) stand in for methods the
-    registry does not have yet.
+    A daemon's parts wired as C{twistd car} wires them, on a memory store
+    (or C{store}) and a L{Clock}, with no socket: each L{InProcessClient}
+    hands its frames straight to the dispatcher, and a memory store
+    answers at once, so semantics tests run without polling. Without an
+    C{authenticator} every session is accepted (``--no-auth``). An
+    C{exporter} is told of every run that ends, as ``--otlp-endpoint``'s.
     """
 
-    def __init__(
-        self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None, limits=None
-    ):
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, limits=None, exporter=None):
         self.clock = Clock()
         self.store = store if store is not None else MemoryRunStore()
-        self.registry = RunRegistry(
+        self.limits = limits or WireLimits()
+        self.authenticator = authenticator or Authenticator.disabled()
+        self.parts = assemble(
             self.store,
             self.clock,
+            self.authenticator,
+            self.limits,
             grace,
             environ if environ is not None else {},
-            authenticator=authenticator,
+            exporter,
         )
-        self.extra_methods = extra_methods or {}
-        self.limits = limits or WireLimits()
-        self.factory = None
-        self.port = None
+        self.runs = self.parts.runs
+        self.dispatcher = self.parts.dispatcher
         self.clients = []
+
+    def session(self, notify=None):
+        """A new session; C{notify(method, params)} receives its notifications."""
+        return self.runs.open_session("in-process", notify or (lambda method, params: None))
+
+    async def connect(self):
+        client = InProcessClient(self)
+        self.clients.append(client)
+        return client
+
+    def only_session(self):
+        (session,) = self.runs.sessions.values()
+        return session
+
+    async def wait_closed(self):
+        """Every client's close reached the run service as it happened."""
+        assert not self.runs.sessions, self.runs.sessions
+
+    async def stop(self):
+        """
+        Close every client, let every window run out, and check that no
+        timer is left behind.
+        """
+        for client in self.clients:
+            await client.drop()
+        self.clock.advance(24 * 3600)
+        assert not self.clock.getDelayedCalls(), self.clock.getDelayedCalls()
+
+
+class InProcessClient(RPCClient):
+    """
+    L{RPCClient}'s calls on one session of an L{InProcessDaemon}: each frame
+    goes to the dispatcher, each answer and notification comes back in the
+    order it is ready, as the protocol would send them. When an answer says
+    to close the connection (C{Reply.close_code}), the client records the
+    code and closes: the run service hears it at once, and frames sent
+    afterwards are not handled.
+    """
+
+    def __init__(self, daemon):
+        super().__init__(None)
+        self._daemon = daemon
+        self._frames = DeferredQueue()
+        self.closed = False
+        #: The code the daemon closed this connection with, if it did.
+        self.close_code = None
+        self.session = daemon.runs.open_session("in-process", self._notify)
+
+    def _notify(self, method, params):
+        self._frames.put({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def send_text(self, text):
+        if self.closed:
+            return
+        payload = text.encode() if isinstance(text, str) else text
+        d = self._daemon.dispatcher.dispatch(self.session, payload)
+        d.addCallback(self._answer)
+
+    def _answer(self, reply):
+        if self.closed:
+            return
+        if reply.frame is not None:
+            self._frames.put(json.loads(reply.frame))
+        if reply.close_code is not None:
+            self.close_code = reply.close_code
+            self._close()
+
+    def receive(self):
+        return self._frames.get()
+
+    def unread(self):
+        return list(self._frames.pending)
+
+    async def closed_by_daemon(self, timeout=None):
+        """
+        The code the daemon closed this connection with; it must have by
+        now, as nothing in process waits on a socket.
+        """
+        assert self.close_code is not None, "the daemon did not close the connection"
+        return self.close_code
+
+    def _close(self):
+        if not self.closed:
+            self.closed = True
+            self._daemon.runs.close_session(self.session)
+
+    async def close(self):
+        """The connection closes: the run service hears it at once."""
+        self._close()
+
+    drop = close
+
+
+class LoopbackDaemon(InProcessDaemon):
+    """
+    An L{InProcessDaemon} served on an ephemeral loopback port.
+
+    C{extra_methods} (wire name -> method) stand in for methods the daemon
+    does not have yet.
+    """
+
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None, limits=None, exporter=None):
+        super().__init__(store, grace, environ, authenticator, limits, exporter)
+        self.factory = self.parts.factory
+        if extra_methods:
+            methods = {**self.parts.methods, **extra_methods}
+            dispatcher = Dispatcher(methods, self.authenticator.admit, self.limits)
+            self.factory = RunTracingFactory(
+                dispatcher, self.runs, self.limits, self.clock, self.authenticator.enabled
+            )
+        self.port = None
 
     async def start(self):
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        self.factory = factory = RunTracingFactory(self.registry, self.limits)
-        if self.extra_methods:
-            factory.dispatcher = Dispatcher(
-                {**self.registry.methods(), **self.extra_methods},
-                self.registry.authenticator.admit,
-                self.limits,
-            )
-        self.port = await endpoint.listen(factory)
+        self.port = await endpoint.listen(self.factory)
         return self
 
     @property
@@ -205,13 +316,9 @@ class LoopbackDaemon:
         self.clients.append(client)
         return client
 
-    def only_session(self):
-        (session,) = self.registry.sessions.values()
-        return session
-
     async def wait_closed(self):
         """Wait until the daemon has seen every connection close."""
-        await wait_for(lambda: not self.registry.sessions, "sessions to close")
+        await wait_for(lambda: not self.runs.sessions, "sessions to close")
 
     async def stop(self):
         """
@@ -234,6 +341,13 @@ async def serve(testcase, **kwargs):
     return daemon
 
 
+def in_process(testcase, **kwargs) -> InProcessDaemon:
+    """An L{InProcessDaemon} that stops when C{testcase} ends."""
+    daemon = InProcessDaemon(**kwargs)
+    testcase.addCleanup(daemon.stop)
+    return daemon
+
+
 def private_dir(testcase) -> str:
     """A fresh temporary directory, removed when C{testcase} ends."""
     path = tempfile.mkdtemp(prefix="car-twisted-test-")
@@ -242,16 +356,32 @@ def private_dir(testcase) -> str:
 
 
 class AuthDaemon:
-    """A loopback daemon with auth on, and its secrets as files hold them."""
+    """
+    A daemon with auth on, and its secrets: in process (L{in_process}) they
+    are held in memory; on a loopback port (L{serve}) they are made in a
+    private data directory, C{data_dir}, as C{twistd car} makes them.
+    """
+
+    def __init__(self, secret, host_token, data_dir=None):
+        self.secret = secret
+        self.host_token = host_token
+        self.data_dir = data_dir
+        self.authenticator = Authenticator(secret, host_token)
+        self.daemon = None
 
     @classmethod
-    async def serve(cls, testcase, **kwargs):
-        self = cls()
-        self.data_dir = data_dir = private_dir(testcase)
-        authenticator = Authenticator.from_data_dir(data_dir, {})
-        self.secret = _read(os.path.join(data_dir, SECRET_FILE))
-        self.host_token = _read(os.path.join(data_dir, HOST_TOKEN_FILE))
-        self.daemon = await serve(testcase, authenticator=authenticator, **kwargs)
+    def in_process(cls, testcase, **kwargs) -> "AuthDaemon":
+        self = cls(new_token(), new_token())
+        self.daemon = in_process(testcase, authenticator=self.authenticator, **kwargs)
+        return self
+
+    @classmethod
+    async def serve(cls, testcase, **kwargs) -> "AuthDaemon":
+        data_dir = private_dir(testcase)
+        Authenticator.from_data_dir(data_dir, {})
+        secret = _read(os.path.join(data_dir, SECRET_FILE))
+        self = cls(secret, _read(os.path.join(data_dir, HOST_TOKEN_FILE)), data_dir)
+        self.daemon = await serve(testcase, authenticator=self.authenticator, **kwargs)
         return self
 
     async def agent(self, agent_id):

@@ -1,13 +1,19 @@
 """
-session.auth, the auth-required close and who may read and write which
-runs, over a real WebSocket on a loopback port.
+session.auth, the auth-required refusal and who may read and write which
+runs, in process; on a loopback port, what the connection does: the close
+frame after a refusal and the auth deadline.
 """
 
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from car_twisted.auth import agent_token
+from car_twisted.auth import AUTH_FAILURE_LOG_INTERVAL, Authenticator, agent_token
+from car_twisted.errors import AuthFailed
+from car_twisted.limits import WireLimits
+from car_twisted.session import Session
 from car_twisted.store.memory import MemoryRunStore
-from tests.support import SUCCESS_OUTCOME, AuthDaemon, serve
+from tests.support import SUCCESS_OUTCOME, AuthDaemon, in_process
 
 MISMATCH = {"code": -32603, "message": "auth failed: token mismatch"}
 
@@ -34,7 +40,7 @@ class SessionAuthTests(unittest.TestCase):
     async def test_agent_token_binds_the_session(self):
         """{token, agent_id} with the agent's derived token answers
         {ok, auth_enabled, agent_id} and binds the session to that agent."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.daemon.connect()
         result = await ws.call(
             "session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")}
@@ -48,7 +54,7 @@ class SessionAuthTests(unittest.TestCase):
     async def test_wrong_agent_token_is_refused(self):
         """A wrong agent token answers -32603 `auth failed: token mismatch`
         and the session stays unauthenticated."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.daemon.connect()
         answer = await ws.call_raw("session.auth", {"agent_id": "agent-A", "token": "not-the-token"})
         self.assertEqual(answer["error"], MISMATCH)
@@ -57,7 +63,7 @@ class SessionAuthTests(unittest.TestCase):
 
     async def test_token_of_agent_b_cannot_claim_agent_a(self):
         """Agent B's genuine token does not bind a session to agent A."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.daemon.connect()
         answer = await ws.call_raw(
             "session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-B")}
@@ -68,7 +74,7 @@ class SessionAuthTests(unittest.TestCase):
     async def test_missing_token_is_invalid_params(self):
         """session.auth without any token is -32602 naming what to send; the
         session stays unauthenticated."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.daemon.connect()
         answer = await ws.call_raw("session.auth", {"agent_id": "agent-A"})
         self.assertEqual(answer["error"]["code"], -32602)
@@ -77,7 +83,7 @@ class SessionAuthTests(unittest.TestCase):
 
     async def test_non_string_token_is_invalid_params(self):
         """A token that is not a string is -32602, not a crash."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.daemon.connect()
         answer = await ws.call_raw("session.auth", {"agent_id": "agent-A", "token": ["x"]})
         self.assertEqual(answer["error"]["code"], -32602)
@@ -85,7 +91,7 @@ class SessionAuthTests(unittest.TestCase):
 
     async def test_host_token_gives_the_host_role(self):
         """{host_token} answers {ok, auth_enabled, role: "host"}."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.daemon.connect()
         result = await ws.call("session.auth", {"host_token": auth.host_token})
         self.assertEqual(result, {"ok": True, "auth_enabled": True, "role": "host"})
@@ -95,7 +101,7 @@ class SessionAuthTests(unittest.TestCase):
     async def test_wrong_host_token_is_refused(self):
         """A wrong host token, or the daemon secret offered as the host token,
         is a mismatch."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.daemon.connect()
         for guess in ("nope", auth.secret):
             answer = await ws.call_raw("session.auth", {"host_token": guess})
@@ -105,7 +111,7 @@ class SessionAuthTests(unittest.TestCase):
     async def test_daemon_secret_alone_authenticates_without_binding(self):
         """{token} with the daemon secret authenticates with no agent and no
         role; with the host token or an agent token instead, it is a mismatch."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.daemon.connect()
         for guess in (auth.host_token, agent_token(auth.secret, "agent-A")):
             answer = await ws.call_raw("session.auth", {"token": guess})
@@ -118,7 +124,7 @@ class SessionAuthTests(unittest.TestCase):
     async def test_identity_cannot_change(self):
         """A bound session cannot re-authenticate as another agent or the
         host, even with valid tokens; repeating its own auth is fine."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.agent("agent-A")
         other = await ws.call_raw(
             "session.auth", {"agent_id": "agent-B", "token": agent_token(auth.secret, "agent-B")}
@@ -135,6 +141,85 @@ class SessionAuthTests(unittest.TestCase):
 
 
 class AuthRequiredTests(unittest.TestCase):
+    async def test_unknown_method_before_auth_is_auth_required(self):
+        """An unauthenticated session learns nothing about which methods
+        exist: an unknown method is also -32001 and closes."""
+        auth = AuthDaemon.in_process(self)
+        ws = await auth.daemon.connect()
+        answer = await ws.call_raw("no.such.method", {})
+        self.assertEqual(answer["error"]["code"], -32001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_notification_before_auth_closes_silently(self):
+        """A notification before auth gets no answer, but the connection
+        is still closed with 4001."""
+        auth = AuthDaemon.in_process(self)
+        ws = await auth.daemon.connect()
+        ws.send({"jsonrpc": "2.0", "method": "runs.start", "params": {"agent_id": "a", "intent": "x"}})
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        self.assertEqual(ws.unread(), [])
+        self.assertEqual(await auth.daemon.store.open_runs(), [])
+
+    async def test_batch_before_auth_is_answered_then_closed(self):
+        """In a batch, each request before auth gets -32001 in the one answer
+        array, then the connection closes."""
+        auth = AuthDaemon.in_process(self)
+        ws = await auth.daemon.connect()
+        ws.send([
+            {"jsonrpc": "2.0", "id": 1, "method": "server.handshake", "params": {"protocol_version": 3}},
+            {"jsonrpc": "2.0", "id": 2, "method": "runs.list", "params": {"agent_id": "a"}},
+        ])
+        answers = {a["id"]: a for a in await ws.receive()}
+        self.assertIn("result", answers[1])
+        self.assertEqual(answers[2]["error"]["code"], -32001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_handshake_is_allowed_before_auth_and_does_not_authenticate(self):
+        """server.handshake works before session.auth, and the session still
+        needs session.auth afterwards."""
+        auth = AuthDaemon.in_process(self)
+        ws = await auth.daemon.connect()
+        await ws.call("server.handshake", {"protocol_version": 3, "required_capabilities": []})
+        refused = await ws.call_raw("runs.list", {"agent_id": "agent-A"})
+        self.assertEqual(refused["error"]["code"], -32001)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_failed_auth_then_right_token_works(self):
+        """A wrong token does not close the connection; the right one then
+        authenticates."""
+        auth = AuthDaemon.in_process(self)
+        ws = await auth.daemon.connect()
+        wrong = await ws.call_raw("session.auth", {"token": "guess"})
+        self.assertEqual(wrong["error"], MISMATCH)
+        await ws.call("session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")})
+        self.assertTrue((await ws.call("runs.start", {"intent": "after retry"}))["run_id"])
+
+    async def test_batch_stops_at_auth_required(self):
+        """A batch [runs.start, session.auth, runs.start] before auth: the
+        first start is refused -32001, and the requests after it do not run
+        (each is answered the same -32001), so no run is started and the
+        session is not authenticated; then the connection closes with 4001."""
+        auth = AuthDaemon.in_process(self)
+        ws = await auth.daemon.connect()
+        token = agent_token(auth.secret, "agent-A")
+        ws.send([
+            {"jsonrpc": "2.0", "id": 1, "method": "runs.start", "params": {"agent_id": "agent-A", "intent": "early"}},
+            {"jsonrpc": "2.0", "id": 2, "method": "session.auth", "params": {"agent_id": "agent-A", "token": token}},
+            {"jsonrpc": "2.0", "id": 3, "method": "runs.start", "params": {"intent": "late"}},
+        ])
+        answers = await ws.receive()
+        self.assertEqual([a["id"] for a in answers], [1, 2, 3])
+        self.assertEqual([a["error"]["code"] for a in answers], [-32001] * 3)
+        self.assertFalse(ws.session.authenticated)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        self.assertEqual(await auth.daemon.store.open_runs(), [])
+        runs, _ = await auth.daemon.store.list_runs("agent-A", None, 10, None)
+        self.assertEqual(runs, [])
+
+
+class AuthCloseOnTheWireTests(unittest.TestCase):
+    """What the connection does with a refusal that closes it."""
+
     async def test_method_before_auth_is_refused_and_closed(self):
         """runs.start before session.auth answers -32001 `auth required`,
         records nothing, and the daemon closes the connection with 4001."""
@@ -156,69 +241,93 @@ class AuthRequiredTests(unittest.TestCase):
         ws.request("session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")})
         ws.request("runs.start", {"intent": "slipped through"})
         self.assertEqual(await ws.closed_by_daemon(), 4001)
-        (refused,) = ws.protocol.frames.pending
+        (refused,) = ws.unread()
         self.assertEqual(refused["error"]["code"], -32001)
         self.assertEqual(await auth.daemon.store.open_runs(), [])
 
-    async def test_unknown_method_before_auth_is_auth_required(self):
-        """An unauthenticated session learns nothing about which methods
-        exist: an unknown method is also -32001 and closes."""
+
+class AuthDeadlineTests(unittest.TestCase):
+    """The auth deadline is the connection's; it runs on the daemon's Clock."""
+
+    async def test_unauthenticated_session_is_closed_at_the_deadline(self):
+        """With auth on, a session that has not authenticated auth_timeout
+        seconds after the upgrade is closed with 4001 and a reason saying
+        so; until then it stays open."""
+        auth = await AuthDaemon.serve(self, limits=WireLimits(auth_timeout=10))
+        ws = await auth.daemon.connect()
+        (connection,) = auth.daemon.factory.connections
+        auth.daemon.clock.advance(9.9)
+        self.assertEqual(connection.state, connection.STATE_OPEN)
+        self.assertFalse(connection.closing)
+        auth.daemon.clock.advance(0.1)
+        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        self.assertIn("auth timeout", ws.protocol.remoteCloseReason)
+        await auth.daemon.wait_closed()
+        self.assertEqual(auth.daemon.clock.getDelayedCalls(), [])
+
+    async def test_auth_cancels_the_deadline(self):
+        """session.auth cancels the session's deadline: no timer is left and
+        the session outlives it."""
+        auth = await AuthDaemon.serve(self, limits=WireLimits(auth_timeout=10))
+        ws = await auth.daemon.connect()
+        self.assertEqual(len(auth.daemon.clock.getDelayedCalls()), 1)
+        await ws.call("session.auth", {"host_token": auth.host_token})
+        self.assertEqual(auth.daemon.clock.getDelayedCalls(), [])
+        auth.daemon.clock.advance(60)
+        self.assertEqual((await ws.call("runs.list", {"agent_id": "agent-A"}))["runs"], [])
+
+    async def test_close_cancels_the_deadline(self):
+        """A session that closes before its deadline leaves no timer."""
         auth = await AuthDaemon.serve(self)
         ws = await auth.daemon.connect()
-        answer = await ws.call_raw("no.such.method", {})
-        self.assertEqual(answer["error"]["code"], -32001)
+        self.assertEqual(len(auth.daemon.clock.getDelayedCalls()), 1)
+        await ws.close()
+        await auth.daemon.wait_closed()
+        self.assertEqual(auth.daemon.clock.getDelayedCalls(), [])
+
+
+class AuthFailureTests(unittest.TestCase):
+    async def test_third_wrong_token_closes_the_connection(self):
+        """Two token mismatches leave the connection open; the third is
+        answered -32603 saying the connection closes, and it is closed with
+        4001."""
+        auth = AuthDaemon.in_process(self)
+        ws = await auth.daemon.connect()
+        for _ in range(2):
+            self.assertEqual((await ws.call_raw("session.auth", {"token": "guess"}))["error"], MISMATCH)
+        third = await ws.call_raw("session.auth", {"host_token": "guess"})
+        self.assertEqual(third["error"]["code"], -32603)
+        self.assertIn("token mismatch, 3 times on this connection", third["error"]["message"])
         self.assertEqual(await ws.closed_by_daemon(), 4001)
 
-    async def test_notification_before_auth_closes_silently(self):
-        """A notification before auth gets no answer, but the connection
-        is still closed with 4001."""
-        auth = await AuthDaemon.serve(self)
-        ws = await auth.daemon.connect()
-        ws.send({"jsonrpc": "2.0", "method": "runs.start", "params": {"agent_id": "a", "intent": "x"}})
-        self.assertEqual(await ws.closed_by_daemon(), 4001)
-        self.assertEqual(ws.protocol.frames.pending, [])
-        self.assertEqual(await auth.daemon.store.open_runs(), [])
+    def test_refusals_are_logged_at_most_once_per_interval(self):
+        """Many refused tokens log one line; the next line, an interval
+        later, counts the refusals that were not logged."""
+        clock = Clock()
+        authenticator = Authenticator("s" * 43, "h" * 43, seconds=clock.seconds)
+        lines = []
+        observer = lines.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
-    async def test_batch_before_auth_is_answered_then_closed(self):
-        """In a batch, each request before auth gets -32001 in the one answer
-        array, then the connection closes."""
-        auth = await AuthDaemon.serve(self)
-        ws = await auth.daemon.connect()
-        ws.send([
-            {"jsonrpc": "2.0", "id": 1, "method": "server.handshake", "params": {"protocol_version": 3}},
-            {"jsonrpc": "2.0", "id": 2, "method": "runs.list", "params": {"agent_id": "a"}},
-        ])
-        answers = {a["id"]: a for a in await ws.receive()}
-        self.assertIn("result", answers[1])
-        self.assertEqual(answers[2]["error"]["code"], -32001)
-        self.assertEqual(await ws.closed_by_daemon(), 4001)
+        def refuse(n):
+            session = Session(f"client-{n}", "127.0.0.1:1", lambda *_: None)
+            self.assertRaises(AuthFailed, authenticator.authenticate, session, {"token": "guess"})
 
-    async def test_handshake_is_allowed_before_auth_and_does_not_authenticate(self):
-        """server.handshake works before session.auth, and the session still
-        needs session.auth afterwards."""
-        auth = await AuthDaemon.serve(self)
-        ws = await auth.daemon.connect()
-        await ws.call("server.handshake", {"protocol_version": 3, "required_capabilities": []})
-        refused = await ws.call_raw("runs.list", {"agent_id": "agent-A"})
-        self.assertEqual(refused["error"]["code"], -32001)
-        self.assertEqual(await ws.closed_by_daemon(), 4001)
-
-    async def test_failed_auth_then_right_token_works(self):
-        """A wrong token does not close the connection; the right one then
-        authenticates."""
-        auth = await AuthDaemon.serve(self)
-        ws = await auth.daemon.connect()
-        wrong = await ws.call_raw("session.auth", {"token": "guess"})
-        self.assertEqual(wrong["error"], MISMATCH)
-        await ws.call("session.auth", {"agent_id": "agent-A", "token": agent_token(auth.secret, "agent-A")})
-        self.assertTrue((await ws.call("runs.start", {"intent": "after retry"}))["run_id"])
+        for n in range(50):
+            refuse(n)
+            clock.advance(AUTH_FAILURE_LOG_INTERVAL / 100)
+        clock.advance(AUTH_FAILURE_LOG_INTERVAL)
+        refuse(50)
+        refused = [e for e in lines if e.get("log_namespace") == "car_twisted.auth"]
+        self.assertEqual([e["more"] for e in refused], [0, 49])
 
 
 class OwnershipTests(unittest.TestCase):
     async def test_bound_session_cannot_forge_under_another_agent(self):
         """A session bound to A through a real session.auth cannot start a run
         as B: an error, and nothing recorded under B."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws = await auth.agent("agent-A")
         forged = await ws.call_raw("runs.start", {"agent_id": "agent-B", "intent": "forge"})
         self.assertEqual(forged["error"]["code"], -32602)
@@ -229,7 +338,7 @@ class OwnershipTests(unittest.TestCase):
         """A session bound to A asking runs.list for B is refused without the
         store being asked; listing its own agent works (agent_id optional)."""
         store = ListingRecorder()
-        auth = await AuthDaemon.serve(self, store=store)
+        auth = AuthDaemon.in_process(self, store=store)
         await auth.start_run("agent-B")
         ws = await auth.agent("agent-A")
         refused = await ws.call_raw("runs.list", {"agent_id": "agent-B"})
@@ -243,7 +352,7 @@ class OwnershipTests(unittest.TestCase):
     async def test_foreign_run_looks_unknown(self):
         """runs.get_trace of another agent's run answers exactly like an
         unknown run id."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         _, b_run = await auth.start_run("agent-B")
         ws = await auth.agent("agent-A")
         foreign = await ws.call("runs.get_trace", {"run_id": b_run})
@@ -254,7 +363,7 @@ class OwnershipTests(unittest.TestCase):
     async def test_foreign_complete_refused_like_unknown(self):
         """runs.complete on another agent's open run fails with the same
         message as an unknown run, and the run stays open."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         _, b_run = await auth.start_run("agent-B")
         ws = await auth.agent("agent-A")
         foreign = await ws.call_raw("runs.complete", {"run_id": b_run, "outcome": SUCCESS_OUTCOME})
@@ -268,7 +377,7 @@ class OwnershipTests(unittest.TestCase):
 
     async def test_another_session_of_the_same_agent_may_complete(self):
         """A second session bound to the run's agent may complete it."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         _, run_id = await auth.start_run("agent-A")
         other = await auth.agent("agent-A")
         ack = await other.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
@@ -277,7 +386,7 @@ class OwnershipTests(unittest.TestCase):
 
     async def test_host_reads_every_agent(self):
         """The host lists and reads the runs of every agent."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         _, a_run = await auth.start_run("agent-A", "a's run")
         _, b_run = await auth.start_run("agent-B", "b's run")
         host = await auth.host()
@@ -291,7 +400,7 @@ class OwnershipTests(unittest.TestCase):
     async def test_host_cannot_write(self):
         """The host may neither complete an agent's run nor start runs under
         any agent's name."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         _, run_id = await auth.start_run("agent-A")
         host = await auth.host()
         completed = await host.call_raw("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
@@ -305,7 +414,7 @@ class OwnershipTests(unittest.TestCase):
     async def test_daemon_secret_session_reads_all(self):
         """A session holding the daemon secret (which can mint every agent's
         token) reads every agent's runs and may start a run for a named agent."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         _, b_run = await auth.start_run("agent-B")
         ws = await auth.daemon.connect()
         await ws.call("session.auth", {"token": auth.secret})
@@ -319,7 +428,7 @@ class NoAuthTests(unittest.TestCase):
     async def test_session_auth_answers_auth_disabled(self):
         """With auth off, session.auth needs no token and answers
         {ok: true, auth_enabled: false}."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         self.assertEqual(await ws.call("session.auth", {}), {"ok": True, "auth_enabled": False})
         self.assertEqual(
@@ -330,7 +439,7 @@ class NoAuthTests(unittest.TestCase):
     async def test_session_auth_still_binds_the_agent(self):
         """With auth off, session.auth {agent_id} binds the session: runs go
         to that agent and other agents' runs cannot be read."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         other = await daemon.connect()
         b_run = (await other.call("runs.start", {"agent_id": "agent-B", "intent": "b"}))["run_id"]
         ws = await daemon.connect()
@@ -346,7 +455,7 @@ class NoAuthTests(unittest.TestCase):
     async def test_unbound_session_reads_all_without_auth(self):
         """With auth off, a session that never authenticated may call any
         method and reads every agent's runs."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         producer = await daemon.connect()
         run_id = (await producer.call("runs.start", {"agent_id": "agent-B", "intent": "b"}))["run_id"]
         reader = await daemon.connect()

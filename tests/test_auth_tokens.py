@@ -102,6 +102,21 @@ class SecretFileTests(unittest.TestCase):
         self.assertEqual(mode(os.path.join(data_dir, HOST_TOKEN_FILE)), 0o600)
         self.assertEqual(daemon_secret(data_dir, environ), "from-the-environment")
 
+    def test_short_environment_secret_is_refused(self):
+        """A CAR_AUTH_TOKEN under 16 bytes is refused, by the daemon and by
+        the CLI's lookup, with a message naming it and nothing made; 16
+        bytes is enough."""
+        data_dir = private_dir(self)
+        for short in ("x", "é" * 7 + "a"):
+            environ = {"CAR_AUTH_TOKEN": short}
+            error = self.assertRaises(TokenFileError, Authenticator.from_data_dir, data_dir, environ)
+            self.assertIn("$CAR_AUTH_TOKEN is", str(error))
+            self.assertIn("at least 16", str(error))
+            self.assertRaises(TokenFileError, daemon_secret, data_dir, environ)
+        self.assertEqual(os.listdir(data_dir), [])
+        enough = {"CAR_AUTH_TOKEN": "é" * 8}
+        self.assertEqual(Authenticator.from_data_dir(data_dir, enough)._secret, "é" * 8)
+
     def test_empty_environment_variable_is_ignored(self):
         """An empty CAR_AUTH_TOKEN is not a secret: the file is used."""
         data_dir = private_dir(self)

@@ -1,23 +1,23 @@
-"""runs.cancel and runs.resume (capabilities set on the session directly
-here; tests of negotiating them live with server.handshake)."""
+"""runs.cancel and runs.resume, in process (capabilities set on the session
+directly here, and negotiated through server.handshake at the end)."""
 
 import hashlib
 
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial import unittest
 
-from tests.support import SUCCESS_OUTCOME, AuthDaemon, serve, wait_for
+from tests.support import SUCCESS_OUTCOME, AuthDaemon, in_process
 
 START = {"agent_id": "agent-a", "intent": "do it"}
 
 
 def newest_session(daemon):
-    return list(daemon.registry.sessions.values())[-1]
+    return list(daemon.runs.sessions.values())[-1]
 
 
 class CancelTests(unittest.TestCase):
     async def setup_run(self):
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         newest_session(daemon).capabilities = frozenset({"runs.cancel.v1"})
         run_id = (await ws.call("runs.start", START))["run_id"]
@@ -46,7 +46,7 @@ class CancelTests(unittest.TestCase):
 
     async def test_cancel_needs_capability(self):
         """Without runs.cancel.v1 negotiated, runs.cancel is -32008."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         answer = await ws.call_raw("runs.cancel", {"run_id": "x", "idempotency_key": "k"})
         self.assertEqual(answer["error"]["code"], -32008)
@@ -86,7 +86,7 @@ class CancelTests(unittest.TestCase):
 class ResumeTests(unittest.TestCase):
     async def producer_gone(self):
         """A run whose producer negotiated resume and dropped."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         producer = newest_session(daemon)
         producer.capabilities = frozenset({"runs.resume.v1"})
@@ -150,7 +150,7 @@ class ResumeTests(unittest.TestCase):
         self.assertEqual(refused["error"]["message"], f"unknown run {run_id!r}")
 
 
-class NegotiatedOverTheWireTests(unittest.TestCase):
+class NegotiatedTests(unittest.TestCase):
     """The same features reached as a harness does: session.auth, then
     server.handshake, on a daemon with auth on."""
 
@@ -166,11 +166,11 @@ class NegotiatedOverTheWireTests(unittest.TestCase):
     async def test_resume_after_drop_then_complete(self):
         """An agent negotiates resume, drops mid-run, reconnects, resumes
         within the lease and completes: the run ends success."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         first = await self.negotiated(auth, "agent-A", "runs.resume.v1")
         run_id = (await first.call("runs.start", {"intent": "long job"}))["run_id"]
         await first.drop()
-        await wait_for(lambda: not auth.daemon.registry.sessions, "the drop")
+        await auth.daemon.wait_closed()
         auth.daemon.clock.advance(5)
         second = await self.negotiated(auth, "agent-A", "runs.resume.v1")
         resumed = await second.call("runs.resume", {"run_id": run_id})
@@ -181,7 +181,7 @@ class NegotiatedOverTheWireTests(unittest.TestCase):
     async def test_host_cancels_after_handshake(self):
         """The host, having negotiated runs.cancel.v1, cancels an agent's
         open run; the agent's next turns are dropped as run_terminal."""
-        auth = await AuthDaemon.serve(self)
+        auth = AuthDaemon.in_process(self)
         ws, run_id = await auth.start_run("agent-A")
         host = await auth.host()
         await host.call("server.handshake", {"protocol_version": 3, "required_capabilities": ["runs.cancel.v1"]})

@@ -3,15 +3,20 @@ The car-twisted command, run in-process against a loopback daemon with auth
 on (the console script itself is run in test_end_to_end).
 """
 
+import contextlib
+import importlib.metadata
 import io
 import json
+import os
+import shlex
 
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
-from car_twisted.auth import agent_token
-from car_twisted.cli import parser, print_agent_token, run
+from car_twisted import __version__
+from car_twisted.auth import HOST_TOKEN_FILE, agent_token, ensure_token
+from car_twisted.cli import parser, print_agent_token, print_dashboard_link, run
 from car_twisted.records import now
 from car_twisted.store.memory import MemoryRunStore
 from tests.support import SUCCESS_OUTCOME, AuthDaemon, private_dir, wait_for
@@ -67,15 +72,19 @@ class RunsListTests(unittest.TestCase):
 
     async def test_next_page_hint(self):
         """With more runs than --limit, the table ends with the command for
-        the next page, and that command prints the rest."""
+        the next page, keeping this command's options (--limit included),
+        and that command prints the rest."""
         auth = await AuthDaemon.serve(self)
         done, _ = await completed_and_open(auth)
         first = await car_twisted(auth, "runs", "list", "agent-A", "--limit", "1")
         hint = first.out.splitlines()[-1]
-        self.assertTrue(hint.startswith("more: car-twisted runs list agent-A --cursor "), hint)
-        rest = await car_twisted(auth, "runs", "list", "agent-A", "--limit", "1", "--cursor", hint.split()[-1])
-        self.assertEqual(rest.out.splitlines()[1].split()[0], done)
-        self.assertNotIn("more:", rest.out)
+        self.assertTrue(hint.startswith("more: car-twisted runs list agent-A --limit 1 "), hint)
+        program, *argv = shlex.split(hint[len("more: "):])
+        self.assertEqual(program, "car-twisted")
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(await run(reactor, parser().parse_args(argv), {}, out, err), 0, err.getvalue())
+        self.assertEqual(out.getvalue().splitlines()[1].split()[0], done)
+        self.assertNotIn("more:", out.getvalue())
 
     async def test_agent_from_environment(self):
         """Without AGENT, $CAR_AGENT_ID names the agent; without either, the
@@ -105,7 +114,20 @@ class RunsListTests(unittest.TestCase):
         result = await car_twisted(auth, "runs", "list", "agent-A", data_dir=private_dir(self))
         self.assertEqual(result.status, 1)
         self.assertIn("(-32001)", result.err)
-        self.assertIn("no usable host token", result.err)
+        self.assertIn("has no host token", result.err)
+        self.assertIn("pass its --data-dir or set $CAR_HOME", result.err)
+
+    async def test_wrong_data_dir_is_named(self):
+        """A data dir whose host token is not the daemon's: one line naming
+        the token file used and suggesting --data-dir or $CAR_HOME."""
+        auth = await AuthDaemon.serve(self)
+        other = private_dir(self)
+        ensure_token(os.path.join(other, HOST_TOKEN_FILE))
+        result = await car_twisted(auth, "runs", "list", "agent-A", data_dir=other)
+        self.assertEqual((result.status, result.out, len(result.err.splitlines())), (1, "", 1))
+        self.assertIn(f"host token in {os.path.join(other, HOST_TOKEN_FILE)}", result.err)
+        self.assertIn("token mismatch", result.err)
+        self.assertIn("pass its --data-dir or set $CAR_HOME", result.err)
 
     async def test_unreachable_daemon(self):
         """A daemon that is not there is a one-line error, exit status 1."""
@@ -151,12 +173,23 @@ class RunsShowTests(unittest.TestCase):
         self.assertEqual((result.status, result.out), (1, ""))
         self.assertIn("no run no-such-run", result.err)
 
+    async def test_show_and_tail_word_an_unknown_run_alike(self):
+        """runs show and runs tail say the same one line for a run that is
+        unknown or not readable."""
+        auth = await AuthDaemon.serve(self)
+        show = await car_twisted(auth, "runs", "show", "no-such-run")
+        tail = await car_twisted(auth, "runs", "tail", "no-such-run")
+        self.assertEqual((tail.status, tail.out, tail.err), (show.status, show.out, show.err))
+        self.assertEqual(len(tail.err.splitlines()), 1)
+
 
 class ScriptedSubscription:
     """
-    Stands in for runs.subscribe to script a dropped event: a snapshot up to
-    position 1, then events for positions 1, 3 and 4 (2 is "dropped"), plus
-    one event of an unrelated run.
+    Stands in for runs.subscribe to script a dropped event, on a run of
+    three turns that has ended: a snapshot of the first turn (cursor 1),
+    then the first turn again (a duplicate), the third turn (cursor 3: the
+    second was "dropped") and the end (cursor 3), plus one event of an
+    unrelated run.
     """
 
     def __init__(self, testcase, store):
@@ -170,21 +203,21 @@ class ScriptedSubscription:
 
         def push():
             session.notify("runs.trace.event", {"run_id": "other", "agent_id": agent_id, "record": {"record": "turn"}, "cursor": 2, "status": "in_progress"})
-            for position in (1, 3, 4):
+            for position, cursor in ((1, 1), (3, 3), (4, 3)):
                 session.notify(
                     "runs.trace.event",
                     {
                         "run_id": run_id,
                         "agent_id": agent_id,
                         "record": records[position],
-                        "cursor": position + 1,
+                        "cursor": cursor,
                         "status": "completed" if position == 4 else "in_progress",
                     },
                 )
 
         pushing = reactor.callLater(0, push)
         self._testcase.addCleanup(lambda: pushing.active() and pushing.cancel())
-        return {"run_id": run_id, "agent_id": agent_id, "turns_so_far": records[:1], "cursor": 1, "status": "in_progress"}
+        return {"run_id": run_id, "agent_id": agent_id, "turns_so_far": records[1:2], "cursor": 1, "status": "in_progress"}
 
 
 class RunsTailTests(unittest.TestCase):
@@ -196,7 +229,7 @@ class RunsTailTests(unittest.TestCase):
         await ws.call("runs.record_turns", {"run_id": run_id, "turns": [{"tool": "before"}]})
         tailing = ensureDeferred(car_twisted(auth, "runs", "tail", run_id, "--json"))
         await wait_for(
-            lambda: any(run_id in s.following for s in auth.daemon.registry.sessions.values()),
+            lambda: any(run_id in s.following for s in auth.daemon.runs.sessions.values()),
             "tail to subscribe",
         )
         await ws.call("runs.record_turns", {"run_id": run_id, "turns": [{"tool": "during"}]})
@@ -257,10 +290,64 @@ class AgentTokenTests(unittest.TestCase):
         missing = self.agent_token("agent-A", environ={"CAR_HOME": home})
         self.assertEqual(missing.status, 1)
         self.assertIn(f"no daemon secret at {home}/auth-token", missing.err)
-        overridden = self.agent_token("agent-A", environ={"CAR_HOME": home, "CAR_AUTH_TOKEN": "s"})
-        self.assertEqual(overridden.out, agent_token("s", "agent-A") + "\n")
+        secret = "environment-secret-0123456789"
+        overridden = self.agent_token("agent-A", environ={"CAR_HOME": home, "CAR_AUTH_TOKEN": secret})
+        self.assertEqual(overridden.out, agent_token(secret, "agent-A") + "\n")
 
     def test_unusable_agent_id(self):
         """An agent id the daemon would refuse (over 256 characters) gets no token."""
-        result = self.agent_token("a" * 257, environ={"CAR_AUTH_TOKEN": "s"})
+        result = self.agent_token("a" * 257, environ={"CAR_AUTH_TOKEN": "environment-secret-0123456789"})
         self.assertEqual((result.status, result.out), (2, ""))
+
+
+class DashboardLinkTests(unittest.TestCase):
+    def dashboard(self, *argv, environ=None):
+        out, err = io.StringIO(), io.StringIO()
+        status = print_dashboard_link(parser().parse_args(["dashboard", *argv]), environ or {}, out, err)
+        return CommandResult(status, out.getvalue(), err.getvalue())
+
+    async def test_prints_the_login_link(self):
+        """dashboard prints the login link holding the data dir's host
+        token, at the default address or the one given."""
+        auth = await AuthDaemon.serve(self)
+        result = self.dashboard("--data-dir", auth.data_dir)
+        self.assertEqual(
+            (result.status, result.out), (0, f"http://127.0.0.1:9101/login?token={auth.host_token}\n")
+        )
+        elsewhere = self.dashboard("--data-dir", auth.data_dir, "--url", "http://car.example:8080/")
+        self.assertEqual(elsewhere.out, f"http://car.example:8080/login?token={auth.host_token}\n")
+
+    def test_no_host_token(self):
+        """Without a host token in the data dir it says where it looked."""
+        home = private_dir(self)
+        result = self.dashboard(environ={"CAR_HOME": home})
+        self.assertEqual((result.status, result.out), (1, ""))
+        self.assertIn(f"no host token at {home}/host-token", result.err)
+
+
+class CommandLineTests(unittest.TestCase):
+    def test_version(self):
+        """--version prints the package's version, the one the installed
+        metadata carries too."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exit = self.assertRaises(SystemExit, parser().parse_args, ["--version"])
+        self.assertEqual((exit.code, out.getvalue()), (0, f"car-twisted {__version__}\n"))
+        self.assertEqual(importlib.metadata.version("car-twisted"), __version__)
+
+    def test_usage_errors_are_one_line(self):
+        """A bad command line is one line naming the problem and where help
+        is, exit status 2, not the usage text."""
+        for argv, needle in [
+            (["runs", "list", "--limit", "x"], "--limit"),
+            (["runs", "lst"], "lst"),
+            ([], "COMMAND"),
+        ]:
+            with self.subTest(argv=argv):
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    exit = self.assertRaises(SystemExit, parser().parse_args, argv)
+                self.assertEqual((exit.code, len(err.getvalue().splitlines())), (2, 1), err.getvalue())
+                self.assertTrue(err.getvalue().startswith("car-twisted: "), err.getvalue())
+                self.assertIn(needle, err.getvalue())
+                self.assertIn("--help", err.getvalue())

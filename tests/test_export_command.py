@@ -7,7 +7,6 @@ import io
 import json
 
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
@@ -37,7 +36,8 @@ class ExportMixin:
     async def fill(self):
         """The L{RUNS} in a fresh data dir: each with a tool turn; their records."""
         self.data_dir = self.mktemp()
-        store = await maybeDeferred(self.open_store, self.data_dir)
+        store = self.make_store(self.data_dir)
+        await store.open()
         expected = {}
         for run_id, agent, started_at, ends in RUNS:
             started = dict(started_record(run_id, agent, "c", "goal", None), started_at=started_at)
@@ -133,14 +133,14 @@ class ExportMixin:
 class FileExportTests(ExportMixin, unittest.TestCase):
     STORE = "file"
 
-    def open_store(self, data_dir):
-        return FileRunStore.open(reactor, data_dir)
+    def make_store(self, data_dir):
+        return FileRunStore(reactor, data_dir)
 
 
 class SQLiteExportTests(ExportMixin, unittest.TestCase):
     STORE = "sqlite"
 
-    def open_store(self, data_dir):
+    def make_store(self, data_dir):
         return SQLiteRunStore(data_dir, reactor)
 
 

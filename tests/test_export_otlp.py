@@ -10,16 +10,16 @@ from opentelemetry.trace import StatusCode
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
-from twisted.python import usage
 from twisted.trial import unittest
 
 from car_twisted.export.otlp import RunExporter, otlp_exporter, traces_endpoint
 from car_twisted.export.spans import nanoseconds, run_spans
 from car_twisted.records import started_record
 from car_twisted.store.file import FileRunStore
-from car_twisted.tap import DaemonService, Options
+from car_twisted.store.memory import MemoryRunStore
+from car_twisted.tap import Options, build_daemon
 from tests.otlp_receiver import OTLPReceiver
-from tests.support import SUCCESS_OUTCOME, RPCClient, serve, wait_for
+from tests.support import SUCCESS_OUTCOME, HeldStore, RPCClient, serve, wait_for
 
 START = {"agent_id": "agent-a", "intent": "fix the build"}
 MODEL_TURN = {
@@ -48,15 +48,15 @@ def attributes(span) -> dict:
 class LiveExportTests(unittest.TestCase):
     async def setup_daemon(self, content=False, endpoint=None, timeout=10.0):
         self.receiver = await OTLPReceiver.listen(self)
-        self.daemon = await serve(self)
+        store = MemoryRunStore()
         url = endpoint or traces_endpoint(self.receiver.base_url, {})
         self.exporter = RunExporter(
-            reactor, self.daemon.store, otlp_exporter(url, timeout), content=content,
+            reactor, store, otlp_exporter(url, timeout), content=content,
             schedule_delay_millis=10,
         )  # fmt: skip
         self.exporter.startService()
         self.addCleanup(self.exporter.stopService)
-        self.daemon.registry.run_ended_observers.append(self.exporter.run_ended)
+        self.daemon = await serve(self, store=store, exporter=self.exporter)
 
     async def received(self, run_id: str, count: int) -> list:
         """The spans of a run, once C{count} of them arrived."""
@@ -183,7 +183,7 @@ class LiveExportTests(unittest.TestCase):
         """A cancelled run: status unset, no error.type, car.run.status cancelled."""
         await self.setup_daemon()
         ws = await self.daemon.connect()
-        list(self.daemon.registry.sessions.values())[-1].capabilities = frozenset({"runs.cancel.v1"})
+        list(self.daemon.runs.sessions.values())[-1].capabilities = frozenset({"runs.cancel.v1"})
         run_id = (await ws.call("runs.start", START))["run_id"]
         await ws.call("runs.record_model_turn", dict(MODEL_TURN, run_id=run_id, model_id=None))
         await ws.call("runs.cancel", {"run_id": run_id, "idempotency_key": "k", "reason": "stop"})
@@ -230,6 +230,9 @@ class LiveExportTests(unittest.TestCase):
         listing = await ws.call("runs.list", {"agent_id": "agent-a"})
         self.assertEqual(len(listing["runs"]), 3)
         self.assertEqual(self.exporter.exported_spans, 0)
+        metrics = self.daemon.parts.metrics.exposition().decode()
+        self.assertIn("\ncar_otlp_spans_dropped_total 9.0\n", metrics)
+        self.assertIn("\ncar_otlp_spans_exported_total 0.0\n", metrics)
 
 
 class _HeldExporter:
@@ -277,6 +280,28 @@ class QueueTests(unittest.TestCase):
         self.assertEqual([span.name for span in held.exported], ["invoke_agent a"] + ["execute_tool t"] * 2)
         self.assertEqual(exporter.dropped_spans, 3)
 
+    async def test_stop_waits_for_runs_being_read(self):
+        """A run that ended just before the exporter stops is still read
+        and its spans sent before the stop fires."""
+        held = _HeldExporter()
+        held.release.set()
+        store = HeldStore(MemoryRunStore(), "read_records")
+        records = [
+            started_record("0190a000-0000-7000-8000-000000000002", "a", "c", "i", None),
+            {"record": "ended", "termination": "cancelled", "ended_at": "2026-01-01T00:00:02.000Z"},
+        ]
+        await store.start_run(records[0])
+        await store.end_run(records[0]["run_id"], records[1])
+        exporter = RunExporter(reactor, store, held, schedule_delay_millis=5)
+        exporter.startService()
+        exporter.run_ended(records[0]["run_id"])
+        stopped = exporter.stopService()
+        self.assertFalse(stopped.called)
+        store.release()
+        await stopped
+        self.assertEqual([span.name for span in held.exported], ["invoke_agent a"])
+        self.assertEqual((exporter.exported_spans, exporter.dropped_spans), (1, 0))
+
 
 class EndpointTests(unittest.TestCase):
     def test_endpoint_from_option_and_environment(self):
@@ -290,11 +315,11 @@ class EndpointTests(unittest.TestCase):
         self.assertEqual(traces_endpoint("http://c:4318/", traces), "http://c:4318/v1/traces")
 
     def test_bad_endpoint_is_a_usage_error(self):
-        """An --otlp-endpoint that is not http(s) stops twistd with a usage error."""
+        """An --otlp-endpoint that is not http(s) stops twistd with one line naming it."""
         options = Options()
-        with self.assertRaises(usage.UsageError) as raised:
+        with self.assertRaises(SystemExit) as raised:
             options.parseOptions(["--otlp-endpoint", "collector:4318"])
-        self.assertIn("--otlp-endpoint", str(raised.exception))
+        self.assertIn("--otlp-endpoint", raised.exception.code)
 
 
 class DaemonExportTests(unittest.TestCase):
@@ -304,20 +329,21 @@ class DaemonExportTests(unittest.TestCase):
         while it serves."""
         receiver = await OTLPReceiver.listen(self)
         data_dir = self.mktemp()
-        store = await FileRunStore.open(reactor, data_dir)
+        store = FileRunStore(reactor, data_dir)
+        await store.open()
         left_open = started_record("0190a000-0000-7000-8000-000000000001", "agent-b", "c", "old", None)
         await store.start_run(left_open)
         await store.close()
         options = Options()
         options.parseOptions([
-            "--listen", "tcp:0:interface=127.0.0.1", "--no-auth", "--data-dir", data_dir,
-            "--otlp-endpoint", receiver.base_url,
+            "--listen", "tcp:0:interface=127.0.0.1", "--http", "none", "--no-auth",
+            "--data-dir", data_dir, "--otlp-endpoint", receiver.base_url,
         ])  # fmt: skip
-        service = DaemonService(options, reactor, {})
+        service = build_daemon(options, reactor, {})
         service.startService()
         self.addCleanup(service.stopService)
-        await service.ready
-        ws = await RPCClient.connect(service._ports[0].getHost().port)
+        (port,) = await service.ready
+        ws = await RPCClient.connect(port.getHost().port)
         run_id = (await ws.call("runs.start", START))["run_id"]
         await ws.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
         await ws.close()
@@ -326,7 +352,8 @@ class DaemonExportTests(unittest.TestCase):
         self.assertEqual(names, ["invoke_agent agent-a", "invoke_agent agent-b"])
         recovered = receiver.by_trace(bytes.fromhex(left_open["run_id"].replace("-", "")))
         self.assertEqual(attributes(recovered[0])["error.type"], "incomplete")
-        self.assertEqual(service.exporter.dropped_spans, 0)
+        (exporter,) = service.exporters
+        self.assertEqual(exporter.dropped_spans, 0)
 
 
 class SpanMappingTests(unittest.TestCase):

@@ -1,5 +1,5 @@
 """
-Property-based tests of the dispatcher and the registry behind it: whatever
+Property-based tests of the dispatcher and the run service behind it: whatever
 a client sends, every answer is a well-formed JSON-RPC response, no method
 fails with an internal error, and acknowledged records stay in the store.
 """
@@ -9,12 +9,9 @@ import uuid
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from car_twisted.jsonrpc import Dispatcher
-from car_twisted.registry import RunRegistry
-from car_twisted.store.memory import MemoryRunStore
+from tests.support import InProcessDaemon
 
 KNOWN_CODES = {-32700, -32600, -32601, -32602, -32603, -32001, -32006, -32008}
 
@@ -47,10 +44,11 @@ def requests(methods):
 
 class DispatcherFuzzTests(unittest.TestCase):
     def setUp(self):
-        self.store = MemoryRunStore()
-        self.registry = RunRegistry(self.store, Clock(), environ={})
-        self.dispatcher = Dispatcher(self.registry.methods())
-        self.methods = sorted(self.registry.methods()) + ["no.such.method"]
+        self.daemon = InProcessDaemon()
+        self.store = self.daemon.store
+        self.runs = self.daemon.runs
+        self.dispatcher = self.daemon.dispatcher
+        self.methods = sorted(self.daemon.parts.methods) + ["no.such.method"]
 
     def answer(self, session, payload: bytes):
         """Dispatch and check the answer's shape; return the decoded answer."""
@@ -71,13 +69,13 @@ class DispatcherFuzzTests(unittest.TestCase):
     @given(st.binary(max_size=200))
     def test_arbitrary_bytes(self, payload):
         """Any bytes (invalid UTF-8 included) get a well-formed answer."""
-        self.answer(self.registry.open_session("fuzz", lambda *a: None), payload)
+        self.answer(self.daemon.session(), payload)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(json_values)
     def test_arbitrary_json(self, value):
         """Any JSON value as a frame gets a well-formed answer."""
-        self.answer(self.registry.open_session("fuzz", lambda *a: None), json.dumps(value).encode())
+        self.answer(self.daemon.session(), json.dumps(value).encode())
 
     @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.data())
@@ -85,11 +83,11 @@ class DispatcherFuzzTests(unittest.TestCase):
         """Every method, fed arbitrary params (alone or in batches, often
         naming a live run), answers with a result or a deliberate error,
         never an internal error."""
-        session = self.registry.open_session("fuzz", lambda *a: None)
+        session = self.daemon.session()
         session.capabilities = frozenset({"runs.cancel.v1", "runs.resume.v1", "runs.pagination.v1"})
         session.agent_id = data.draw(st.sampled_from([None, "agent-a"]))
         live = self.successResultOf(
-            self.registry.start(session, {"agent_id": "agent-a", "intent": "target"})
+            self.runs.start(session, {"agent_id": "agent-a", "intent": "target"})
         )
         batch = data.draw(st.lists(requests(self.methods), min_size=1, max_size=5))
         for request in batch:
@@ -103,7 +101,7 @@ class DispatcherFuzzTests(unittest.TestCase):
     def test_acknowledged_runs_survive_garbage(self, garbage):
         """Starts acknowledged between garbage frames are all still there,
         open, and nothing else was recorded."""
-        session = self.registry.open_session("fuzz", lambda *a: None)
+        session = self.daemon.session()
         agent_id = uuid.uuid4().hex
         acknowledged = []
         for n, payload in enumerate(garbage):

@@ -1,5 +1,6 @@
 """
-Incomplete-on-drop: the grace window's edge cases, driven on a Clock.
+Incomplete-on-drop: the grace window's edge cases, driven on a Clock; in
+process, but for what only a socket shows (a TCP drop, a half handshake).
 """
 
 import socket
@@ -8,7 +9,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial import unittest
 
 from car_twisted.store.memory import MemoryRunStore
-from tests.support import SUCCESS_OUTCOME, HeldStore, serve, wait_for
+from tests.support import SUCCESS_OUTCOME, HeldStore, in_process, serve, wait_for
 
 START = {"agent_id": "agent-a", "intent": "do it"}
 
@@ -36,7 +37,7 @@ class GraceWindowTests(unittest.TestCase):
         written when the window ends wins: the run ends success, never
         incomplete."""
         store = HeldStore(MemoryRunStore())
-        daemon = await serve(self, store=store)
+        daemon = in_process(self, store=store)
         ws = await daemon.connect()
         ws.request("runs.start", START)
         await wait_for(lambda: len(store.held) == 1, "the start write")
@@ -55,11 +56,11 @@ class GraceWindowTests(unittest.TestCase):
     async def test_agent_session_completes_within_window(self):
         """Another session bound to the run's agent completes the run inside
         the window: success stands and the window's timer is cancelled."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         producer = await daemon.connect()
         run_id = (await producer.call("runs.start", START))["run_id"]
         await producer.close()
-        await wait_for(lambda: not daemon.registry.sessions, "the producer to close")
+        await wait_for(lambda: not daemon.runs.sessions, "the producer to close")
         self.assertEqual(len(daemon.clock.getDelayedCalls()), 1)
         peer = await daemon.connect()
         daemon.only_session().agent_id = "agent-a"
@@ -73,7 +74,7 @@ class GraceWindowTests(unittest.TestCase):
     async def test_only_open_runs_are_ended(self):
         """Of a session's runs, the completed ones stay completed and every
         open one ends incomplete."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         done = (await ws.call("runs.start", START))["run_id"]
         await ws.call("runs.complete", {"run_id": done, "outcome": SUCCESS_OUTCOME})
@@ -88,7 +89,7 @@ class GraceWindowTests(unittest.TestCase):
     async def test_many_sessions_drop_at_once(self):
         """Fifty producers dropping together: every open run ends incomplete
         after one grace window, and no timer is left."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         clients = await gatherResults([ensureDeferred(daemon.connect()) for _ in range(50)])
         run_ids = await gatherResults(
             [
@@ -113,16 +114,16 @@ class GraceWindowTests(unittest.TestCase):
         raw.close()
         ws = await daemon.connect()
         self.assertIn("run_id", await ws.call("runs.start", START))
-        self.assertEqual(len(daemon.registry.sessions), 1)
+        self.assertEqual(len(daemon.runs.sessions), 1)
 
     async def test_stop_leaves_open_runs_for_recovery(self):
-        """Stopping the registry cancels pending windows (no timer outlives
+        """Stopping the run service cancels pending windows (no timer outlives
         it) and leaves those runs open for restart recovery."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         run_id = (await ws.call("runs.start", START))["run_id"]
         await ws.close()
         await daemon.wait_closed()
-        await daemon.registry.stop()
+        await daemon.runs.stop()
         self.assertEqual(daemon.clock.getDelayedCalls(), [])
         self.assertEqual(await status(daemon, run_id), "in_progress")

@@ -7,13 +7,11 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from car_twisted.jsonrpc import MAX_ID_CHARS, Dispatcher, decode, encode
-from car_twisted.limits import WireLimits
-from car_twisted.registry import RunRegistry
-from car_twisted.store.memory import MemoryRunStore
+from car_twisted.jsonrpc import Dispatcher, decode, encode
+from car_twisted.limits import MAX_ID_CHARS, WireLimits
+from tests.support import InProcessDaemon
 
 START = {"agent_id": "agent-a", "intent": "goal"}
 
@@ -32,12 +30,12 @@ def nested(depth: int, leaf=0):
 
 class InputLimitTests(unittest.TestCase):
     def setUp(self):
-        self.store = MemoryRunStore()
-        self.registry = RunRegistry(self.store, Clock(), environ={})
-        self.session = self.registry.open_session("test", lambda *a: None)
+        self.daemon = InProcessDaemon()
+        self.store = self.daemon.store
+        self.session = self.daemon.session()
 
     def dispatch(self, message, limits=WireLimits(), raw=None):
-        dispatcher = Dispatcher(self.registry.methods(), limits=limits)
+        dispatcher = Dispatcher(self.daemon.parts.methods, limits=limits)
         payload = raw if raw is not None else json.dumps(message).encode()
         frame = self.successResultOf(dispatcher.dispatch(self.session, payload)).frame
         return None if frame is None else json.loads(frame)
@@ -187,10 +185,10 @@ class CodecTests(unittest.TestCase):
 
 class PageSizeTests(unittest.TestCase):
     def setUp(self):
-        self.store = MemoryRunStore()
-        self.registry = RunRegistry(self.store, Clock(), environ={})
-        self.session = self.registry.open_session("test", lambda *a: None)
-        self.dispatcher = Dispatcher(self.registry.methods())
+        daemon = InProcessDaemon()
+        self.store = daemon.store
+        self.session = daemon.session()
+        self.dispatcher = daemon.dispatcher
 
     def call(self, method, params):
         payload = json.dumps(request(1, method, params)).encode()

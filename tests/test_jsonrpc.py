@@ -1,17 +1,16 @@
 """
-JSON-RPC 2.0 semantics of the dispatcher: the specification's section 7
-examples, adapted to our methods, plus the edge cases SPEC.md names.
+JSON-RPC 2.0 semantics of the dispatcher: the examples of section 7 of the
+JSON-RPC 2.0 specification, adapted to our methods, plus the framing edge
+cases docs/protocol.md names.
 """
 
 import json
 
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from car_twisted.jsonrpc import Dispatcher
-from car_twisted.registry import RunRegistry
 from car_twisted.store.memory import MemoryRunStore
-from tests.support import HeldStore, serve, wait_for
+from tests.support import HeldStore, InProcessDaemon, serve, wait_for
 
 START = {"agent_id": "agent-a", "intent": "goal"}
 ANY_RUN_ID = object()
@@ -25,9 +24,9 @@ def error(id_, code):
     return {"jsonrpc": "2.0", "error": {"code": code}, "id": id_}
 
 
-# (what the spec example shows, frame sent, expected answer: None for no
-# frame, a dict, or a list of dicts in any order).
-SPEC_EXAMPLES = [
+# (what the example shows, frame sent, expected answer: None for no frame,
+# a dict, or a list of dicts in any order).
+SECTION_7_EXAMPLES = [
     (
         "call with positional parameters: ours take named ones only",
         '{"jsonrpc": "2.0", "method": "runs.start", "params": ["goal", "agent-a"], "id": 1}',
@@ -102,7 +101,10 @@ SPEC_EXAMPLES = [
         ),
         None,
     ),
-    # Beyond section 7: the edges SPEC.md section 1 names.
+]
+
+# Beyond section 7: the framing edges of docs/protocol.md, in the same form.
+FRAMING_EDGES = [
     ('"jsonrpc" must be exactly "2.0"', '{"jsonrpc": "1.0", "method": "runs.list", "id": 7}', error(7, -32600)),
     ("params must be an object or array", '{"jsonrpc": "2.0", "method": "runs.list", "params": "x", "id": 8}', error(8, -32600)),
     ("an unreadable id is answered with id null", '{"jsonrpc": "2.0", "method": "runs.list", "id": {"a": 1}}', error(None, -32600)),
@@ -127,17 +129,16 @@ def matches(expected, actual):
     return expected == actual
 
 
-class SpecExamplesTests(unittest.TestCase):
+class DispatcherTests(unittest.TestCase):
     def setUp(self):
-        self.store = MemoryRunStore()
-        self.registry = RunRegistry(self.store, Clock(), environ={})
-        self.dispatcher = Dispatcher(self.registry.methods())
-        self.session = self.registry.open_session("test", lambda method, params: None)
+        daemon = InProcessDaemon()
+        self.store = daemon.store
+        self.dispatcher = daemon.dispatcher
+        self.session = daemon.session()
 
-    def test_spec_examples(self):
-        """Each section 7 example (adapted) gets exactly the answer the
-        specification prescribes; batches answer in one array."""
-        for name, frame, expected in SPEC_EXAMPLES:
+    def assertAnswers(self, cases):
+        """Each frame of C{cases} gets exactly the answer it expects."""
+        for name, frame, expected in cases:
             with self.subTest(name):
                 answered = self.successResultOf(self.dispatcher.dispatch(self.session, frame.encode())).frame
                 if expected is None:
@@ -156,6 +157,17 @@ class SpecExamplesTests(unittest.TestCase):
                     self.assertTrue(matches(expected, answer), f"{name}: {answer}")
                     if "error" in answer:
                         self.assertIsInstance(answer["error"]["message"], str)
+
+    def test_section_7_examples(self):
+        """Each example of section 7 of the JSON-RPC 2.0 specification
+        (adapted) gets exactly the answer the specification prescribes;
+        batches answer in one array."""
+        self.assertAnswers(SECTION_7_EXAMPLES)
+
+    def test_framing_edges(self):
+        """Each framing edge case of docs/protocol.md gets exactly the
+        answer that page gives."""
+        self.assertAnswers(FRAMING_EDGES)
 
     def test_notifications_take_effect(self):
         """A notification is not answered but its method still runs."""
@@ -205,7 +217,7 @@ class WireTests(unittest.TestCase):
         daemon = await serve(self, store=store)
         ws = await daemon.connect()
         start_id = ws.request("runs.start", START)
-        await wait_for(lambda: daemon.registry.sessions and daemon.only_session().current_run_id)
+        await wait_for(lambda: daemon.runs.sessions and daemon.only_session().current_run_id)
         run_id = daemon.only_session().current_run_id
         complete_id = ws.request("runs.complete", {"run_id": run_id, "outcome": {"status": "done"}})
         await wait_for(lambda: len(store.held) == 2, "both writes to reach the store")

@@ -1,11 +1,11 @@
 """
-runs.list and runs.get_trace paging, over a real WebSocket.
+runs.list and runs.get_trace paging, in process.
 """
 
 from twisted.trial import unittest
 
 from car_twisted.records import now
-from tests.support import SUCCESS_OUTCOME, serve
+from tests.support import SUCCESS_OUTCOME, AuthDaemon, in_process
 
 
 async def record_runs(ws, agent_id, count):
@@ -23,7 +23,7 @@ class ListPagingTests(unittest.TestCase):
     async def test_pages_cover_every_run_newest_first(self):
         """Following next_cursor with limit 2 yields every run once, newest
         first, and the last page's next_cursor is null."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         run_ids = await record_runs(ws, "agent-A", 5)
         seen, cursor, pages = [], None, 0
@@ -42,8 +42,8 @@ class ListPagingTests(unittest.TestCase):
         self.assertEqual(pages, 3)
 
     async def test_summary_shape(self):
-        """A summary carries exactly the SPEC's fields."""
-        daemon = await serve(self)
+        """A summary carries exactly the fields docs/protocol.md lists."""
+        daemon = in_process(self)
         ws = await daemon.connect()
         (run_id,) = await record_runs(ws, "agent-A", 1)
         (summary,) = (await ws.call("runs.list", {"agent_id": "agent-A"}))["runs"]
@@ -58,7 +58,7 @@ class ListPagingTests(unittest.TestCase):
 
     async def test_status_filter(self):
         """status keeps only runs in that status."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         run_ids = await record_runs(ws, "agent-A", 4)
         open_ = await ws.call("runs.list", {"agent_id": "agent-A", "status": "in_progress"})
@@ -71,7 +71,7 @@ class ListPagingTests(unittest.TestCase):
     async def test_limit_bounds(self):
         """limit must be an integer from 1 to 500: 1 and 500 work, 0, 501
         and "2" are -32602 naming limit."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         await record_runs(ws, "agent-A", 2)
         one = await ws.call("runs.list", {"agent_id": "agent-A", "limit": 1})
@@ -85,7 +85,7 @@ class ListPagingTests(unittest.TestCase):
 
     async def test_unreadable_cursor_is_invalid_params(self):
         """A cursor the daemon never returned is -32602, not a crash."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         for cursor in ("not-a-cursor", 12, "x" * 600):
             answer = await ws.call_raw("runs.list", {"agent_id": "agent-A", "cursor": cursor})
@@ -96,7 +96,7 @@ class TracePagingTests(unittest.TestCase):
     async def test_cursor_pages_through_the_records(self):
         """get_trace with a cursor and limit returns the records in order,
         its cursor pointing past the last one returned."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         run_id = (await ws.call("runs.start", {"agent_id": "agent-A", "intent": "long"}))["run_id"]
         turns = [{"record": "turn", "tool": f"tool-{i}", "recorded_at": now()} for i in range(4)]
@@ -114,8 +114,26 @@ class TracePagingTests(unittest.TestCase):
 
     async def test_bad_trace_paging_is_invalid_params(self):
         """A negative cursor or a zero limit is -32602."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         for params in ({"cursor": -1}, {"limit": 0}, {"cursor": "2"}):
             answer = await ws.call_raw("runs.get_trace", {"run_id": "r", **params})
             self.assertEqual(answer["error"]["code"], -32602, params)
+
+
+class ListEveryAgentTests(unittest.TestCase):
+    async def test_without_agent_id(self):
+        """runs.list without agent_id: a host session lists every agent's
+        runs newest first (agent_id null), with the status filter; a session
+        bound to an agent still lists only its own."""
+        auth = AuthDaemon.in_process(self)
+        a, first = await auth.start_run("agent-A")
+        b, second = await auth.start_run("agent-B")
+        await b.call("runs.complete", {"run_id": second, "outcome": SUCCESS_OUTCOME})
+        host = await auth.host()
+        listed = await host.call("runs.list", {})
+        self.assertEqual(([r["run_id"] for r in listed["runs"]], listed["agent_id"]), ([second, first], None))
+        completed = await host.call("runs.list", {"status": "completed"})
+        self.assertEqual([r["run_id"] for r in completed["runs"]], [second])
+        own = await a.call("runs.list", {})
+        self.assertEqual(([r["run_id"] for r in own["runs"]], own["agent_id"]), ([first], "agent-A"))

@@ -11,17 +11,16 @@ import threading
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock
-from twisted.python import usage
 from twisted.trial import unittest
 
-from car_twisted.auth import Authenticator
+from car_twisted.access import AccessPolicy
 from car_twisted.cli import parser, run
 from car_twisted.interfaces import RunNotFound
 from car_twisted.records import ended_record, started_record
 from car_twisted.retention import Retention, ended_before
-from car_twisted.store import layout
+from car_twisted.store import index, naming, runfiles
 from car_twisted.store.file import FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.sqlite import DATABASE_NAME, SQLiteRunStore
@@ -55,9 +54,15 @@ async def pump(clock, d):
     return await d
 
 
+async def opened(store):
+    """C{store}, open."""
+    await store.open()
+    return store
+
+
 class RetentionMixin:
     async def store(self):
-        store = await maybeDeferred(self.make_store)
+        store = await opened(self.make_store())
         self.addCleanup(store.close)
         return store
 
@@ -70,7 +75,7 @@ class RetentionMixin:
         recent = await add_run(store)
         clock = Clock()
         clock.advance(time.time())
-        retention = Retention(store, clock, Authenticator.disabled(), days=30, batch=2, interval=3600)
+        retention = Retention(store, clock, AccessPolicy(False), days=30, batch=2, interval=3600)
         retention.startService()
         await wait_for(lambda: clock.advance(0) or not retention._passes, "the first pass")
         for run_id in old:
@@ -92,7 +97,7 @@ class RetentionMixin:
         cut = ended_before(clock.seconds(), 10)
         older = await add_run(store, ended_at=ended_before(clock.seconds(), 10.5))
         younger = await add_run(store, ended_at=ended_before(clock.seconds(), 9.5))
-        retention = Retention(store, clock, Authenticator.disabled(), batch=1)
+        retention = Retention(store, clock, AccessPolicy(False), batch=1)
         self.assertEqual(await store.count_prunable(cut), 1)
         self.assertEqual(await pump(clock, retention.prune(10)), 1)
         self.assertIsNone(await store.get_run(older))
@@ -106,26 +111,28 @@ class MemoryRetentionTests(RetentionMixin, unittest.TestCase):
 
 class FileRetentionTests(RetentionMixin, unittest.TestCase):
     def make_store(self):
-        return FileRunStore.open(reactor, self.mktemp())
+        return FileRunStore(reactor, self.mktemp())
 
     async def test_pruned_runs_stay_pruned_after_restart(self):
         """The index notes the drops: a restart serves neither the runs nor
         a rebuilt index, and the files are gone."""
         data_dir = self.mktemp()
-        store = await FileRunStore.open(reactor, data_dir)
+        store = await opened(FileRunStore(reactor, data_dir))
         old = await add_run(store, ended_at=LONG_AGO)
         kept = await add_run(store)
         await store.prune_runs("2021-01-01T00:00:00.000Z", 10)
         await store.close()
         agent_dir = os.path.join(data_dir, "runs", "agent-a")
         self.assertEqual(
-            sorted(os.listdir(agent_dir)), [".index", layout.encode_name(kept) + ".jsonl"]
+            sorted(os.listdir(agent_dir)), [".index", naming.encode_name(kept) + ".jsonl"]
         )
-        self.assertEqual(layout.read_index(agent_dir)[1][0].run_id, kept)
-        store = await FileRunStore.open(reactor, data_dir)
+        self.assertEqual([run.run_id for run in index.read_index(agent_dir)[1]], [kept])
+        store = await opened(FileRunStore(reactor, data_dir))
         self.addCleanup(store.close)
         self.assertIsNone(await store.get_run(old))
         page, _ = await store.list_runs("agent-a", None, 10, None)
+        self.assertEqual([s.run_id for s in page], [kept])
+        page, _ = await store.list_runs(None, None, 10, None)
         self.assertEqual([s.run_id for s in page], [kept])
 
     async def test_read_racing_a_prune_is_not_found(self):
@@ -134,18 +141,28 @@ class FileRetentionTests(RetentionMixin, unittest.TestCase):
         store = await self.store()
         old = await add_run(store, ended_at=LONG_AGO)
         gate = threading.Event()
-        read_run_file = layout.read_run_file
+        scan_records = runfiles.scan_records
 
-        def held_read(path):
+        def held_scan(path, *args):
             gate.wait(10)
-            return read_run_file(path)
+            return scan_records(path, *args)
 
-        self.patch(layout, "read_run_file", held_read)
+        self.patch(runfiles, "scan_records", held_scan)
         read = store.read_records(old, 0, 10)
         await store.prune_runs("2021-01-01T00:00:00.000Z", 10)
         gate.set()
         with self.assertRaises(RunNotFound):
             await read
+
+
+    async def test_pruned_run_leaves_the_offset_cache(self):
+        """A run read before it is pruned keeps no record offsets after."""
+        store = await self.store()
+        old = await add_run(store, ended_at=LONG_AGO)
+        await store.read_records(old, 0, 10)
+        self.assertIn(old, store._offsets)
+        await store.prune_runs("2021-01-01T00:00:00.000Z", 10)
+        self.assertNotIn(old, store._offsets)
 
 
 class SQLiteRetentionTests(RetentionMixin, unittest.TestCase):
@@ -155,12 +172,9 @@ class SQLiteRetentionTests(RetentionMixin, unittest.TestCase):
 
 class PruneMethodTests(unittest.TestCase):
     async def serve(self):
-        self.retention = None
-        auth = await AuthDaemon.serve(
-            self, extra_methods={"runs.prune": lambda s, p: self.retention.prune_method(s, p)}
-        )
+        auth = await AuthDaemon.serve(self)
+        auth.daemon.clock.advance(time.time())  # the daemon's retention tells the time by it
         store = auth.daemon.store
-        self.retention = Retention(store, reactor, auth.daemon.registry.authenticator)
         self.old = [await add_run(store, ended_at=LONG_AGO) for _ in range(3)]
         self.kept = await add_run(store, ended_at=ended_before(time.time(), 1))
         return auth
@@ -224,7 +238,7 @@ class KilledPrune:
     """
 
     async def fill(self, data_dir):
-        store = await maybeDeferred(self.open_store, data_dir)
+        store = await opened(self.open_store(data_dir))
         try:
             old = await gatherResults(
                 [ensureDeferred(add_run(store, f"agent-{n % 3}", LONG_AGO)) for n in range(OLD_RUNS)]
@@ -246,7 +260,7 @@ class KilledPrune:
         await wait_for(lambda: 0 < self.remaining(data_dir) < OLD_RUNS, "the prune to start", 60)
         await daemon.kill("KILL")
 
-        store = await maybeDeferred(self.open_store, data_dir)
+        store = await opened(self.open_store(data_dir))
         self.addCleanup(store.close)
         gone = 0
         for run_id, (summary, records) in expected.items():
@@ -269,6 +283,8 @@ class KilledPrune:
             listed |= {s.run_id for s in page}
         self.assertLessEqual(listed, set(expected))
         self.assertEqual(len(listed), len(expected) - gone)
+        everyone, _ = await store.list_runs(None, None, 5000, None)
+        self.assertEqual({s.run_id for s in everyone}, listed)
         for run_id in kept:
             self.assertIn(run_id, listed)
 
@@ -277,7 +293,7 @@ class FileKilledPruneTests(KilledPrune, unittest.TestCase):
     store = "file"
 
     def open_store(self, data_dir):
-        return FileRunStore.open(reactor, data_dir, "none")
+        return FileRunStore(reactor, data_dir, "none")
 
     def remaining(self, data_dir):
         runs = os.path.join(data_dir, "runs")
@@ -303,7 +319,8 @@ class SQLiteKilledPruneTests(KilledPrune, unittest.TestCase):
 
 class OptionTests(unittest.TestCase):
     def test_retain_days(self):
-        """--retain-days is off by default and at least 1 day when given."""
+        """--retain-days is off by default and at least 1 day when given: else
+        the daemon exits with one line."""
         options = Options()
         options.parseOptions([])
         self.assertIsNone(options["retain-days"])
@@ -311,5 +328,6 @@ class OptionTests(unittest.TestCase):
         options.parseOptions(["--retain-days", "30"])
         self.assertEqual(options["retain-days"], 30)
         for bad in ("0", "-1", "soon"):
-            with self.assertRaises(usage.UsageError):
+            with self.assertRaises(SystemExit) as raised:
                 Options().parseOptions(["--retain-days", bad])
+            self.assertTrue(raised.exception.code.startswith("car-twisted: "))

@@ -1,6 +1,17 @@
 """
-The seed scenarios (shared/seed/run_lifecycle.rs), over a real WebSocket
-client on a loopback port against the real dispatcher and registry.
+The run lifecycle as CAR's run-lifecycle test pins it, re-told here: two
+starts mint two distinct run ids; the session's current run is set and the
+started record stored before the start is answered; a complete is
+acknowledged, records the outcome and clears the current run; a run completed
+before its connection closes stays a success; a run whose connection closes
+without a complete ends incomplete once the grace window has passed, and not
+before; a start whose agent cannot be resolved is refused, the daemon's
+CAR_AGENT_ID comes before agent_name, and agent_name is slugged; a session
+bound to an agent never records under another agent's name.
+
+These run over a real WebSocket client on a loopback port, on purpose: they
+are what an agent harness sees end to end, wire included, while the
+semantics tests of each method run in process.
 """
 
 from twisted.trial import unittest

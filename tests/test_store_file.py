@@ -11,21 +11,21 @@ import stat
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from car_twisted.records import ended_record
-from car_twisted.registry import RunRegistry
-from car_twisted.store import layout
+from car_twisted import disk
+from car_twisted.store import naming, runfiles
 from car_twisted.store.file import FileRunStore
 from tests.store_conformance import HOSTILE_IDS, RunStoreConformance, started, turn
+from tests.support import InProcessDaemon
 
 OUTCOME = {"status": "success", "summary": "", "evidence": [], "metrics": {}, "timestamp": "t"}
 
 
 class FileRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
-    async def make_store(self):
-        store = await FileRunStore.open(reactor, self.mktemp())
+    def make_store(self):
+        store = FileRunStore(reactor, self.mktemp())
         self.addCleanup(store.close)
         return store
 
@@ -35,8 +35,9 @@ class FileRunStoreTests(unittest.TestCase):
         self.data_dir = self.mktemp()
 
     async def open(self, **kwargs):
-        store = await FileRunStore.open(reactor, self.data_dir, **kwargs)
+        store = FileRunStore(reactor, self.data_dir, **kwargs)
         self.addCleanup(store.close)
+        await store.open()
         return store
 
     async def reopen(self, store, **kwargs):
@@ -56,11 +57,11 @@ class FileRunStoreTests(unittest.TestCase):
 
     def run_path(self, agent_id, run_id):
         return os.path.join(
-            self.data_dir, "runs", layout.encode_name(agent_id), layout.encode_name(run_id) + ".jsonl"
+            self.data_dir, "runs", naming.encode_name(agent_id), naming.encode_name(run_id) + ".jsonl"
         )
 
     def index_path(self, agent_id="agent-a"):
-        return os.path.join(self.data_dir, "runs", layout.encode_name(agent_id), ".index")
+        return os.path.join(self.data_dir, "runs", naming.encode_name(agent_id), ".index")
 
     async def snapshot(self, store, run_ids, agent_id="agent-a"):
         """What a reader sees: summaries, records, and the listing."""
@@ -81,13 +82,28 @@ class FileRunStoreTests(unittest.TestCase):
         self.assertEqual([s.run_id for s in before[2][0]], run_ids[::-1])
         self.assertEqual(before[0][0].turn_count, 2)
 
+    async def test_restart_lists_every_agent_in_start_order(self):
+        """After a restart, every agent's runs list newest first across
+        agents, as before it."""
+        store = await self.open()
+        ids = []
+        for i in range(4):
+            record = started(agent_id=f"agent-{i % 2}")
+            record["started_at"] = f"2026-11-25T01:00:0{i}.000Z"
+            await store.start_run(record)
+            ids.append(record["run_id"])
+        store = await self.reopen(store)
+        page, _ = await store.list_runs(None, None, 10, None)
+        self.assertEqual([s.run_id for s in page], ids[::-1])
+        await store.close()
+
     async def test_restarted_store_continues_open_runs(self):
         """An open run loaded from disk takes more turns on its index
         sequence and its end, which survive another restart."""
         store = await self.open()
         _, open_id, _ = await self.fill(store)
         store = await self.reopen(store)
-        self.assertEqual(await store.append_turns(open_id, [turn("4")], 10), 1)
+        self.assertEqual((await store.append_turns(open_id, [turn("4")], 10))[0]["index"], 1)
         await store.end_run(open_id, ended_record("incomplete", reason="x"))
         store = await self.reopen(store)
         summary = await store.get_run(open_id)
@@ -197,7 +213,7 @@ class FileRunStoreTests(unittest.TestCase):
         with open(self.index_path(), "rb") as f:
             entries = [json.loads(line) for line in f]
         with open(self.index_path(), "wb") as f:
-            f.write(b"".join(layout.encode_line(e) for e in entries if e.get("end") != run_ids[1]))
+            f.write(b"".join(runfiles.encode_line(e) for e in entries if e.get("end") != run_ids[1]))
         store = await self.open()
         self.assertEqual((await store.get_run(run_ids[1])).status, "incomplete")
         self.assertEqual(await store.list_runs("agent-a", None, 10, None), listing)
@@ -251,15 +267,15 @@ class FileRunStoreTests(unittest.TestCase):
         """Plain names decode to exactly their id; long ids get a hashed name
         that decodes to nothing (the id is kept inside) and stays short."""
         for identifier in HOSTILE_IDS + ["", "\ud800", "%41", "a~b"]:
-            name = layout.encode_name(identifier)
+            name = naming.encode_name(identifier)
             self.assertTrue(re.fullmatch(r"[a-z0-9_%~-]{1,120}", name), name)
             if len(identifier) < 40:
-                self.assertEqual(layout.decode_name(name), identifier)
-        self.assertIsNone(layout.decode_name(layout.encode_name("x" * 600)))
-        self.assertNotEqual(layout.encode_name("x" * 600), layout.encode_name("x" * 601))
-        self.assertNotEqual(layout.encode_name("AGENT"), layout.encode_name("agent"))
+                self.assertEqual(naming.decode_name(name), identifier)
+        self.assertIsNone(naming.decode_name(naming.encode_name("x" * 600)))
+        self.assertNotEqual(naming.encode_name("x" * 600), naming.encode_name("x" * 601))
+        self.assertNotEqual(naming.encode_name("AGENT"), naming.encode_name("agent"))
         for foreign in ["..", "A", "%4", "%61", "%zz", "é"]:
-            self.assertIsNone(layout.decode_name(foreign), foreign)
+            self.assertIsNone(naming.decode_name(foreign), foreign)
 
     async def test_acknowledged_only_after_fsync(self):
         """A start is acknowledged after its file and its directory were
@@ -293,8 +309,8 @@ class FileRunStoreTests(unittest.TestCase):
         """Starts issued together are committed in a few batches, one
         directory fsync each, not one per start."""
         directory_syncs = []
-        real_sync = layout.sync_directory
-        self.patch(layout, "sync_directory", lambda p: (directory_syncs.append(p), real_sync(p)))
+        real_sync = disk.sync_directory
+        self.patch(disk, "sync_directory", lambda p: (directory_syncs.append(p), real_sync(p)))
         store = await self.open()
         await store.start_run(started())
         del directory_syncs[:]
@@ -307,19 +323,18 @@ class FileRunStoreTests(unittest.TestCase):
         """Two stores never write the same directory at once."""
         await self.open()
         with self.assertRaises(RuntimeError):
-            await FileRunStore.open(reactor, self.data_dir)
+            await FileRunStore(reactor, self.data_dir).open()
 
-    async def test_registry_recovery_ends_open_runs(self):
-        """RunRegistry.recover() ends every run a crashed daemon left open
+    async def test_recovery_ends_open_runs(self):
+        """RunService.recover() ends every run a crashed daemon left open
         with reason "daemon restarted", leaves ended runs alone, and the
         ends are durable."""
         store = await self.open()
         ended_id, open_id, bare_id = await self.fill(store)
         store = await self.reopen(store)
-        clock = Clock()
-        registry = RunRegistry(store, clock, environ={})
-        self.assertEqual(await registry.recover(), 2)
-        self.assertEqual(clock.getDelayedCalls(), [])
+        daemon = InProcessDaemon(store)
+        self.assertEqual(await daemon.runs.recover(), 2)
+        self.assertEqual(daemon.clock.getDelayedCalls(), [])
         store = await self.reopen(store)
         self.assertEqual(await store.open_runs(), [])
         self.assertEqual((await store.get_run(ended_id)).status, "completed")
@@ -329,4 +344,4 @@ class FileRunStoreTests(unittest.TestCase):
                 (records[-1]["termination"], records[-1]["reason"]),
                 ("incomplete", "daemon restarted"),
             )
-        self.assertEqual(await RunRegistry(store, clock, environ={}).recover(), 0)
+        self.assertEqual(await InProcessDaemon(store).runs.recover(), 0)

@@ -8,14 +8,22 @@ import tempfile
 import threading
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial import unittest
 
-from car_twisted.interfaces import RunExists, RunNotFound, RunTerminal, TurnLimitReached
+from car_twisted.interfaces import (
+    RunExists,
+    RunNotFound,
+    RunTerminal,
+    StoreWriteFailed,
+    TurnLimitReached,
+)
 from car_twisted.records import ended_record
 from car_twisted.store import sqlite as sqlite_store
 from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
+from tests.daemon_process import DaemonProcess
 from tests.store_conformance import RunStoreConformance, started, turn
+from tests.support import SUCCESS_OUTCOME, RPCClient, wait_for
 
 
 def fresh_data_dir(case: unittest.TestCase) -> str:
@@ -32,6 +40,11 @@ class SQLiteRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
         return store
 
 
+def first_index(outcome):
+    """An append's outcome as the index of its first record; others as they are."""
+    return outcome[0]["index"] if isinstance(outcome, list) else outcome
+
+
 def store_threads():
     """The running threads of SQLite stores: the writer and the reader pool."""
     return {t for t in threading.enumerate() if "car-sqlite-" in t.name}
@@ -43,8 +56,10 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.path = os.path.join(self.data_dir, "runs.sqlite3")
 
     def open(self):
+        """An open store on the test's data dir, closed after the test."""
         store = SQLiteRunStore(self.data_dir, reactor)
         self.addCleanup(store.close)
+        self.successResultOf(store.open())
         return store
 
     async def test_reopen_serves_reads(self):
@@ -77,9 +92,8 @@ class SQLiteRunStoreTests(unittest.TestCase):
         await self.open().close()
         with sqlite3.connect(self.path) as db:
             db.execute(f"PRAGMA user_version = {sqlite_store.SCHEMA_VERSION + 1}")
-        with self.assertRaises(RunDatabaseError) as caught:
-            SQLiteRunStore(self.data_dir, reactor)
-        message = str(caught.exception)
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        message = caught.getErrorMessage()
         self.assertIn(self.path, message)
         self.assertIn(f"schema version {sqlite_store.SCHEMA_VERSION + 1}", message)
         with sqlite3.connect(self.path) as db:
@@ -93,9 +107,8 @@ class SQLiteRunStoreTests(unittest.TestCase):
         garbage = b"these are not the runs you are looking for\n" * 200
         with open(self.path, "wb") as f:
             f.write(garbage)
-        with self.assertRaises(RunDatabaseError) as caught:
-            SQLiteRunStore(self.data_dir, reactor)
-        self.assertIn(self.path, str(caught.exception))
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        self.assertIn(self.path, caught.getErrorMessage())
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), garbage)
 
@@ -104,17 +117,91 @@ class SQLiteRunStoreTests(unittest.TestCase):
         os.makedirs(self.data_dir)
         with sqlite3.connect(self.path) as db:
             db.execute("CREATE TABLE accounts (name TEXT)")
-        with self.assertRaises(RunDatabaseError) as caught:
-            SQLiteRunStore(self.data_dir, reactor)
-        self.assertIn("not a car-twisted run database", str(caught.exception))
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        self.assertIn("not a car-twisted run database", caught.getErrorMessage())
 
     def test_unopenable_path_refused(self):
         """A directory where the database file should be is a clear error
         naming the path."""
         os.makedirs(self.path)
-        with self.assertRaises(RunDatabaseError) as caught:
-            SQLiteRunStore(self.data_dir, reactor)
-        self.assertIn(self.path, str(caught.exception))
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        self.assertIn(self.path, caught.getErrorMessage())
+
+    async def test_second_store_on_one_database_refused(self):
+        """While one store has the database open, a second one on it is
+        refused at open with one line naming the file, and the first store's
+        open run stays open; once the first closes, the database opens."""
+        first = self.open()
+        run = started()
+        await first.start_run(run)
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        message = caught.getErrorMessage()
+        self.assertIn(self.path, message)
+        self.assertIn("in use by another daemon", message)
+        self.assertNotIn("\n", message)
+        self.assertEqual((await first.append_turns(run["run_id"], [turn()], 5))[0]["index"], 0)
+        await first.close()
+
+        second = self.open()
+        self.assertEqual([s.run_id for s in await second.open_runs()], [run["run_id"]])
+
+    async def write_runs(self):
+        """A closed database of 200 runs with 5 turns each, its WAL
+        checkpointed; the same pages every time."""
+        store = self.open()
+        for n in range(200):
+            record = started(run_id=f"run-{n:03d}", intent=f"run {n}")
+            store.start_run(record)
+            store.append_turns(record["run_id"], [turn("x" * 200)] * 5, 10)
+        await store.close()
+
+    def damage_page(self, number: int) -> bytes:
+        """Fill page C{number} (1-based) with garbage; the file's new bytes."""
+        with sqlite3.connect(self.path) as db:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        with open(self.path, "r+b") as f:
+            f.seek((number - 1) * page_size)
+            f.write(b"\xff" * page_size)
+            f.seek(0)
+            return f.read()
+
+    def assert_refused_as_damaged(self, damaged: bytes) -> None:
+        """Opening fails with one line naming the file; the file is unchanged."""
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        message = caught.getErrorMessage()
+        self.assertIn(self.path, message)
+        self.assertIn("is damaged", message)
+        self.assertNotIn("\n", message)
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), damaged)
+
+    async def test_damaged_page_refused(self):
+        """A database with a damaged page in the middle of the file (one
+        that opening alone does not read) is refused at open with one line
+        naming the file, and left as it was."""
+        await self.write_runs()
+        with sqlite3.connect(self.path) as db:
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+        self.assert_refused_as_damaged(self.damage_page(pages // 2))
+
+    async def test_damaged_runs_page_refused_in_a_large_database(self):
+        """A database larger than the whole-file check's bound still has its
+        runs table checked: a damaged leaf in the middle of that b-tree is
+        refused at open with one line naming the file."""
+        self.patch(sqlite_store, "FULL_CHECK_BYTES", 0)
+        await self.write_runs()
+        with sqlite3.connect(self.path) as db:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()[0]
+        with open(self.path, "rb") as f:
+            f.seek((root - 1) * page_size)
+            page = f.read(page_size)
+        self.assertEqual(page[0], 0x05, "the runs table fits in one page")
+        # An interior table page: a cell count, a cell pointer array from
+        # byte 12, each cell starting with its child's page number.
+        cells = int.from_bytes(page[3:5], "big")
+        cell = int.from_bytes(page[12 + cells // 2 * 2 : 14 + cells // 2 * 2], "big")
+        self.assert_refused_as_damaged(self.damage_page(int.from_bytes(page[cell : cell + 4], "big")))
 
     async def test_private_files(self):
         """The data dir is created 0700 and the database and its WAL 0600."""
@@ -159,7 +246,7 @@ class SQLiteRunStoreTests(unittest.TestCase):
             consumeErrors=True,
         )
         self.assertEqual(
-            outcomes,
+            [first_index(outcome) for outcome in outcomes],
             [None, RunExists, RunNotFound, 0, TurnLimitReached, None, RunTerminal, None],
         )
         self.assertEqual(store.commits, commits + 1)
@@ -189,7 +276,7 @@ class SQLiteRunStoreTests(unittest.TestCase):
             [d.addErrback(lambda f: f.trap(KeyError, RunExists)) for d in writes],
             consumeErrors=True,
         )
-        self.assertEqual(outcomes, [None, KeyError, 0, RunExists, None])
+        self.assertEqual([first_index(o) for o in outcomes], [None, KeyError, 0, RunExists, None])
         self.assertEqual(store.commits, commits + 1)
         records, _ = await store.read_records("a", 0, 10)
         self.assertEqual([r["record"] for r in records], ["started", "turn"])
@@ -198,23 +285,25 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.assertEqual(await store.end_run("a", ended_record("incomplete", reason="y")), None)
 
     async def test_database_refusing_writes(self):
-        """When the database refuses every write, each write fails with the
-        database's error instead of hanging, reads still work, and writing
-        resumes once the database accepts writes again."""
+        """When the database refuses every write, each write fails with
+        StoreWriteFailed naming the database's error instead of hanging,
+        reads still work, and writing resumes once the database accepts
+        writes again."""
         store = self.open()
         await store.start_run(started(run_id="a"))
         with store._wake:
             store._writer.execute("PRAGMA query_only = ON")
             writes = [store.start_run(started(run_id="b")), store.append_turns("a", [turn()], 5)]
         for write in writes:
-            with self.assertRaises(sqlite3.OperationalError):
+            with self.assertRaises(StoreWriteFailed) as caught:
                 await write
+            self.assertIn("readonly", caught.exception.detail)
         self.assertEqual((await store.get_run("a")).turn_count, 0)
         self.assertIsNone(await store.get_run("b"))
         with store._wake:
             store._writer.execute("PRAGMA query_only = OFF")
         await store.start_run(started(run_id="b"))
-        self.assertEqual(await store.append_turns("a", [turn()], 5), 0)
+        self.assertEqual((await store.append_turns("a", [turn()], 5))[0]["index"], 0)
 
     async def test_many_concurrent_writers(self):
         """Hundreds of concurrent starts and appends are all acknowledged
@@ -226,7 +315,7 @@ class SQLiteRunStoreTests(unittest.TestCase):
             acks.append(store.start_run(record))
             acks.append(store.append_turns(record["run_id"], [turn(record["intent"])], 5))
             acks.append(store.append_turns(record["run_id"], [turn("second")], 5))
-        self.assertEqual(await gatherResults(acks), [None, 0, 1] * 300)
+        self.assertEqual([first_index(ack) for ack in await gatherResults(acks)], [None, 0, 1] * 300)
         seen, cursor = [], None
         while True:
             page, cursor = await store.list_runs("agent-a", cursor, 500, None)
@@ -295,8 +384,7 @@ class SQLiteRunStoreTests(unittest.TestCase):
         """Listing (with and without a status), open-run discovery and trace
         reads each search their own index, in index order, so they stay fast
         at millions of runs."""
-        store = SQLiteRunStore(self.data_dir, reactor)
-        self.addCleanup(store.close)
+        store = self.open()
         for query, args, index in [
             (sqlite_store.LIST_RUNS, (b"a", 10, 5), "INDEX runs_by_agent (agent_id=? AND seq<?)"),
             (
@@ -316,6 +404,7 @@ class SQLiteRunStoreTests(unittest.TestCase):
         thread running; later calls fail instead of hanging."""
         before = store_threads()
         store = SQLiteRunStore(self.data_dir, reactor)
+        await store.open()
         await store.get_run("start a reader thread")
         self.assertEqual(
             sorted(t.name.split()[0] for t in store_threads() - before),
@@ -332,3 +421,40 @@ class SQLiteRunStoreTests(unittest.TestCase):
         store = self.open()
         page, _ = await store.list_runs("agent-a", None, 50, None)
         self.assertEqual(len(page), 20)
+
+
+class SQLiteDaemonTests(unittest.TestCase):
+    async def test_second_daemon_leaves_live_runs_alone(self):
+        """A second daemon on the data dir of a running one with --store
+        sqlite does not start, so it does not end the first one's live run
+        (as its recovery would): the first daemon's agent still records
+        turns and completes the run."""
+        data_dir = os.path.abspath(self.mktemp())
+        first = DaemonProcess("sqlite", data_dir)
+        self.addCleanup(first.kill)
+        await first.start()
+        agent = await RPCClient.connect(first.port)
+        self.addCleanup(agent.close)
+        run_id = (await agent.call("runs.start", {"agent_id": "agent-a", "intent": "live"}))["run_id"]
+
+        second = DaemonProcess("sqlite", data_dir)
+        self.addCleanup(second.kill)
+        starting = Deferred.fromCoroutine(second.start())
+        # Exiting before it listens is the refusal it should make.
+        starting.addErrback(lambda failure: failure.trap(RuntimeError))
+        await wait_for(
+            lambda: starting.called or b"in use by another daemon" in second.output,
+            "the second daemon to listen or be refused",
+            timeout=30,
+        )
+        self.assertIsNone(second.port, "the second daemon started")
+        self.assertIn(os.path.join(data_dir, "runs.sqlite3").encode(), second.output)
+        await second.kill()
+
+        await agent.call("runs.record_turns", {"run_id": run_id, "turns": [{"tool": "after"}]})
+        await agent.call("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
+        trace = await agent.call("runs.get_trace", {"run_id": run_id})
+        self.assertEqual(
+            [r["record"] for r in trace["records"]], ["started", "turn", "ended"]
+        )
+        self.assertEqual(trace["records"][-1]["termination"], "outcome")

@@ -2,14 +2,20 @@
 it makes at start, and what it logs."""
 
 import os
+import sys
 
 from twisted.internet import error, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python import usage
 from twisted.trial import unittest
 
+from car_twisted import __version__
+from car_twisted.auth import SECRET_FILE, ensure_token
 from car_twisted.limits import WireLimits
-from car_twisted.tap import DEFAULT_LISTEN, DaemonService, Options, makeService
+from car_twisted.store.sqlite import DATABASE_NAME
+from car_twisted.tap import DEFAULT_HTTP, DEFAULT_LISTEN, Options, build_daemon, makeService
+from tests.daemon_process import SOURCE_ROOT, DaemonProcess, daemon_environment
 from tests.support import RPCClient, private_dir
 
 
@@ -24,6 +30,12 @@ class OptionsTests(unittest.TestCase):
         options = self.parse("--data-dir", self.mktemp())
         self.assertEqual(options["listen"], [DEFAULT_LISTEN])
         self.assertEqual(options["grace"], 0.25)
+        self.assertEqual(options["http"], DEFAULT_HTTP)
+        self.assertIsNotNone(options["http-endpoint"])
+
+    def test_http_none_turns_the_http_side_off(self):
+        """--http none: no HTTP endpoint."""
+        self.assertIsNone(self.parse("--http", "none", "--data-dir", "d")["http-endpoint"])
 
     def test_limits_default_and_set(self):
         """Without limit options the wire limits are the defaults; each
@@ -33,13 +45,15 @@ class OptionsTests(unittest.TestCase):
             "--data-dir", "d", "--max-message-size", "2097152", "--ping-interval", "10",
             "--ping-timeout", "25", "--open-handshake-timeout", "3", "--close-handshake-timeout", "1.5",
             "--max-connections", "20000", "--max-batch", "10", "--max-depth", "16", "--max-in-flight", "8",
+            "--max-unsent-bytes", "1048576", "--auth-timeout", "2.5",
         )  # fmt: skip
         self.assertEqual(
             options["limits"],
             WireLimits(
                 max_message_size=2097152, auto_ping_interval=10, auto_ping_timeout=25,
                 open_handshake_timeout=3, close_handshake_timeout=1.5, max_connections=20000,
-                max_batch=10, max_depth=16, max_in_flight=8,
+                max_batch=10, max_depth=16, max_in_flight=8, max_unsent_bytes=1048576,
+                auth_timeout=2.5,
             ),
         )  # fmt: skip
 
@@ -53,11 +67,13 @@ class OptionsTests(unittest.TestCase):
         self.patch(os.environ, "get", {"CAR_HOME": "/srv/car"}.get)
         self.assertEqual(self.parse()["data-dir"], "/srv/car")
 
-    def test_bad_options_are_usage_errors(self):
-        """Bad values are usage errors naming the option, not tracebacks."""
+    def test_bad_options_are_one_line(self):
+        """Bad values end the process (status 1) with one line naming the
+        option, not a traceback or the whole help."""
         for argv, needle in [
             (["--store", "nope"], "--store"),
             (["--listen", "bogus:1"], "--listen"),
+            (["--http", "bogus:1"], "--http"),
             (["--grace", "-1"], "--grace"),
             (["--grace", "soon"], "could not convert"),
             (["--no-such-option"], "no-such-option"),
@@ -66,10 +82,15 @@ class OptionsTests(unittest.TestCase):
             (["--max-batch", "0"], "--max-batch"),
             (["--ping-timeout", "-1"], "--ping-timeout"),
             (["--max-in-flight", "lots"], "invalid literal"),
+            (["--max-unsent-bytes", "1000"], "--max-unsent-bytes"),
+            (["--auth-timeout", "0"], "--auth-timeout"),
         ]:
             with self.subTest(argv=argv):
-                error = self.assertRaises(usage.UsageError, self.parse, *argv)
-                self.assertIn(needle, str(error))
+                exit = self.assertRaises(SystemExit, self.parse, *argv)
+                self.assertIsInstance(exit.code, str)
+                self.assertEqual(len(exit.code.splitlines()), 1, exit.code)
+                self.assertTrue(exit.code.startswith("car-twisted: "), exit.code)
+                self.assertIn(needle, exit.code)
 
 
 class ServiceTests(unittest.TestCase):
@@ -77,11 +98,11 @@ class ServiceTests(unittest.TestCase):
         """The service listens on its endpoint, answers JSON-RPC, and stops
         listening when stopped."""
         options = Options()
-        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--store", "memory", "--no-auth", "--data-dir", self.mktemp()])
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--http", "none", "--store", "memory", "--no-auth", "--data-dir", self.mktemp()])
         service = makeService(options)
         service.startService()
-        await service.ready
-        port = service._ports[0].getHost().port
+        (listening,) = await service.ready
+        port = listening.getHost().port
         ws = await RPCClient.connect(port)
         started = await ws.call("runs.start", {"agent_id": "a", "intent": "x"})
         self.assertEqual(started["agent_id"], "a")
@@ -95,15 +116,17 @@ class DaemonServiceAuthTests(unittest.TestCase):
     async def start(self, *argv, environ=None):
         """Start the service on an ephemeral loopback port; its log texts."""
         options = Options()
-        options.parseOptions(["--store", "memory", "--listen", "tcp:0:interface=127.0.0.1", *argv])
+        options.parseOptions(
+            ["--store", "memory", "--listen", "tcp:0:interface=127.0.0.1", "--http", "none", *argv]
+        )
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        service = DaemonService(options, reactor, environ or {})
+        service = build_daemon(options, reactor, environ or {})
         service.startService()
         self.addCleanup(service.stopService)
-        await service.ready
-        self.port = service._ports[0].getHost().port
+        (listening,) = await service.ready
+        self.port = listening.getHost().port
         return service, [formatEvent(e) for e in events]
 
     async def test_auth_on_by_default(self):
@@ -112,7 +135,6 @@ class DaemonServiceAuthTests(unittest.TestCase):
         requests."""
         data_dir = os.path.join(private_dir(self), "car")
         service, logged = await self.start("--data-dir", data_dir)
-        self.assertTrue(service.registry.authenticator.enabled)
         tokens = []
         for name in ("auth-token", "host-token"):
             with open(os.path.join(data_dir, name)) as f:
@@ -124,6 +146,11 @@ class DaemonServiceAuthTests(unittest.TestCase):
         refused = await ws.call_raw("runs.list", {"agent_id": "agent-A"})
         self.assertEqual(refused["error"]["code"], -32001)
         self.assertEqual(await ws.closed_by_daemon(), 4001)
+
+    async def test_startup_line_names_the_version(self):
+        """The startup log line names the package's version."""
+        _, logged = await self.start("--data-dir", private_dir(self), "--no-auth")
+        self.assertTrue(any(text.startswith(f"car-twisted {__version__}: memory store") for text in logged), logged)
 
     async def test_environment_secret_is_named_not_logged(self):
         """With CAR_AUTH_TOKEN set, the log names the variable, not its value."""
@@ -138,9 +165,133 @@ class DaemonServiceAuthTests(unittest.TestCase):
         """--no-auth makes no token files and accepts every session."""
         data_dir = os.path.join(private_dir(self), "car")
         service, _ = await self.start("--data-dir", data_dir, "--no-auth")
-        self.assertFalse(service.registry.authenticator.enabled)
         self.assertFalse(os.path.exists(data_dir))
         ws = await RPCClient.connect(self.port)
         listed = await ws.call("runs.list", {"agent_id": "agent-A"})
         self.assertEqual(listed["runs"], [])
         await ws.close()
+
+
+class StartAttempt(ProcessProtocol):
+    """A ``twistd -n car`` child: its stdout, its stderr and its exit code."""
+
+    def __init__(self):
+        self.out = self.err = b""
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    def errReceived(self, data):
+        self.err += data
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
+class StartFailureTests(unittest.TestCase):
+    """
+    A daemon that cannot start, run as a supervisor runs it (``twistd -n
+    car`` in a child process): it exits with status 1 and one line on
+    stderr saying why, and never hangs (a child still running after the
+    bounded wait is killed and the test fails).
+    """
+
+    async def assert_cannot_start(self, needle, *argv, environ=None, listened=False):
+        """
+        C{listened}: the failure is a listener's, so the others may have
+        listened (and closed again).
+        """
+        attempt = StartAttempt()
+        command = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "car", "--http", "none", *argv,
+        ]  # fmt: skip
+        env = {**daemon_environment(), "CAR_AUTH_TOKEN": "", **(environ or {})}
+        reactor.spawnProcess(attempt, command[0], command, env=env, path=SOURCE_ROOT)
+        hung = reactor.callLater(60, attempt.transport.signalProcess, "KILL")
+        code = await attempt.ended
+        if not hung.active():
+            self.fail(f"the daemon neither started nor exited: {attempt.out.decode()}")
+        hung.cancel()
+        lines = attempt.err.decode().splitlines()
+        self.assertEqual((code, len(lines)), (1, 1), attempt.err.decode() + attempt.out.decode())
+        self.assertTrue(lines[0].startswith("car-twisted"), lines)
+        self.assertIn(needle, lines[0])
+        if not listened:
+            self.assertNotIn("listening on", attempt.out.decode())
+
+    async def test_bad_option(self):
+        """A bad option: one line, no help text, status 1."""
+        await self.assert_cannot_start("--store", "--store", "nope")
+
+    async def test_short_environment_secret(self):
+        """A CAR_AUTH_TOKEN under 16 bytes is refused at start."""
+        await self.assert_cannot_start(
+            "$CAR_AUTH_TOKEN is 1 bytes", "--data-dir", private_dir(self), "--listen", "tcp:0",
+            environ={"CAR_AUTH_TOKEN": "x"},
+        )  # fmt: skip
+
+    async def test_token_file_readable_by_others(self):
+        """A token file others may read is refused at start."""
+        data_dir = private_dir(self)
+        path = os.path.join(data_dir, SECRET_FILE)
+        ensure_token(path)
+        os.chmod(path, 0o644)
+        await self.assert_cannot_start("readable by other users", "--data-dir", data_dir, "--listen", "tcp:0")
+
+    async def test_unusable_data_dir(self):
+        """A data dir that cannot be made (a file is in its place: root
+        ignores a read-only directory) is refused at start, by name."""
+        path = os.path.join(private_dir(self), "not-a-directory")
+        open(path, "w").close()
+        await self.assert_cannot_start(path, "--no-auth", "--data-dir", path, "--listen", "tcp:0")
+
+    async def test_damaged_database(self):
+        """A SQLite store whose file is not a database is refused at start."""
+        data_dir = private_dir(self)
+        with open(os.path.join(data_dir, DATABASE_NAME), "wb") as f:
+            f.write(b"not a database " * 1000)
+        await self.assert_cannot_start(
+            DATABASE_NAME, "--no-auth", "--store", "sqlite", "--data-dir", data_dir, "--listen", "tcp:0"
+        )
+
+    async def test_port_in_use(self):
+        """A port another process listens on is refused at start."""
+        taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        listen = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        await self.assert_cannot_start(
+            f"cannot listen on {listen}", "--no-auth", "--store", "memory",
+            "--data-dir", private_dir(self), "--listen", listen,
+        )  # fmt: skip
+
+    async def test_http_port_in_use(self):
+        """An --http port another process listens on is refused at start."""
+        taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        http = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        await self.assert_cannot_start(
+            f"cannot listen on {http}", "--no-auth", "--store", "memory",
+            "--data-dir", private_dir(self), "--listen", "tcp:0:interface=127.0.0.1", "--http", http,
+            listened=True,
+        )  # fmt: skip
+
+    async def test_port_out_of_range(self):
+        """A port number no socket can have is refused at start."""
+        await self.assert_cannot_start(
+            "cannot listen on tcp:99999", "--no-auth", "--store", "memory",
+            "--data-dir", private_dir(self), "--listen", "tcp:99999",
+        )  # fmt: skip
+
+    async def test_second_daemon_on_one_data_dir(self):
+        """A second daemon on a data dir a running daemon holds is refused
+        at start; the first keeps running."""
+        data_dir = private_dir(self)
+        first = DaemonProcess("file", data_dir)
+        self.addCleanup(first.kill)
+        await first.start()
+        await self.assert_cannot_start(
+            "in use by another daemon", "--no-auth", "--data-dir", data_dir, "--listen", "tcp:0"
+        )
+        self.assertFalse(first.ended.called)

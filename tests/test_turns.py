@@ -1,17 +1,21 @@
-"""runs.record_turns, runs.record_model_turn and idempotent starts."""
+"""runs.record_turns, runs.record_model_turn and idempotent starts, in process."""
 
+from twisted.internet import reactor
 from twisted.trial import unittest
 
-from car_twisted.records import MAX_TEXT, TRUNCATION_MARKER
+from car_twisted.limits import MAX_TEXT
+from car_twisted.records import TRUNCATION_MARKER, keyed_run_id
+from car_twisted.store.file import FileRunStore
 from car_twisted.store.memory import MemoryRunStore
-from tests.support import SUCCESS_OUTCOME, HeldStore, serve
+from car_twisted.store.sqlite import SQLiteRunStore
+from tests.support import SUCCESS_OUTCOME, HeldStore, InProcessDaemon, in_process, private_dir
 
 START = {"agent_id": "agent-a", "intent": "do it"}
 
 
 class RecordTurnsTests(unittest.TestCase):
     async def started(self):
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         run_id = (await ws.call("runs.start", START))["run_id"]
         return daemon, ws, run_id
@@ -66,7 +70,7 @@ class RecordTurnsTests(unittest.TestCase):
         """Turns that arrive after the run's runs.complete, while its terminal
         record is still being written, are dropped as run_terminal."""
         store = HeldStore(MemoryRunStore(), "end_run")
-        daemon = await serve(self, store=store)
+        daemon = in_process(self, store=store)
         ws = await daemon.connect()
         run_id = (await ws.call("runs.start", START))["run_id"]
         complete_id = ws.request("runs.complete", {"run_id": run_id, "outcome": SUCCESS_OUTCOME})
@@ -111,7 +115,7 @@ class RecordTurnsTests(unittest.TestCase):
         other = await daemon.connect()
         answer = await other.call("runs.record_turns", {"run_id": run_id, "turns": [{}]})
         self.assertEqual(answer["dropped"], "run_not_found")
-        session = next(s for s in daemon.registry.sessions.values() if not s.producing)
+        session = next(s for s in daemon.runs.sessions.values() if not s.producing)
         session.agent_id = "agent-b"
         answer = await other.call("runs.record_turns", {"run_id": run_id, "turns": [{}]})
         self.assertEqual(answer["dropped"], "run_not_found")
@@ -124,34 +128,79 @@ class IdempotentStartTests(unittest.TestCase):
     async def test_retried_start_returns_the_same_run(self):
         """A start retried with the same idempotency_key (even on a new
         connection) returns the same run and makes it the current run."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         params = dict(START, idempotency_key="job-42")
         first = await ws.call("runs.start", params)
-        self.assertEqual(first, {"run_id": "job-42", "agent_id": "agent-a"})
-        await ws.call("runs.complete", {"run_id": "job-42", "outcome": SUCCESS_OUTCOME})
+        self.assertEqual(first, {"run_id": keyed_run_id("agent-a", "job-42"), "agent_id": "agent-a"})
+        await ws.call("runs.complete", {"run_id": first["run_id"], "outcome": SUCCESS_OUTCOME})
         again = await daemon.connect()
         self.assertEqual(await again.call("runs.start", params), first)
         runs, _ = await daemon.store.list_runs("agent-a", None, 10, None)
-        self.assertEqual([r.run_id for r in runs], ["job-42"])
+        self.assertEqual([r.run_id for r in runs], [first["run_id"]])
         self.assertEqual(runs[0].status, "completed")
-        newest_session = list(daemon.registry.sessions.values())[-1]
-        self.assertEqual(newest_session.current_run_id, "job-42")
+        newest_session = list(daemon.runs.sessions.values())[-1]
+        self.assertEqual(newest_session.current_run_id, first["run_id"])
 
     async def test_open_run_retry_on_same_session(self):
         """Retrying a start for an open run returns it without a new run."""
-        daemon = await serve(self)
+        daemon = in_process(self)
         ws = await daemon.connect()
         params = dict(START, idempotency_key="job-7")
         self.assertEqual(await ws.call("runs.start", params), await ws.call("runs.start", params))
         self.assertEqual(len((await daemon.store.list_runs("agent-a", None, 10, None))[0]), 1)
 
-    async def test_key_of_another_agent_is_refused(self):
-        """An idempotency_key naming another agent's run is an error and
-        records nothing."""
-        daemon = await serve(self)
+    async def test_keys_are_per_agent(self):
+        """Another agent's idempotency_key tells nothing and takes nothing:
+        agent B starting with A's key gets a run of its own (no error to
+        learn A's keys from), and A's later start with a key B used first
+        still makes A's run, which A's retry returns."""
+        daemon = in_process(self)
         ws = await daemon.connect()
-        await ws.call("runs.start", dict(START, idempotency_key="shared"))
-        answer = await ws.call_raw("runs.start", dict(START, agent_id="agent-b", idempotency_key="shared"))
-        self.assertEqual(answer["error"]["code"], -32603)
-        self.assertEqual(await daemon.store.list_runs("agent-b", None, 10, None), ([], None))
+        a_first = await ws.call("runs.start", dict(START, idempotency_key="shared"))
+        b_first = await ws.call("runs.start", dict(START, agent_id="agent-b", idempotency_key="shared"))
+        self.assertEqual(b_first["agent_id"], "agent-b")
+        self.assertNotEqual(b_first["run_id"], a_first["run_id"])
+        b_next = await ws.call("runs.start", dict(START, agent_id="agent-b", idempotency_key="a-next"))
+        a_next = await ws.call("runs.start", dict(START, idempotency_key="a-next"))
+        self.assertEqual(a_next["agent_id"], "agent-a")
+        self.assertNotEqual(a_next["run_id"], b_next["run_id"])
+        self.assertEqual(await ws.call("runs.start", dict(START, idempotency_key="a-next")), a_next)
+        for agent_id, started in (("agent-a", [a_next, a_first]), ("agent-b", [b_next, b_first])):
+            runs, _ = await daemon.store.list_runs(agent_id, None, 10, None)
+            self.assertEqual([r.run_id for r in runs], [s["run_id"] for s in started])
+
+
+class DurableIdempotentStartTests(unittest.TestCase):
+    """A keyed start retried after a restart returns the run the first
+    start made, on each durable store."""
+
+    async def retried_after_restart(self, make_store):
+        data_dir = private_dir(self)
+        store = make_store(data_dir)
+        await store.open()
+        first_daemon = InProcessDaemon(store=store)
+        ws = await first_daemon.connect()
+        first = await ws.call("runs.start", dict(START, idempotency_key="job-1"))
+        await ws.call("runs.complete", {"run_id": first["run_id"], "outcome": SUCCESS_OUTCOME})
+        await first_daemon.stop()
+        await first_daemon.runs.stop()
+        await store.close()
+        store = make_store(data_dir)
+        await store.open()
+        self.addCleanup(store.close)
+        daemon = in_process(self, store=store)
+        again = await daemon.connect()
+        self.assertEqual(await again.call("runs.start", dict(START, idempotency_key="job-1")), first)
+        other = await again.call("runs.start", dict(START, agent_id="agent-b", idempotency_key="job-1"))
+        self.assertNotEqual(other["run_id"], first["run_id"])
+        runs, _ = await daemon.store.list_runs("agent-a", None, 10, None)
+        self.assertEqual([(r.run_id, r.status) for r in runs], [(first["run_id"], "completed")])
+
+    async def test_file_store(self):
+        """The file store keeps a keyed run findable across a restart."""
+        await self.retried_after_restart(lambda d: FileRunStore(reactor, d))
+
+    async def test_sqlite_store(self):
+        """The SQLite store keeps a keyed run findable across a restart."""
+        await self.retried_after_restart(lambda d: SQLiteRunStore(d, reactor))

@@ -11,7 +11,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from car_twisted.limits import MIB, WireLimits
-from tests.support import serve, wait_for
+from tests.support import InProcessDaemon, serve, wait_for
 
 
 class RawHTTP(Protocol):
@@ -90,7 +90,7 @@ class KeepaliveTests(unittest.TestCase):
         silent = await daemon.connect()
         run_id = (await silent.call("runs.start", {"agent_id": "a", "intent": "go quiet"}))["run_id"]
         silent.protocol.transport.pauseProducing()
-        await wait_for(lambda: len(daemon.registry.sessions) == 1, "the silent peer to be dropped")
+        await wait_for(lambda: len(daemon.runs.sessions) == 1, "the silent peer to be dropped")
         daemon.clock.advance(0.25)
         await wait_for(
             lambda: daemon.store.get_run(run_id).result.status == "incomplete",
@@ -118,7 +118,7 @@ class ConnectionLimitTests(unittest.TestCase):
             [e for e in events if "refused a connection" in (formatEvent(e) or "")], "not logged"
         )
         await first.close()
-        await wait_for(lambda: len(daemon.registry.sessions) == 1, "the first session to close")
+        await wait_for(lambda: len(daemon.runs.sessions) == 1, "the first session to close")
         third = await daemon.connect()
         self.assertEqual((await third.call("runs.list", {"agent_id": "a"}))["runs"], [])
 
@@ -153,10 +153,6 @@ class HTTPFaceTests(unittest.TestCase):
 class FactoryOptionsTests(unittest.TestCase):
     def test_autobahn_gets_every_option(self):
         """The factory hands Autobahn every wire setting of its limits."""
-        from car_twisted.protocol import RunTracingFactory
-        from car_twisted.registry import RunRegistry
-        from car_twisted.store.memory import MemoryRunStore
-
         limits = WireLimits(
             max_message_size=2 * MIB,
             auto_ping_interval=7,
@@ -165,7 +161,7 @@ class FactoryOptionsTests(unittest.TestCase):
             close_handshake_timeout=4,
             max_connections=9,
         )
-        factory = RunTracingFactory(RunRegistry(MemoryRunStore(), reactor), limits)
+        factory = InProcessDaemon(limits=limits).parts.factory
         self.assertEqual(
             (
                 factory.maxFramePayloadSize,

@@ -13,7 +13,7 @@ import threading
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -133,6 +133,7 @@ class RunExporter(Service):
         self._schedule_delay_millis = schedule_delay_millis
         self._resource = default_resource()
         self._processor = None
+        self._exports = set()  # Deferreds of the runs being read for export
         self.counts = SpanCounts()
 
     @property
@@ -155,18 +156,25 @@ class RunExporter(Service):
         )
 
     def stopService(self):
-        """Send what is queued (bounded by the exporter's timeout), then
-        stop; the wait is on a thread of the reactor's pool."""
+        """Finish reading the runs that ended, send what is queued (bounded
+        by the exporter's timeout), then stop; the wait is on a thread of
+        the reactor's pool."""
         super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        await DeferredList(list(self._exports))
         processor, self._processor = self._processor, None
-        if processor is None:
-            return None
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), processor.shutdown)
+        if processor is not None:
+            pool = self._reactor.getThreadPool()
+            await deferToThreadPool(self._reactor, pool, processor.shutdown)
 
     def run_ended(self, run_id: str) -> Deferred:
         """Export a run that just ended (its records are durable)."""
         d = Deferred.fromCoroutine(self._export(run_id))
         d.addErrback(lambda f: log.failure("OTLP export of run {run_id} failed", f, run_id=run_id))
+        self._exports.add(d)
+        d.addBoth(lambda _: self._exports.discard(d))
         return d
 
     async def _export(self, run_id: str) -> None:

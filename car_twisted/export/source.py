@@ -13,7 +13,8 @@ import os
 import sqlite3
 from datetime import datetime, timezone
 
-from car_twisted.store import layout
+from car_twisted import disk
+from car_twisted.store import naming, runfiles
 from car_twisted.store.sqlite import DATABASE_NAME
 
 #: The stores whose runs can be read offline (the memory store lives in the daemon).
@@ -46,7 +47,7 @@ def ended_runs(store: str, data_dir: str, agent=None, since=None, until=None):
     @raise FileNotFoundError: the store holds nothing at C{data_dir}.
     """
     if store == "file":
-        runs_dir = os.path.join(data_dir, layout.RUNS)
+        runs_dir = os.path.join(data_dir, naming.RUNS)
         if not os.path.isdir(runs_dir):
             raise FileNotFoundError(f"no file store at {runs_dir}")
         runs = _file_runs(runs_dir, agent)
@@ -73,7 +74,7 @@ def _file_runs(runs_dir: str, agent):
         with os.scandir(runs_dir) as entries:
             agent_dirs = sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
     else:
-        agent_dirs = [os.path.join(runs_dir, layout.encode_name(agent))]
+        agent_dirs = [os.path.join(runs_dir, naming.encode_name(agent))]
     for agent_dir in agent_dirs:
         try:
             entries = os.scandir(agent_dir)
@@ -81,12 +82,14 @@ def _file_runs(runs_dir: str, agent):
             continue
         with entries:
             for entry in entries:
-                if entry.name.startswith(".") or not entry.name.endswith(layout.RUN_SUFFIX):
+                if entry.name.startswith(".") or not entry.name.endswith(naming.RUN_SUFFIX):
                     continue
                 try:
-                    records = layout.read_run_file(entry.path).records
+                    records = runfiles.read_run_file(entry.path).records
                 except FileNotFoundError:
                     continue  # pruned since the directory was listed
+                except disk.NotRegularFile:
+                    continue  # the daemon never serves it either
                 if _ended(records) and (agent is None or records[0].get("agent_id") == agent):
                     yield records
 

@@ -8,6 +8,8 @@ batch at a time goes to a disk thread, which writes every queued record,
 fsyncs the touched files and the directories that gained entries, then
 appends the agents' index entries. Everything queued while a
 batch is on disk forms the next batch: concurrent writers share flushes.
+A write the disk refuses is undone on disk and in memory, with the writes
+queued behind it on the same run, and fails with L{StoreWriteFailed}.
 See docs/storage.md.
 """
 
@@ -15,10 +17,12 @@ import bisect
 import fcntl
 import itertools
 import os
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,49 +34,61 @@ from car_twisted.interfaces import (
     IRunStore,
     RunExists,
     RunNotFound,
+    RunSummary,
     RunTerminal,
+    StoreWriteFailed,
     TurnLimitReached,
     status_of,
 )
-from car_twisted.store import layout
-from car_twisted.store.layout import RunState
-from car_twisted.store.memory import parse_position_cursor
+from car_twisted import disk
+from car_twisted.store import index, naming, runfiles
+from car_twisted.store.cursors import parse_position_cursor
+from car_twisted.store.pending import PendingWrite
+from car_twisted.store.runfiles import RunState
 
 log = Logger()
 
 DURABILITIES = ("fsync", "none")
+#: File bytes one read_records page reads at most (one record alone may be
+#: more): a full runs.get_trace page, whatever the size of the run.
+PAGE_READ_BYTES = 512 * 1024
+#: Runs whose record offsets are kept, the most recently read.
+OFFSETS_KEPT = 256
 
 
-class AgentRuns:
-    """One agent's durable runs in start order, with positions by status."""
+class RunIndex:
+    """Durable runs in start order, with positions by status."""
 
-    def __init__(self, agent_id: str, directory: str):
-        self.agent_id = agent_id
-        self.directory = directory
+    def __init__(self):
         #: The runs by position; a pruned run leaves None, so cursors stay valid.
         self.runs = []
+        self._position = {}  # run_id -> position in self.runs
         self._present = []  # positions of the runs not pruned
         self._positions = {status: [] for status in RUN_STATUSES}
 
     def add(self, run: RunState) -> None:
-        run.position = len(self.runs)
+        position = self._position[run.run_id] = len(self.runs)
         self.runs.append(run)
-        self._present.append(run.position)
-        self._positions[run.status].append(run.position)
+        self._present.append(position)
+        self._positions[run.status].append(position)
 
     def remove(self, run: RunState) -> None:
         """Forget a pruned run."""
-        self.runs[run.position] = None
+        position = self._position.pop(run.run_id, None)
+        if position is None:
+            return
+        self.runs[position] = None
         for positions in (self._present, self._positions[run.status]):
-            del positions[bisect.bisect_left(positions, run.position)]
+            del positions[bisect.bisect_left(positions, position)]
 
     def moved(self, run: RunState, old_status: str) -> None:
         """Re-file a run whose status changed."""
-        if run.position is None:
+        position = self._position.get(run.run_id)
+        if position is None:
             return
         positions = self._positions[old_status]
-        del positions[bisect.bisect_left(positions, run.position)]
-        bisect.insort(self._positions[run.status], run.position)
+        del positions[bisect.bisect_left(positions, position)]
+        bisect.insort(self._positions[run.status], position)
 
     def page(self, cursor, limit: int, status: Optional[str]):
         """Newest first from below C{cursor}; cost grows with C{limit} only."""
@@ -85,8 +101,25 @@ class AgentRuns:
         return page, (str(chosen[-1]) if more else None)
 
 
+class AgentRuns(RunIndex):
+    """One agent's durable runs, and the directory they are kept in."""
+
+    def __init__(self, agent_id: str, directory: str):
+        super().__init__()
+        self.agent_id = agent_id
+        self.directory = directory
+
+
 @dataclass(eq=False)
-class _Write:
+class _Offsets:
+    """A run's record offsets as last scanned, and one scan at a time."""
+
+    offsets: runfiles.RecordOffsets = field(default_factory=runfiles.RecordOffsets)
+    scanning: DeferredLock = field(default_factory=DeferredLock)
+
+
+@dataclass(eq=False)
+class _Write(PendingWrite):
     """Bytes for one run file, queued for the disk thread."""
 
     run: RunState
@@ -96,30 +129,25 @@ class _Write:
     #: Set for a start: the agent whose directory holds the new file.
     agent: Optional[AgentRuns] = None
     index_entry: Optional[bytes] = None
-    result: Deferred = field(default_factory=Deferred)
-    finished: bool = False
-    #: Reads of this run waiting for the write to finish.
-    waiters: list = field(default_factory=list)
+    #: The run's summary before this write changed it (None for a start):
+    #: restored if the write fails.
+    previous: Optional[RunSummary] = None
 
-    def finish(self, error: Optional[BaseException]) -> None:
-        self.finished = True
-        for waiter in self.waiters:
-            waiter.callback(None)
-        if error is None:
-            self.result.callback(self.value)
-        else:
-            self.result.errback(error)
+    def __post_init__(self):
+        PendingWrite.__init__(self)
 
 
 @implementer(IRunStore)
 class FileRunStore:
     """
-    Runs as JSONL files under C{<data_dir>/runs/}. Build it with
-    L{FileRunStore.open}, which loads (and repairs) what is on disk.
+    Runs as JSONL files under C{<data_dir>/runs/}; L{open} loads (and
+    repairs) what is on disk.
 
     @param durability: C{"fsync"} acknowledges writes once on stable
         storage; C{"none"} once handed to the operating system (they survive
         a daemon crash, not a power cut).
+    @ivar on_commit: C{f(writes, seconds)}, called after each batch with its
+        size and how long it took (the daemon's metrics).
     """
 
     def __init__(self, reactor, data_dir: str, durability: str = "fsync"):
@@ -127,34 +155,33 @@ class FileRunStore:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         self._reactor = reactor
         self.data_dir = data_dir
-        self.runs_dir = os.path.join(data_dir, layout.RUNS)
+        self.runs_dir = os.path.join(data_dir, naming.RUNS)
         self._sync = durability == "fsync"
         self._runs = {}  # run_id -> RunState
         self._agents = {}  # agent_id -> AgentRuns
+        self._everyone = RunIndex()  # every agent's runs
         #: Ids of runs found with damaged lines; their readable records are served.
         self.corrupt_runs = set()
+        self._offsets = OrderedDict()  # run_id -> _Offsets, least recently read first
         self._queue = []
         self._committing = None  # the Deferred of the batch on disk
         self._closed = None
+        self.on_commit = lambda writes, seconds: None
         self._lock_fd = None
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="car-file-store")
+
+    def open(self) -> Deferred:
+        """
+        Load every agent's index (rebuilding the missing or stale ones), cut
+        torn last lines off the runs left open. A bad file is logged and
+        skipped, never fatal.
+        """
         self._pool.start()
-
-    @classmethod
-    def open(cls, reactor, data_dir: str, durability: str = "fsync") -> Deferred:
-        """
-        Open the store in C{data_dir}: load every agent's index (rebuilding
-        the missing or stale ones), cut torn last lines off the runs left
-        open. A bad file is logged and skipped, never fatal.
-
-        @return: Deferred firing with the store.
-        """
-        store = cls(reactor, data_dir, durability)
-        d = store._in_thread(store._load)
-        d.addCallback(store._loaded)
+        d = self._in_thread(self._load)
+        d.addCallback(self._loaded)
 
         def failed(failure):
-            store._stop_threads()
+            self._stop_threads()
             return failure
 
         d.addErrback(failed)
@@ -164,13 +191,13 @@ class FileRunStore:
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
     def _load(self):
-        os.makedirs(self.data_dir, mode=layout.DIR_MODE, exist_ok=True)
-        if layout.make_directory(self.runs_dir) and self._sync:
-            layout.sync_directory(self.data_dir)
+        os.makedirs(self.data_dir, mode=disk.DIR_MODE, exist_ok=True)
+        if disk.make_directory(self.runs_dir) and self._sync:
+            disk.sync_directory(self.data_dir)
         self._lock_fd = os.open(
-            os.path.join(self.runs_dir, layout.LOCK),
+            os.path.join(self.runs_dir, naming.LOCK),
             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-            layout.FILE_MODE,
+            disk.FILE_MODE,
         )
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -178,7 +205,7 @@ class FileRunStore:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise RuntimeError(f"{self.runs_dir} is in use by another daemon")
-        findings = layout.Findings()
+        findings = index.Findings()
         loaded = []
         for entry in sorted(os.scandir(self.runs_dir), key=lambda e: e.name):
             if entry.name.startswith("."):
@@ -187,7 +214,7 @@ class FileRunStore:
                 findings.notes.append(f"{entry.path}: not an agent directory; ignored")
                 continue
             try:
-                agent = layout.load_agent(entry.path, self._sync, findings)
+                agent = index.load_agent(entry.path, self._sync, findings)
             except OSError as e:
                 findings.notes.append(f"{entry.path}: unreadable ({e}); its runs are not served")
                 continue
@@ -205,6 +232,9 @@ class FileRunStore:
                     continue
                 self._runs[run.run_id] = run
                 agent.add(run)
+        # Sorting is stable: runs of one agent started in one millisecond keep their order.
+        for run in sorted(self._runs.values(), key=lambda run: run.started_at):
+            self._everyone.add(run)
         self.corrupt_runs |= findings.corrupt
         for note in findings.notes:
             log.warn("file store: {note}", note=note)
@@ -214,7 +244,6 @@ class FileRunStore:
             agents=len(self._agents),
             path=self.runs_dir,
         )
-        return self
 
     # Writes
 
@@ -225,21 +254,22 @@ class FileRunStore:
         agent_id = started["agent_id"]
         agent = self._agents.get(agent_id)
         if agent is None:
-            agent = AgentRuns(agent_id, os.path.join(self.runs_dir, layout.encode_name(agent_id)))
+            agent = AgentRuns(agent_id, os.path.join(self.runs_dir, naming.encode_name(agent_id)))
         run = self._runs[run_id] = RunState(
             run_id=run_id,
             agent_id=agent_id,
-            path=os.path.join(agent.directory, layout.encode_name(run_id) + layout.RUN_SUFFIX),
+            path=os.path.join(agent.directory, naming.encode_name(run_id) + naming.RUN_SUFFIX),
             intent=started["intent"],
             started_at=started["started_at"],
         )
-        write = _Write(run, layout.encode_line(started), agent=agent, index_entry=run.start_entry())
+        write = _Write(run, runfiles.encode_line(started), agent=agent, index_entry=run.start_entry())
         d = self._submit(write)
         d.addCallbacks(self._started, self._not_started, (write,), errbackArgs=(write,))
         return d
 
     def _started(self, _, write: _Write):
         self._agents.setdefault(write.run.agent_id, write.agent).add(write.run)
+        self._everyone.add(write.run)
 
     def _not_started(self, failure, write: _Write):
         if self._runs.get(write.run.run_id) is write.run:
@@ -264,23 +294,33 @@ class FileRunStore:
         base = run.turn_count
         if base + len(turns) > max_turns:
             return fail(TurnLimitReached(run_id))
-        data = b"".join(layout.encode_line(dict(t, index=base + i)) for i, t in enumerate(turns))
+        stamped = [dict(t, index=base + i) for i, t in enumerate(turns)]
+        data = b"".join(runfiles.encode_line(record) for record in stamped)
+        write = _Write(run, data, value=stamped, previous=run.summary())
         run.turn_count = base + len(turns)
-        return self._submit(_Write(run, data, value=base))
+        return self._submit(write)
 
     def end_run(self, run_id, ended):
         try:
             run = self._open_run(run_id)
         except (RunNotFound, RunTerminal) as e:
             return fail(e)
+        previous = run.summary()
         run.status = status_of(ended)
         run.ended_at = ended["ended_at"]
         if ended["termination"] == "outcome":
             run.outcome_status = ended["outcome"]["status"]
+        self._moved(run, "in_progress")
+        return self._submit(
+            _Write(run, runfiles.encode_line(ended), index_entry=run.end_entry(), previous=previous)
+        )
+
+    def _moved(self, run: RunState, old_status: str) -> None:
+        """Re-file a run whose status changed in the indexes that hold it."""
         agent = self._agents.get(run.agent_id)
         if agent is not None:
-            agent.moved(run, "in_progress")
-        return self._submit(_Write(run, layout.encode_line(ended), index_entry=run.end_entry()))
+            agent.moved(run, old_status)
+        self._everyone.moved(run, old_status)
 
     def _submit(self, write: _Write) -> Deferred:
         if self._closed is not None:
@@ -289,28 +329,53 @@ class FileRunStore:
         write.run.last_write = write
         if self._committing is None:
             self._commit_next()
-        return write.result
+        return write.deferred
 
     def _commit_next(self) -> None:
         batch, self._queue = self._queue, []
         self._committing = self._in_thread(self._write_batch, batch)
-        self._committing.addBoth(self._committed, batch)
+        self._committing.addBoth(self._committed, batch, time.monotonic())
 
-    def _committed(self, outcome, batch):
+    def _committed(self, outcome, batch, started):
         self._committing = None
-        if self._queue:
-            self._commit_next()
+        self.on_commit(len(batch), time.monotonic() - started)
         if isinstance(outcome, Failure):
             log.failure("file store: a batch of writes failed", outcome)
             errors, notes = [outcome.value] * len(batch), []
         else:
             errors, notes = outcome
+        dependent, undone = [], set()
+        for write, error in zip(batch, errors):
+            if error is not None and write.run not in undone:
+                undone.add(write.run)
+                dependent.extend(self._roll_back(write, error))
+        if self._queue:
+            self._commit_next()
         for note in notes:
             log.warn("file store: {note}", note=note)
-        for write, error in zip(batch, errors):
-            write.finish(error)
+        for write, error in [*zip(batch, errors), *dependent]:
+            write.settle(write.value if error is None else _write_error(error))
         if self._committing is None and self._closed is not None and not self._closed.called:
             self._closed.callback(None)
+
+    def _roll_back(self, write: _Write, error) -> list:
+        """
+        Undo the first failed write of a run in memory: restore the run as
+        it was before it, and take the run's queued writes (built on the
+        failed one) out of the queue. A failed start is undone by
+        L{_not_started}.
+
+        @return: the queued writes taken out, each with C{error}.
+        """
+        run = write.run
+        if write.previous is not None:
+            old_status = run.status
+            run.take_summary(write.previous)
+            if old_status != run.status:
+                self._moved(run, old_status)
+        dependent = [queued for queued in self._queue if queued.run is run]
+        self._queue = [queued for queued in self._queue if queued.run is not run]
+        return [(queued, error) for queued in dependent]
 
     def _write_batch(self, batch):
         """
@@ -319,10 +384,15 @@ class FileRunStore:
         the whole batch to the journal and the others find little left to
         do; then each directory that gained entries is fsynced once.
 
+        A file that failed is put back as it was before the batch: cut back
+        to its old size, or removed if the batch created it.
+
         @return: the error of each write (None when durable), and notes.
         """
         files = {}  # path -> fd
+        sizes = {}  # path -> size before the batch; None for a file it created
         broken = {}  # path -> the error that broke the file
+        notes = []
         directories = set()
         try:
             for write in batch:
@@ -332,11 +402,13 @@ class FileRunStore:
                 try:
                     if write.agent is not None:
                         self._prepare(write.agent, directories)
-                        files[path] = layout.create_file(path)
+                        files[path] = disk.create_file(path)
+                        sizes[path] = None
                         directories.add(write.agent.directory)
                     elif path not in files:
                         files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-                    layout.write_all(files[path], write.data)
+                        sizes[path] = os.fstat(files[path]).st_size
+                    disk.write_all(files[path], write.data)
                 except OSError as e:
                     broken[path] = e
             if self._sync:
@@ -347,16 +419,30 @@ class FileRunStore:
                         broken.setdefault(path, e)
                 for directory in directories:
                     try:
-                        layout.sync_directory(directory)
+                        disk.sync_directory(directory)
                     except OSError as e:
                         for path in files:
                             if os.path.dirname(path) == directory:
                                 broken.setdefault(path, e)
+            for path in broken.keys() & files.keys():
+                try:
+                    self._put_back(path, files[path], sizes[path])
+                except OSError as e:
+                    notes.append(f"{path}: a failed write could not be undone ({e})")
         finally:
             for fd in files.values():
                 os.close(fd)
         errors = [broken.get(write.run.path) for write in batch]
-        return errors, self._index(batch, errors)
+        return errors, notes + self._index(batch, errors)
+
+    def _put_back(self, path: str, fd: int, size: Optional[int]) -> None:
+        """Remove a file a failed batch created, or cut it back to C{size}."""
+        if size is None:
+            os.unlink(path)
+        else:
+            os.ftruncate(fd, size)
+            if self._sync:
+                os.fsync(fd)
 
     def _index(self, batch, errors) -> list:
         """Append the index entries of the durable writes; notes on failures."""
@@ -367,7 +453,7 @@ class FileRunStore:
         notes = []
         for directory, lines in entries.items():
             try:
-                layout.append_to_index(directory, b"".join(lines))
+                index.append_to_index(directory, b"".join(lines))
             except OSError as e:
                 notes.append(f"{directory}: index not updated ({e}); rebuilt at next start")
         return notes
@@ -375,14 +461,18 @@ class FileRunStore:
     def _prepare(self, agent: AgentRuns, directories: set) -> None:
         """Create an agent's directory and index, unless done already."""
         if agent.agent_id in self._agents or os.path.exists(
-            os.path.join(agent.directory, layout.INDEX)
+            os.path.join(agent.directory, naming.INDEX)
         ):
             return
-        if layout.make_directory(agent.directory):
+        if disk.make_directory(agent.directory):
             directories.add(self.runs_dir)
-        fd = layout.create_file(os.path.join(agent.directory, layout.INDEX), exclusive=False)
+        index = os.path.join(agent.directory, naming.INDEX)
+        fd = disk.create_file(index, exclusive=False)
         try:
-            layout.write_all(fd, layout.encode_line({"agent_id": agent.agent_id}))
+            disk.write_all(fd, runfiles.encode_line({"agent_id": agent.agent_id}))
+        except OSError:
+            os.unlink(index)
+            raise
         finally:
             os.close(fd)
 
@@ -396,13 +486,7 @@ class FileRunStore:
         run = self._runs.get(run_id)
         if run is None:
             return fail(RunNotFound(run_id))
-        d = Deferred()
-        if run.last_write is not None and not run.last_write.finished:
-            run.last_write.waiters.append(d)
-        else:
-            d.callback(None)
-        d.addCallback(lambda _: self._in_thread(layout.read_run_file, run.path))
-        d.addCallback(self._page_of_records, run, cursor, limit)
+        d = Deferred.fromCoroutine(self._read_records(run, cursor, limit))
         d.addErrback(self._pruned_while_read, run)
         return d
 
@@ -411,24 +495,86 @@ class FileRunStore:
             return fail(RunNotFound(run.run_id))
         return failure
 
-    def _page_of_records(self, run_file, run, cursor, limit):
-        if run_file.damaged and run.run_id not in self.corrupt_runs:
+    async def _read_records(self, run: RunState, cursor: int, limit: int):
+        """
+        One page by byte offset: scan only the lines written since the last
+        scan, then read only the page's bytes. A run file that is not a
+        regular file serves no records.
+        """
+        if run.last_write is not None and not run.last_write.settled:
+            await run.last_write.wait()
+            if self._runs.get(run.run_id) is not run:
+                raise RunNotFound(run.run_id)  # its start failed
+        try:
+            for _ in range(2):
+                kept = self._offsets_of(run)
+                offsets = kept.offsets
+                if not offsets.covers(cursor, limit, PAGE_READ_BYTES):
+                    offsets = await self._scan(run, kept, cursor, limit)
+                count = offsets.page(cursor, limit, PAGE_READ_BYTES)
+                records = await self._in_thread(
+                    runfiles.read_records_at, run.path, offsets, cursor, count
+                )
+                if records is not None:
+                    return records, cursor + len(records)
+                self._offsets.pop(run.run_id, None)  # the file changed: scan it afresh
+        except disk.NotRegularFile:
+            self._mark_corrupt(run, "not a regular file")
+            return [], cursor
+        raise RuntimeError(f"{run.path} changed while it was read")
+
+    def _offsets_of(self, run: RunState) -> _Offsets:
+        kept = self._offsets.get(run.run_id)
+        if kept is None:
+            kept = self._offsets[run.run_id] = _Offsets()
+            if len(self._offsets) > OFFSETS_KEPT:
+                self._offsets.popitem(last=False)
+        else:
+            self._offsets.move_to_end(run.run_id)
+        return kept
+
+    async def _scan(self, run: RunState, kept: _Offsets, cursor: int, limit: int):
+        """
+        Scan a run file past C{kept} as far as the page needs, one scan of
+        a run at a time. The result is kept only if no write to the run was
+        on its way meanwhile: a failed write's bytes may yet be cut off.
+        """
+        async with kept.scanning:
+            if kept.offsets.covers(cursor, limit, PAGE_READ_BYTES):
+                return kept.offsets  # scanned while this one waited
+            last_write = run.last_write
+            quiet = last_write is None or last_write.settled
+            offsets = await self._in_thread(
+                runfiles.scan_records,
+                run.path,
+                kept.offsets,
+                cursor,
+                limit,
+                PAGE_READ_BYTES,
+                quiet and run.status != "in_progress",
+            )
+            if quiet and run.last_write is last_write:
+                kept.offsets = offsets
+        if offsets.damaged:
+            self._mark_corrupt(run, f"damaged line(s) {list(offsets.damaged)}")
+        elif not offsets.started:
+            self._mark_corrupt(run, "no readable started record")
+        return offsets
+
+    def _mark_corrupt(self, run: RunState, finding: str) -> None:
+        if run.run_id not in self.corrupt_runs:
             self.corrupt_runs.add(run.run_id)
             log.warn(
-                "file store: {path}: damaged line(s) {lines}; run marked corrupt",
-                path=run.path,
-                lines=run_file.damaged,
+                "file store: {path}: {finding}; run marked corrupt", path=run.path, finding=finding
             )
-        page = run_file.records[cursor : cursor + limit]
-        return page, cursor + len(page)
 
     def list_runs(self, agent_id, cursor, limit, status):
-        agent = self._agents.get(agent_id)
+        runs = self._everyone if agent_id is None else self._agents.get(agent_id)
         try:
-            if agent is None:
+            if runs is None:
                 parse_position_cursor(cursor, 0)
                 return succeed(([], None))
-            return succeed(agent.page(cursor, limit, status))
+            return succeed(runs.page(cursor, limit, status))
         except ValueError as e:
             return fail(e)
 
@@ -458,9 +604,9 @@ class FileRunStore:
         for run in runs:
             del self._runs[run.run_id]
             self.corrupt_runs.discard(run.run_id)
-            agent = self._agents.get(run.agent_id)
-            if agent is not None and run.position is not None:
-                agent.remove(run)
+            self._offsets.pop(run.run_id, None)
+            self._agents[run.agent_id].remove(run)
+            self._everyone.remove(run)
         d = self._in_thread(self._delete_runs, runs)
         d.addCallback(self._deleted, runs)
         return d
@@ -488,8 +634,8 @@ class FileRunStore:
         for directory, entries in directories.items():
             try:
                 if self._sync:
-                    layout.sync_directory(directory)
-                layout.append_to_index(directory, b"".join(entries))
+                    disk.sync_directory(directory)
+                index.append_to_index(directory, b"".join(entries))
             except OSError as e:
                 notes.append(f"{directory}: index not updated ({e}); rebuilt at next start")
         return notes
@@ -522,6 +668,13 @@ class FileRunStore:
             self._lock_fd = None
 
 
+def _write_error(error: BaseException) -> BaseException:
+    """What a failed write's Deferred fails with: the disk's errors, as one."""
+    if isinstance(error, OSError) and not isinstance(error, FileExistsError):
+        return StoreWriteFailed(error.strerror or str(error))
+    return error
+
+
 def _is_prunable(run: RunState, ended_before: str) -> bool:
     """
     Ended before the cut, and its terminal record durable. (The disk thread's
@@ -531,7 +684,7 @@ def _is_prunable(run: RunState, ended_before: str) -> bool:
         run.status != "in_progress"
         and isinstance(run.ended_at, str)
         and run.ended_at < ended_before
-        and (run.last_write is None or run.last_write.finished)
+        and (run.last_write is None or run.last_write.settled)
     )
 
 

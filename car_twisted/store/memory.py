@@ -13,18 +13,7 @@ from car_twisted.interfaces import (
     TurnLimitReached,
     summarize,
 )
-
-
-def parse_position_cursor(cursor, upper: int) -> int:
-    """
-    Read a C{list_runs} cursor that is a position in a sequence of C{upper}
-    runs: the page starts below it.
-    """
-    if cursor is None:
-        return upper
-    if not (isinstance(cursor, str) and cursor.isdigit() and int(cursor) <= upper):
-        raise ValueError(f"unreadable cursor {cursor!r}")
-    return int(cursor)
+from car_twisted.store.cursors import parse_position_cursor
 
 
 @implementer(IRunStore)
@@ -34,7 +23,13 @@ class MemoryRunStore:
     def __init__(self):
         self._records = {}  # run_id -> [record]
         self._turns = {}  # run_id -> number of turn records
-        self._by_agent = {}  # agent_id -> [run_id, or None once pruned] in start order
+        # agent_id -> [run_id] in start order, and every run_id in start
+        # order; a pruned run leaves None, so cursors stay valid.
+        self._by_agent = {}
+        self._started = []
+
+    def open(self):
+        return succeed(None)
 
     def start_run(self, started):
         run_id = started["run_id"]
@@ -43,6 +38,7 @@ class MemoryRunStore:
         self._records[run_id] = [dict(started)]
         self._turns[run_id] = 0
         self._by_agent.setdefault(started["agent_id"], []).append(run_id)
+        self._started.append(run_id)
         return succeed(None)
 
     def _open(self, run_id):
@@ -61,9 +57,10 @@ class MemoryRunStore:
         base = self._turns[run_id]
         if base + len(turns) > max_turns:
             return fail(TurnLimitReached(run_id))
-        records.extend(dict(t, index=base + i) for i, t in enumerate(turns))
+        stamped = [dict(t, index=base + i) for i, t in enumerate(turns)]
+        records.extend(stamped)
         self._turns[run_id] = base + len(turns)
-        return succeed(base)
+        return succeed([dict(r) for r in stamped])
 
     def end_run(self, run_id, ended):
         try:
@@ -85,7 +82,7 @@ class MemoryRunStore:
         return succeed(([dict(r) for r in page], cursor + len(page)))
 
     def list_runs(self, agent_id, cursor, limit, status):
-        run_ids = self._by_agent.get(agent_id, [])
+        run_ids = self._started if agent_id is None else self._by_agent.get(agent_id, [])
         try:
             position = parse_position_cursor(cursor, len(run_ids))
         except ValueError as e:
@@ -119,8 +116,8 @@ class MemoryRunStore:
         for run_id in pruned:
             records = self._records.pop(run_id)
             del self._turns[run_id]
-            run_ids = self._by_agent[records[0]["agent_id"]]
-            run_ids[run_ids.index(run_id)] = None
+            for run_ids in (self._by_agent[records[0]["agent_id"]], self._started):
+                run_ids[run_ids.index(run_id)] = None
         return succeed(pruned)
 
     def count_prunable(self, ended_before):

@@ -11,12 +11,14 @@ database is in WAL mode with C{synchronous=FULL}: a write's Deferred fires
 after the commit holding it is on stable storage.
 """
 
+import fcntl
 import json
 import os
 import sqlite3
 import threading
+import time
 
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -29,11 +31,18 @@ from car_twisted.interfaces import (
     RunStoreError,
     RunSummary,
     RunTerminal,
+    StoreWriteFailed,
     TurnLimitReached,
     status_of,
 )
+from car_twisted.store.pending import PendingWrite
 
 DATABASE_NAME = "runs.sqlite3"
+#: Beside the database, C{flock()}ed by the one store using it.
+LOCK_SUFFIX = ".lock"
+#: Databases up to this size get the whole-file integrity check at open;
+#: larger ones only their runs table and its indexes (docs/storage.md).
+FULL_CHECK_BYTES = 256 * 2**20
 
 #: The schema version this code writes and understands (C{PRAGMA user_version}).
 SCHEMA_VERSION = 1
@@ -75,6 +84,13 @@ LIST_RUNS = f"""
 LIST_RUNS_WITH_STATUS = f"""
     SELECT seq, {_SUMMARY_COLUMNS} FROM runs
     WHERE agent_id = ? AND status = ? AND seq < ? ORDER BY seq DESC LIMIT ?
+"""
+LIST_ALL_RUNS = f"""
+    SELECT seq, {_SUMMARY_COLUMNS} FROM runs WHERE seq < ? ORDER BY seq DESC LIMIT ?
+"""
+LIST_ALL_RUNS_WITH_STATUS = f"""
+    SELECT seq, {_SUMMARY_COLUMNS} FROM runs
+    WHERE status = ? AND seq < ? ORDER BY seq DESC LIMIT ?
 """
 OPEN_RUNS = f"SELECT {_SUMMARY_COLUMNS} FROM runs WHERE status = 'in_progress'"
 PRUNABLE = """
@@ -144,6 +160,33 @@ def _connect(path: str) -> sqlite3.Connection:
     return connection
 
 
+def lock_database(path: str) -> int:
+    """
+    Take the exclusive lock of the run database at C{path}: an C{flock} on
+    C{<path>.lock}, held while the returned descriptor stays open. SQLite's
+    own locks only serialize transactions: a second daemon would get in
+    and end the first one's live runs as left open by a crash.
+
+    @raise RunDatabaseError: another store (another daemon) holds it.
+    """
+    lock_path = path + LOCK_SUFFIX
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise RunDatabaseError(f"cannot open the lock file {lock_path}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise RunDatabaseError(
+                f"the run database {path} is in use by another daemon (it holds "
+                f"{lock_path}); stop that daemon or choose another --data-dir"
+            ) from e
+        raise RunDatabaseError(f"cannot lock {lock_path}: {e}") from e
+    return fd
+
+
 def open_database(path: str) -> sqlite3.Connection:
     """
     Open (creating it, mode 0600, if absent) the run database at C{path} for
@@ -200,6 +243,8 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
                 f"than the {SCHEMA_VERSION} this car-twisted understands: it was "
                 "written by a newer release; run that release or upgrade"
             )
+        else:
+            _check_integrity(connection, path)
         connection.execute("COMMIT")
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
@@ -209,37 +254,39 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
         raise RunDatabaseError(f"cannot open the run database {path}: {e}") from e
 
 
+def _check_integrity(connection: sqlite3.Connection, path: str) -> None:
+    """
+    Refuse a database with a damaged page, which would otherwise fail
+    calls once the daemon listens. C{quick_check} reads every page it
+    checks, so a large database has only what every call reads checked:
+    the runs table and its indexes, not the records (docs/storage.md).
+    """
+    scope = "" if os.path.getsize(path) <= FULL_CHECK_BYTES else "(runs)"
+    try:
+        problem = connection.execute(f"PRAGMA quick_check{scope}").fetchall()[0][0]
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as e:
+        # Some damage (a page of the wrong type) fails the check itself.
+        problem = str(e)
+    if problem != "ok":
+        problem = " ".join(problem.split())
+        raise RunDatabaseError(
+            f"the run database {path} is damaged (quick_check: {problem}); "
+            "restore it from a backup or move it away"
+        )
+
+
 class _WriteBroke(Exception):
     """A write failed partway through; its batch must be replayed isolated."""
 
 
-class _Write:
+class _Write(PendingWrite):
     """One write operation waiting for (or past) the commit that holds it."""
 
     def __init__(self, apply):
+        super().__init__()
         self.apply = apply  # f(connection) -> result, on the writer thread
-        self.deferred = Deferred()
-        self.settled = False
-        self.waiters = []  # Deferreds of reads issued after this write
-
-    def settle(self, outcome) -> None:
-        self.settled = True
-        for waiter in self.waiters:
-            waiter.callback(None)
-        self.waiters = []
-        if isinstance(outcome, Failure):
-            self.deferred.errback(outcome)
-        else:
-            self.deferred.callback(outcome)
-
-    def wait(self) -> Deferred:
-        """A Deferred that fires (with None) once this write is settled."""
-        waiter = Deferred()
-        if self.settled:
-            waiter.callback(None)
-        else:
-            self.waiters.append(waiter)
-        return waiter
 
 
 @implementer(IRunStore)
@@ -247,19 +294,25 @@ class SQLiteRunStore:
     """
     Runs in C{<data_dir>/runs.sqlite3}.
 
-    Opening happens in the constructor, before the daemon accepts
-    connections: a database that cannot be used raises L{RunDatabaseError}.
+    L{open} opens (or creates) the database, before the daemon accepts
+    connections: a database that cannot be used, or that another store
+    holds, fails it with L{RunDatabaseError}. The store holds the
+    database's lock from then until it is closed.
 
     @param reactor: where results are delivered.
     @ivar commits: transactions the writer has committed (one per batch).
+    @ivar on_commit: C{f(writes, seconds)}, called on the reactor after
+        each batch with its size and how long it took (the daemon's metrics).
     """
 
     def __init__(self, data_dir: str, reactor):
         self._reactor = reactor
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self._data_dir = data_dir
         self.path = os.path.join(data_dir, DATABASE_NAME)
-        self._writer = open_database(self.path)
+        self._lock = None
+        self._writer = None
         self.commits = 0
+        self.on_commit = lambda writes, seconds: None
         # Writes issued on the reactor thread, taken in batches by the writer.
         self._pending = []
         self._wake = threading.Condition(threading.RLock())
@@ -268,9 +321,7 @@ class SQLiteRunStore:
         self._thread = threading.Thread(
             target=self._write_loop, name=f"car-sqlite-writer {self.path}", daemon=True
         )
-        self._thread.start()
         self._readers = ThreadPool(0, _READERS, name=f"car-sqlite-reader {self.path}")
-        self._readers.start()
         self._reader_local = threading.local()
         self._reader_connections = []
         self._reader_lock = threading.Lock()
@@ -278,6 +329,21 @@ class SQLiteRunStore:
         self._last_write = {}  # run_id -> newest _Write issued on that run
         self._newest_write = None
         self._closing = None
+
+    def open(self) -> Deferred:
+        """Open (or create) the database, then start the writer and readers."""
+        try:
+            os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
+            self._lock = lock_database(self.path)
+            self._writer = open_database(self.path)
+        except (OSError, RunDatabaseError) as e:
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
+            return fail(e)
+        self._thread.start()
+        self._readers.start()
+        return succeed(None)
 
     # Writes
 
@@ -346,18 +412,16 @@ class SQLiteRunStore:
             seq, base, position = self._open_run(db, run_id)
             if base + len(turns) > max_turns:
                 raise TurnLimitReached(run_id)
+            stamped = [dict(t, index=base + i) for i, t in enumerate(turns)]
             db.executemany(
                 "INSERT INTO records (run, position, body) VALUES (?, ?, ?)",
-                [
-                    (seq, position + i, _encode(dict(t, index=base + i)))
-                    for i, t in enumerate(turns)
-                ],
+                [(seq, position + i, _encode(record)) for i, record in enumerate(stamped)],
             )
             db.execute(
                 "UPDATE runs SET turn_count = ?, record_count = ? WHERE seq = ?",
                 (base + len(turns), position + len(turns), seq),
             )
-            return base
+            return stamped
 
         return self._submit(run_id, apply)
 
@@ -389,7 +453,9 @@ class SQLiteRunStore:
                 batch, self._pending = self._pending, []
             if not batch:
                 break
+            started = time.monotonic()
             outcomes = self._commit(batch)
+            self._reactor.callFromThread(self.on_commit, len(batch), time.monotonic() - started)
             self._reactor.callFromThread(self._settle, batch, outcomes)
         self._writer.close()
         self._reactor.callFromThread(self._stopped.callback, None)
@@ -456,6 +522,9 @@ class SQLiteRunStore:
     @staticmethod
     def _settle(batch, outcomes) -> None:
         for write, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Failure) and outcome.check(sqlite3.Error):
+                # Rolled back, so nothing of it was kept: the caller may retry.
+                outcome = Failure(StoreWriteFailed(str(outcome.value)))
             write.settle(outcome)
 
     # Reads
@@ -530,16 +599,16 @@ class SQLiteRunStore:
             below = _parse_cursor(cursor)
         except ValueError as e:
             return fail(e)
-        return self._read(
-            self._newest_write, self._list_runs, _blob(agent_id), below, limit, status
-        )
+        agent = None if agent_id is None else _blob(agent_id)
+        return self._read(self._newest_write, self._list_runs, agent, below, limit, status)
 
     @staticmethod
     def _list_runs(db, agent, below, limit, status):
-        if status is None:
-            rows = db.execute(LIST_RUNS, (agent, below, limit + 1)).fetchall()
+        if agent is None:
+            query, args = (LIST_ALL_RUNS, ()) if status is None else (LIST_ALL_RUNS_WITH_STATUS, (status,))
         else:
-            rows = db.execute(LIST_RUNS_WITH_STATUS, (agent, status, below, limit + 1)).fetchall()
+            query, args = (LIST_RUNS, (agent,)) if status is None else (LIST_RUNS_WITH_STATUS, (agent, status))
+        rows = db.execute(query, (*args, below, limit + 1)).fetchall()
         page = [_summary(row[1:]) for row in rows[:limit]]
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return page, next_cursor
@@ -612,3 +681,4 @@ class SQLiteRunStore:
             self._wake.notify()
         await self._stopped
         self._thread.join()
+        os.close(self._lock)

@@ -1,11 +1,12 @@
 """
-The run registry: the daemon's state, independent of any one connection.
+The run service: the connected sessions, the runs this daemon is producing
+and their grace window, and the ``runs.*`` methods that write.
 
-It keeps the connected sessions and the runs this daemon is producing, and
-implements the ``runs.*`` methods on top of an L{IRunStore}. The methods
-make their in-memory changes synchronously, before their first wait on the
-store, so requests from one session take effect in arrival order even though
-they are answered whenever their writes are durable.
+The methods make their in-memory changes synchronously, before their first
+wait on the store, so requests from one session take effect in arrival
+order even though they are answered whenever their writes are durable; a
+write the store refuses has its change undone, so the client's retry
+succeeds.
 """
 
 import hashlib
@@ -18,27 +19,26 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from car_twisted.auth import Authenticator
-from car_twisted.errors import CapabilityMismatch, InvalidParams, RunRefused
+from car_twisted.access import AccessPolicy
+from car_twisted.errors import CapabilityMismatch, InvalidParams, RunRefused, StoreUnavailable
 from car_twisted.fanout import TraceFanout
-from car_twisted.handshake import handshake
 from car_twisted.interfaces import (
-    RUN_STATUSES,
     RunExists,
     RunNotFound,
     RunTerminal,
+    StoreWriteFailed,
     TurnLimitReached,
+    end_position,
     status_of,
 )
+from car_twisted.limits import MAX_TURN_BYTES, MAX_TURNS_PER_RUN
+from car_twisted.metrics import DaemonMetrics
 from car_twisted.records import (
-    MAX_TURNS_PER_RUN,
     agent_slug,
-    MAX_TURN_BYTES,
     clip_text,
-    encoded_size,
     ended_record,
     id_param,
-    int_param,
+    keyed_run_id,
     new_run_id,
     parse_model_turn,
     parse_outcome,
@@ -55,12 +55,6 @@ log = Logger()
 DEFAULT_GRACE = 0.25
 #: The same window for sessions that negotiated ``runs.resume.v1``.
 DEFAULT_RESUME_LEASE = 10.0
-#: How many runs one session may follow live at once.
-MAX_FOLLOWED = 100
-#: Record bytes in one runs.get_trace page or runs.subscribe snapshot: with
-#: its envelope it fits the smallest message limit (512 KiB), and every
-#: record (at most 256 KiB) fits in it.
-PAGE_BYTES = 384 * 1024
 
 
 @dataclass(eq=False)
@@ -77,58 +71,68 @@ class LiveRun:
     turns: int = 0
 
 
-class RunRegistry:
+class RunService:
     """
-    Sessions, live runs and the ``runs.*`` methods.
+    Sessions, live runs and the ``runs.*`` methods that write.
 
+    @param fanout: where durable records are published to followers.
+    @param policy: who may write to which run.
     @param clock: schedules the grace window (an L{IReactorTime}).
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
-    @param authenticator: checks ``session.auth``; None accepts every
-        session (``--no-auth``).
+    @param metrics: the L{DaemonMetrics} runs are counted in.
+    @param run_ended_observers: each called with the id of every run whose
+        terminal record is durable (ended here, or by L{recover}).
     """
 
     def __init__(
         self,
         store,
+        fanout: TraceFanout,
+        policy: AccessPolicy,
         clock,
         grace=DEFAULT_GRACE,
         environ=os.environ,
         resume_lease=DEFAULT_RESUME_LEASE,
-        authenticator=None,
+        metrics=None,
+        run_ended_observers=(),
     ):
         self.store = store
-        self.authenticator = authenticator or Authenticator.disabled()
+        self._metrics = metrics if metrics is not None else DaemonMetrics()
         self.sessions = {}  # client_id -> Session
+        self._fanout = fanout
+        self._policy = policy
         self._clock = clock
         self._grace = grace
         self._resume_lease = resume_lease
-        self._fanout = TraceFanout()
         self._environ = environ
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
         self._stopped = False
-        #: Called with the run id of each run once its terminal record is durable.
-        self.run_ended_observers = []
-        #: Methods served beside the registry's own (wire name -> method).
-        self.extra_methods = {}
+        self._run_ended_observers = tuple(run_ended_observers)
+        #: Why the store's last write failed, while it fails (logged once);
+        #: None once a write succeeds again.
+        self.store_failure = None
 
     def methods(self) -> dict:
-        """The JSON-RPC methods, by wire name."""
+        """The methods it serves, by wire name."""
         return {
-            "session.auth": self.authenticator.authenticate,
-            "server.handshake": handshake,
             "runs.start": self.start,
             "runs.complete": self.complete,
             "runs.record_turns": self.record_turns,
             "runs.record_model_turn": self.record_model_turn,
             "runs.cancel": self.cancel,
             "runs.resume": self.resume,
-            "runs.get_trace": self.get_trace,
-            "runs.list": self.list_runs,
-            "runs.subscribe": self.subscribe,
-            "runs.unsubscribe": self.unsubscribe,
-            **self.extra_methods,
         }
+
+    @property
+    def open_run_count(self) -> int:
+        """Open runs this daemon produces (or waits on a grace timer for)."""
+        return len(self._live)
+
+    @property
+    def grace_timer_count(self) -> int:
+        """Open runs whose producer left, waiting out their grace window."""
+        return sum(1 for live in self._live.values() if live.expiry is not None)
 
     # Sessions
 
@@ -144,30 +148,97 @@ class RunRegistry:
         """
         self.sessions.pop(session.client_id, None)
         self._fanout.forget(session)
-        window = self._resume_lease if "runs.resume.v1" in session.capabilities else self._grace
         for run_id in session.producing:
-            live = self._live[run_id]
-            live.producer = None
-            if not self._stopped:
-                live.expiry = self._clock.callLater(window, self._expire, live)
+            self._orphan(self._live[run_id], self._window(session))
         session.producing = set()
+
+    def _window(self, session: Session) -> float:
+        """How long a run outlives its producer's connection."""
+        return self._resume_lease if "runs.resume.v1" in session.capabilities else self._grace
+
+    def _orphan(self, live: LiveRun, delay: float) -> None:
+        """Leave a run without producer; it ends C{incomplete} after C{delay}."""
+        live.producer = None
+        if not self._stopped:
+            live.expiry = self._clock.callLater(delay, self._expire, live)
 
     def _expire(self, live: LiveRun) -> None:
         live.expiry = None
         self._finish(live)
         ended = ended_record("incomplete", reason="connection closed")
-        self._write_behind(Deferred.fromCoroutine(self._end(live, ended)))
-        log.info("run {run_id} ended incomplete: its producer went away", run_id=live.run_id)
+        d = Deferred.fromCoroutine(self._end(live, ended))
+        d.addCallbacks(
+            lambda _: log.info(
+                "run {run_id} ended incomplete: its producer went away", run_id=live.run_id
+            ),
+            self._expiry_failed,
+            errbackArgs=(live,),
+        )
+        self._write_behind(d)
+
+    def _expiry_failed(self, failure, live: LiveRun) -> None:
+        """The store could not end the run: it is live again, tried after another window."""
+        failure.trap(StoreUnavailable)
+        if live.run_id not in self._live:
+            self._live[live.run_id] = live
+            self._orphan(live, self._grace)
 
     async def _end(self, live: LiveRun, ended: dict) -> None:
         """Write a run's terminal record and tell its followers."""
-        await self.store.end_run(live.run_id, ended)
-        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns + 2, status_of(ended))
+        await self._stored(self.store.end_run(live.run_id, ended))
+        self._metrics.run_ended(ended["termination"])
+        self._fanout.publish(live.run_id, live.agent_id, ended, live.turns, status_of(ended))
         self._ended(live.run_id)
 
     def _ended(self, run_id: str) -> None:
-        for observer in self.run_ended_observers:
+        """Tell the observers a run's terminal record is durable."""
+        for observer in self._run_ended_observers:
             observer(run_id)
+
+    async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
+        """
+        End a live run for C{session}'s request. If the store cannot write,
+        the run is put back as it was (live, with its producer or its grace
+        window), so the client's retry ends it.
+        """
+        producer = live.producer
+        deadline = live.expiry.getTime() if live.expiry is not None else None
+        current = [s for s in (session, producer) if s and s.current_run_id == live.run_id]
+        self._finish(live)
+        for s in current:
+            s.current_run_id = None
+        try:
+            await self._end(live, ended)
+        except StoreUnavailable:
+            self._live[live.run_id] = live
+            for s in current:
+                s.current_run_id = live.run_id
+            if producer is None:
+                if deadline is not None:
+                    self._orphan(live, max(deadline - self._clock.seconds(), 0))
+            elif self.sessions.get(producer.client_id) is producer:
+                producer.producing.add(live.run_id)
+            else:
+                self._orphan(live, self._window(producer))
+            raise
+
+    async def _stored(self, write: Deferred):
+        """
+        Wait for a store write. A store that cannot write answers
+        L{StoreUnavailable}; the failure is logged once until a write
+        succeeds again.
+        """
+        try:
+            result = await write
+        except StoreWriteFailed as e:
+            if self.store_failure is None:
+                log.error("the run store cannot write: {detail}", detail=e.detail)
+            self.store_failure = e.detail
+            raise StoreUnavailable(e.detail) from None
+        if self.store_failure is not None:
+            self.store_failure = None
+            log.info("the run store writes again")
+        return result
 
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
@@ -188,7 +259,7 @@ class RunRegistry:
             return result
 
         d.addBoth(done)
-        d.addErrback(lambda f: f.trap(RunTerminal))
+        d.addErrback(lambda f: f.trap(RunTerminal, StoreUnavailable))
         d.addErrback(lambda f: log.failure("a run store write failed", f))
 
     async def recover(self) -> int:
@@ -215,6 +286,7 @@ class RunRegistry:
         for summary, (ok, result) in zip(stale, results):
             if ok:
                 ended += 1
+                self._metrics.run_ended("incomplete")
                 self._ended(summary.run_id)
                 log.info("run {run_id} ended incomplete: the daemon restarted", run_id=summary.run_id)
             elif not result.check(RunTerminal, RunNotFound):
@@ -225,14 +297,12 @@ class RunRegistry:
         """
         Stop ending runs: open runs stay open for the store's restart
         recovery, even those of sessions that close later. Fires once every
-        pending write is done and the store closed.
+        pending write is done.
         """
         self._stopped = True
         for live in self._live.values():
             _cancel_expiry(live)
-        d = DeferredList(list(self._writes))
-        d.addCallback(lambda _: self.store.close())
-        return d
+        return DeferredList(list(self._writes))
 
     # Writes
 
@@ -268,7 +338,7 @@ class RunRegistry:
         description = text_param(params, "outcome_description")
         idempotency_key = id_param(params, "idempotency_key")
         agent_id = self._resolve_agent(session, params)
-        run_id = idempotency_key or new_run_id()
+        run_id = keyed_run_id(agent_id, idempotency_key) if idempotency_key else new_run_id()
         if run_id in self._live:
             return self._restart(session, run_id, self._live[run_id].agent_id, agent_id)
         live = LiveRun(run_id=run_id, agent_id=agent_id, producer=session, client_id=session.client_id)
@@ -283,40 +353,41 @@ class RunRegistry:
             clip_text(description) if description is not None else None,
         )
         try:
-            await self.store.start_run(record)
+            await self._stored(self.store.start_run(record))
         except BaseException as e:
             if self._live.get(run_id) is live:
                 self._finish(live)
             if isinstance(e, RunExists):
                 existing = await self.store.get_run(run_id)
+                if existing is None:
+                    raise RunRefused(
+                        f"run id {run_id!r} is held by a run file the store cannot read; "
+                        "choose another idempotency_key"
+                    )
                 return self._restart(session, run_id, existing.agent_id, agent_id)
             raise
+        self._metrics.runs_started.inc()
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
         """Answer a start whose idempotency key names an existing run."""
         if owner != agent_id:
-            raise RunRefused(
-                "idempotency_key is already used by another agent's run; choose another key"
-            )
+            # Keyed run ids differ per agent; only a run an older daemon
+            # stored under the bare key can be another agent's.
+            raise RunRefused("idempotency_key cannot be used; choose another key")
         session.current_run_id = run_id
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _writable(self, session: Session, run_id: str) -> Optional[LiveRun]:
         """The live run if C{session} may write to it, else None."""
         live = self._live.get(run_id)
-        if live is not None and (
-            live.producer is session or live.agent_id == session.agent_id
-        ):
+        if live is not None and self._policy.may_write(session, live.producer, live.agent_id):
             return live
         return None
 
     async def _visible_run(self, session: Session, run_id: str):
         """The run's summary if it exists and the session may read it."""
-        summary = await self.store.get_run(run_id)
-        if summary is None or not self._may_read(session, summary.agent_id):
-            return None
-        return summary
+        return self._policy.readable(session, await self.store.get_run(run_id))
 
     async def _refuse_write(self, session: Session, run_id: str):
         """Raise the error for a write the session cannot make."""
@@ -341,11 +412,8 @@ class RunRegistry:
         live = self._writable(session, run_id)
         if live is None:
             await self._refuse_write(session, run_id)
-        self._finish(live)
-        if session.current_run_id == run_id:
-            session.current_run_id = None
         try:
-            await self._end(live, ended_record("outcome", outcome=outcome))
+            await self._end_live(session, live, ended_record("outcome", outcome=outcome))
         except RunTerminal:
             raise RunRefused(f"run {run_id} already ended")
         return {"ok": True, "run_id": run_id}
@@ -367,18 +435,18 @@ class RunRegistry:
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
         try:
-            base = await self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN)
+            stamped = await self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN))
         except TurnLimitReached:
             return _dropped(run_id, "run_turn_limit")
         except RunTerminal:
             return _dropped(run_id, "run_terminal")
         except RunNotFound:
             return _dropped(run_id, "run_not_found")
-        live.turns = base + len(records)
-        for offset, record in enumerate(records):
-            record["index"] = base + offset
-            self._fanout.publish(run_id, live.agent_id, record, base + offset + 2, "in_progress")
-        return {"run_id": run_id, "base_index": base, "count": len(records), "ok": True}
+        base = live.turns
+        live.turns += len(stamped)
+        for record in stamped:
+            self._fanout.publish(run_id, live.agent_id, record, live.turns, "in_progress")
+        return {"run_id": run_id, "base_index": base, "count": len(stamped), "ok": True}
 
     def _require(self, session: Session, capability: str, method: str) -> None:
         if capability not in session.capabilities:
@@ -398,9 +466,8 @@ class RunRegistry:
         if live is None and session.role == "host":
             live = self._live.get(run_id)
         if live is not None:
-            self._finish(live)
             ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
-            await self._end(live, ended)
+            await self._end_live(session, live, ended)
             log.debug("run {run_id} cancelled", run_id=run_id)
             return {**answer, "status": "cancelled_confirmed"}
         summary = await self._visible_run(session, run_id)
@@ -410,7 +477,7 @@ class RunRegistry:
             raise RunRefused(
                 f"run {run_id} may be cancelled only by its producer, its agent or the host"
             )
-        ended, _ = await self.store.read_records(run_id, summary.turn_count + 1, 1)
+        ended, _ = await self.store.read_records(run_id, end_position(summary.turn_count), 1)
         repeated = any(
             r.get("idempotency_key") == key and r.get("reason_digest") == digest for r in ended
         )
@@ -441,121 +508,12 @@ class RunRegistry:
             "resumed_from_client_id": resumed_from,
         }
 
-    # Reads
-
-    def _may_read(self, session: Session, agent_id: str) -> bool:
-        """
-        Whether C{session} may read C{agent_id}'s runs: the one rule for
-        every read. The host reads all; a session bound to an agent reads
-        only that agent's runs; an unbound session reads all when it holds
-        the daemon secret or auth is off (see docs/security.md).
-        """
-        if session.role == "host":
-            return True
-        if session.agent_id is not None:
-            return session.agent_id == agent_id
-        return session.authenticated or not self.authenticator.enabled
-
-    async def get_trace(self, session: Session, params: dict) -> dict:
-        run_id = id_param(params, "run_id", required=True)
-        cursor = int_param(params, "cursor", 0, 0, 2**31)
-        limit = int_param(params, "limit", 500, 1, 5000)
-        summary = await self._visible_run(session, run_id)
-        if summary is None:
-            return {"run_id": run_id, "not_found": True}
-        records, next_cursor = await self.store.read_records(run_id, cursor, limit)
-        kept = _fitting(records)
-        if kept < len(records):
-            records, next_cursor = records[:kept], cursor + kept
-        return {
-            "run_id": run_id,
-            "agent_id": summary.agent_id,
-            "records": records,
-            "cursor": next_cursor,
-        }
-
-    async def list_runs(self, session: Session, params: dict) -> dict:
-        agent_id = id_param(params, "agent_id", required=session.agent_id is None)
-        agent_id = agent_id or session.agent_id
-        if not self._may_read(session, agent_id):
-            raise InvalidParams(
-                f"invalid params: this session may list only agent {session.agent_id!r}"
-            )
-        limit = int_param(params, "limit", 50, 1, 500)
-        status = params.get("status")
-        if status is not None and status not in RUN_STATUSES:
-            raise InvalidParams(
-                "invalid params: status must be one of " + ", ".join(RUN_STATUSES)
-            )
-        cursor = params.get("cursor")
-        if cursor is not None and not (isinstance(cursor, str) and len(cursor) <= 512):
-            raise InvalidParams("invalid params: cursor must be a next_cursor string")
-        try:
-            runs, next_cursor = await self.store.list_runs(agent_id, cursor, limit, status)
-        except ValueError:
-            raise InvalidParams(
-                "invalid params: cursor is not a next_cursor this daemon returned"
-            )
-        return {
-            "agent_id": agent_id,
-            "runs": [summary.to_json() for summary in runs],
-            "next_cursor": next_cursor,
-        }
-
-    async def subscribe(self, session: Session, params: dict) -> dict:
-        run_id = id_param(params, "run_id", required=True)
-        summary = await self._visible_run(session, run_id)
-        if summary is None:
-            raise RunRefused(f"unknown run {run_id!r}")
-        if run_id not in session.following and len(session.following) >= MAX_FOLLOWED:
-            raise RunRefused(f"a session follows at most {MAX_FOLLOWED} runs; unsubscribe first")
-        self._fanout.unfollow(session, run_id)
-        self._fanout.follow(session, run_id)
-        try:
-            records, cursor = await self.store.read_records(run_id, 0, MAX_TURNS_PER_RUN + 2)
-        except BaseException:
-            self._fanout.unfollow(session, run_id)
-            raise
-        if run_id not in session.following:
-            raise RunRefused("the session closed or unsubscribed while subscribing")
-        if _fitting(records) < len(records):
-            self._fanout.unfollow(session, run_id)
-            raise RunRefused(
-                f"the trace of run {run_id} is too large to send in one answer; "
-                "read it with runs.get_trace pages instead"
-            )
-        cursor = self._fanout.snapshot_taken(session, run_id, records, cursor)
-        status = status_of(records[-1] if records[-1]["record"] == "ended" else None)
-        if status != "in_progress":
-            self._fanout.unfollow(session, run_id)
-        return {
-            "run_id": run_id,
-            "agent_id": summary.agent_id,
-            "turns_so_far": [r for r in records if r["record"] in ("turn", "model_turn")],
-            "cursor": cursor,
-            "status": status,
-        }
-
-    def unsubscribe(self, session: Session, params: dict) -> dict:
-        run_id = id_param(params, "run_id", required=True)
-        return {"run_id": run_id, "removed": self._fanout.unfollow(session, run_id)}
-
 
 def _cancel_expiry(live: LiveRun) -> None:
     """Cancel the run's grace or lease timer, if it has one."""
     if live.expiry is not None:
         live.expiry.cancel()
         live.expiry = None
-
-
-def _fitting(records: list) -> int:
-    """How many leading records fit in L{PAGE_BYTES} (at least one)."""
-    size = 0
-    for n, record in enumerate(records):
-        size += encoded_size(record) + 1
-        if n and size > PAGE_BYTES:
-            return n
-    return len(records)
 
 
 def _dropped(run_id: str, reason: str) -> dict:
