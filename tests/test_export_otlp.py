@@ -7,14 +7,20 @@ import threading
 
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import StatusCode
+from twisted.application.service import Service
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from car_twisted.access import AccessPolicy
 from car_twisted.export.otlp import RunExporter, otlp_exporter, traces_endpoint
 from car_twisted.export.spans import nanoseconds, run_spans
+from car_twisted.fanout import TraceFanout
 from car_twisted.records import started_record
+from car_twisted.runs import RunService
+from car_twisted.service import DaemonService
 from car_twisted.store.file import FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.tap import Options, build_daemon
@@ -389,3 +395,68 @@ class SpanMappingTests(unittest.TestCase):
         """Only a run with its ended record becomes spans."""
         with self.assertRaises(ValueError):
             run_spans(self.RUN[:-1])
+
+
+class _Recorded(Service):
+    """A service that notes when it starts and stops."""
+
+    def __init__(self, name, events):
+        self._name, self._events = name, events
+
+    def startService(self):
+        super().startService()
+        self._events.append(f"{self._name} started")
+
+    def stopService(self):
+        super().stopService()
+        self._events.append(f"{self._name} stopped")
+
+
+class _RecordingStore:
+    """A memory store that notes its open, the recovery's read and its close."""
+
+    def __init__(self, events):
+        self._store, self._events = MemoryRunStore(), events
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def open(self):
+        self._events.append("store opened")
+        return self._store.open()
+
+    def open_runs(self):
+        self._events.append("recovery")
+        return self._store.open_runs()
+
+    def close(self):
+        self._events.append("store closed")
+        return self._store.close()
+
+
+class ServiceTreeTests(unittest.TestCase):
+    async def test_exporter_and_retention_order(self):
+        """The exporter runs from before the recovery (the runs it ends are
+        exported) until before the store closes; the retention from after
+        the recovery until the first thing the stop does."""
+        events = []
+        store = _RecordingStore(events)
+        runs = RunService(store, TraceFanout(), AccessPolicy(False), Clock())
+        daemon = DaemonService(store, runs)
+        daemon.export(_Recorded("exporter", events))
+        daemon.maintain(_Recorded("retention", events))
+        daemon.startService()
+        await daemon.ready
+        await daemon.stopService()
+        self.assertEqual(
+            events,
+            [
+                "store opened",
+                "exporter started",
+                "recovery",
+                "retention started",
+                "retention stopped",
+                "exporter stopped",
+                "store closed",
+            ],
+        )
