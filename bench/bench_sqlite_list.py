@@ -100,7 +100,9 @@ async def median_latency(call, repeats: int = 300) -> float:
 
 async def list_figures(reactor, directory: str, large_runs: int) -> None:
     data_dir = os.path.join(directory, "list")
-    await SQLiteRunStore(data_dir, reactor).close()
+    schema = SQLiteRunStore(data_dir, reactor)
+    await schema.open()
+    await schema.close()
     began = time.perf_counter()
     bulk_load(os.path.join(data_dir, DATABASE_NAME), large_runs, 100)
     size = os.path.getsize(os.path.join(data_dir, DATABASE_NAME))
@@ -109,6 +111,7 @@ async def list_figures(reactor, directory: str, large_runs: int) -> None:
         f" ({size / 2**20:.0f} MiB)"
     )
     store = SQLiteRunStore(data_dir, reactor)
+    await store.open()
     try:
         page, _ = await store.list_runs(LARGE, None, 50, None)
         assert len(page) == 50 and page[0].agent_id == LARGE
@@ -156,6 +159,7 @@ async def start_figures(reactor, directory: str) -> None:
     for starters, per_starter in [(1, 1000), (50, 100)]:
         memory = await start_rate(MemoryRunStore(), starters, per_starter)
         store = SQLiteRunStore(os.path.join(directory, f"starts-{starters}"), reactor)
+        await store.open()
         try:
             commits = store.commits
             sqlite_rate = await start_rate(store, starters, per_starter)

@@ -13,10 +13,13 @@ removed at the end. Not a test: it prints figures, nothing passes or fails.
 
 Sections:
   throughput  runs.start/s, memory store against the echo server:
-              50 connections x 1 in flight, 1 connection x 100 pipelined
+              50 connections x 1 in flight, 1 connection x 100 pipelined;
+              server CPU per request, and the daemon's own work (memory
+              minus echo CPU per request)
   latency     p50/p99 of sequential round trips, memory store and echo
   stores      durable runs.start/s of each of --stores (file, sqlite) against memory:
-              1 and 50 connections x 1, 1 connection x 100 pipelined
+              1 and 50 connections x 1, 1 connection x 100 pipelined; server
+              CPU per request
   sessions    RSS per idle session at --sessions connections, daemon and echo
   storm       --sessions sessions with an open run drop at once: time until
               all are ended incomplete, and the daemon's delayed calls left
@@ -170,8 +173,8 @@ class Suite:
         )  # fmt: skip
         print(
             f"  {server.name:>7} {connections:>3} conn x {depth:>3}: {result['per_second']:>9,.0f}/s"
-            f"  errors {result['errors']}, CPU: server {result['server_cpu']:.2f}, load generator"
-            f" {result['client_cpu']:.2f} of a core",
+            f"  errors {result['errors']}, server CPU {_us(result['server_cpu_us'])}/request,"
+            f" CPU: server {result['server_cpu']:.2f}, load generator {result['client_cpu']:.2f} of a core",
             flush=True,
         )
         return result
@@ -203,6 +206,18 @@ class Suite:
                 f"{m} (echo {e})",
                 ">= 0.85x echo",
                 f"{m.per_second / e.per_second:.2f}x echo",
+            )
+            self.figure(
+                f"  server CPU per request at {connections} conn x {depth}",
+                f"memory {_us(m.cpu_us)} (echo {_us(e.cpu_us)})",
+                "-",
+                _ratio(m.cpu_us, e.cpu_us, "echo"),
+            )
+            self.figure(
+                f"  daemon's own work at {connections} conn x {depth}",
+                f"{_us(m.cpu_us - e.cpu_us)}/request",
+                "<= 15 us",
+                f"{(m.cpu_us - e.cpu_us) / 15:.2f}x goal",
             )
             self.figure(
                 f"  CPU at {connections} conn x {depth}, of one core",
@@ -244,6 +259,12 @@ class Suite:
                     f"{value} (memory {base})",
                     goals.get((name, connections, depth), "-"),
                     f"{value.per_second / base.per_second:.2f}x memory",
+                )
+                self.figure(
+                    f"  server CPU per request, {name}",
+                    f"{_us(value.cpu_us)} (memory {_us(base.cpu_us)})",
+                    "-",
+                    _ratio(value.cpu_us, base.cpu_us, "memory"),
                 )
 
     def sessions(self) -> None:
@@ -323,10 +344,21 @@ class Rate:
         self.low, self.high = min(rates), max(rates)
         self.client_cpu = statistics.median(r["client_cpu"] for r in results)
         self.server_cpu = statistics.median(r["server_cpu"] for r in results)
+        #: Server CPU microseconds per answer (user + system, over the window).
+        self.cpu_us = statistics.median(r["server_cpu_us"] for r in results)
 
     def __str__(self):
         spread = f" [{self.low:,.0f}-{self.high:,.0f}]" if self.low != self.high else ""
         return f"{self.per_second:,.0f}/s{spread}"
+
+
+def _us(value: float) -> str:
+    return f"{value:.1f} us"
+
+
+def _ratio(value: float, base: float, name: str) -> str:
+    # A smoke round can be shorter than one CPU clock tick of the server.
+    return f"{value / base:.2f}x {name}" if base else "-"
 
 
 class Holder:

@@ -33,6 +33,7 @@ from car_twisted.interfaces import (
 )
 from car_twisted.limits import MAX_TURN_BYTES, MAX_TURNS_PER_RUN
 from car_twisted.metrics import DaemonMetrics
+from car_twisted.outcomes import as_deferred, then
 from car_twisted.records import (
     agent_slug,
     clip_text,
@@ -51,13 +52,15 @@ from car_twisted.session import Session
 
 log = Logger()
 
+#: Runs ended together by restart recovery.
+RECOVERY_BATCH = 1000
 #: The grace window after a producer's connection closes (seconds).
 DEFAULT_GRACE = 0.25
 #: The same window for sessions that negotiated ``runs.resume.v1``.
 DEFAULT_RESUME_LEASE = 10.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class LiveRun:
     """An open run this daemon is producing."""
 
@@ -166,7 +169,7 @@ class RunService:
         live.expiry = None
         self._finish(live)
         ended = ended_record("incomplete", reason="connection closed")
-        d = Deferred.fromCoroutine(self._end(live, ended))
+        d = as_deferred(self._end(live, ended))
         d.addCallbacks(
             lambda _: log.info(
                 "run {run_id} ended incomplete: its producer went away", run_id=live.run_id
@@ -183,23 +186,25 @@ class RunService:
             self._live[live.run_id] = live
             self._orphan(live, self._grace)
 
-    async def _end(self, live: LiveRun, ended: dict) -> None:
-        """Write a run's terminal record and tell its followers."""
-        await self._stored(self.store.end_run(live.run_id, ended))
+    def _end(self, live: LiveRun, ended: dict):
+        """Write a run's terminal record and tell its followers (an outcome)."""
+        return then(self._stored(self.store.end_run(live.run_id, ended)), lambda _: self._ended(live, ended))
+
+    def _ended(self, live: LiveRun, ended: dict) -> None:
         self._metrics.run_ended(ended["termination"])
         self._fanout.publish(live.run_id, live.agent_id, ended, live.turns, status_of(ended))
-        self._ended(live.run_id)
+        self._durably_ended(live.run_id)
 
-    def _ended(self, run_id: str) -> None:
+    def _durably_ended(self, run_id: str) -> None:
         """Tell the observers a run's terminal record is durable."""
         for observer in self._run_ended_observers:
             observer(run_id)
 
-    async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
+    def _end_live(self, session: Session, live: LiveRun, ended: dict):
         """
-        End a live run for C{session}'s request. If the store cannot write,
-        the run is put back as it was (live, with its producer or its grace
-        window), so the client's retry ends it.
+        End a live run for C{session}'s request (an outcome). If the store
+        cannot write, the run is put back as it was (live, with its producer
+        or its grace window), so the client's retry ends it.
         """
         producer = live.producer
         deadline = live.expiry.getTime() if live.expiry is not None else None
@@ -207,9 +212,10 @@ class RunService:
         self._finish(live)
         for s in current:
             s.current_run_id = None
-        try:
-            await self._end(live, ended)
-        except StoreUnavailable:
+
+        def restore(failure):
+            if not failure.check(StoreUnavailable):
+                return failure
             self._live[live.run_id] = live
             for s in current:
                 s.current_run_id = live.run_id
@@ -220,25 +226,32 @@ class RunService:
                 producer.producing.add(live.run_id)
             else:
                 self._orphan(live, self._window(producer))
-            raise
+            return failure
 
-    async def _stored(self, write: Deferred):
+        return then(self._end(live, ended), _same, restore)
+
+    def _stored(self, write: Deferred):
         """
-        Wait for a store write. A store that cannot write answers
-        L{StoreUnavailable}; the failure is logged once until a write
-        succeeds again.
+        The outcome of a store write (L{then}). A store that cannot write
+        answers L{StoreUnavailable}; the failure is logged once until a
+        write succeeds again.
         """
-        try:
-            result = await write
-        except StoreWriteFailed as e:
-            if self.store_failure is None:
-                log.error("the run store cannot write: {detail}", detail=e.detail)
-            self.store_failure = e.detail
-            raise StoreUnavailable(e.detail) from None
+        return then(write, self._written, self._write_failed)
+
+    def _written(self, result):
         if self.store_failure is not None:
             self.store_failure = None
             log.info("the run store writes again")
         return result
+
+    def _write_failed(self, failure):
+        if not failure.check(StoreWriteFailed):
+            return failure
+        detail = failure.value.detail
+        if self.store_failure is None:
+            log.error("the run store cannot write: {detail}", detail=detail)
+        self.store_failure = detail
+        raise StoreUnavailable(detail)
 
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
@@ -267,30 +280,30 @@ class RunService:
         End every run the store holds open with an C{incomplete} record
         (reason C{"daemon restarted"}): before this daemon serves anyone, an
         open run can only be one whose producer died with the last daemon.
-        Call it once, before listening. The ends are issued together so a
-        store can share flushes among them.
+        Call it once, before listening. The ends are issued
+        L{RECOVERY_BATCH} at a time, so a store can share flushes among
+        them while memory stays bounded however many runs were left open.
 
         @return: how many runs were ended.
         """
-        stale = [s for s in await self.store.open_runs() if s.run_id not in self._live]
-        results = await DeferredList(
-            [
-                self.store.end_run(
-                    summary.run_id, ended_record("incomplete", reason="daemon restarted")
-                )
-                for summary in stale
-            ],
-            consumeErrors=True,
-        )
+        stale = [s.run_id for s in await self.store.open_runs() if s.run_id not in self._live]
         ended = 0
-        for summary, (ok, result) in zip(stale, results):
-            if ok:
-                ended += 1
-                self._metrics.run_ended("incomplete")
-                self._ended(summary.run_id)
-                log.info("run {run_id} ended incomplete: the daemon restarted", run_id=summary.run_id)
-            elif not result.check(RunTerminal, RunNotFound):
-                log.failure("run {run_id} could not be ended", result, run_id=summary.run_id)
+        for first in range(0, len(stale), RECOVERY_BATCH):
+            batch = stale[first : first + RECOVERY_BATCH]
+            results = await DeferredList(
+                [
+                    self.store.end_run(run_id, ended_record("incomplete", reason="daemon restarted"))
+                    for run_id in batch
+                ],
+                consumeErrors=True,
+            )
+            for run_id, (ok, result) in zip(batch, results):
+                if ok:
+                    ended += 1
+                    self._metrics.run_ended("incomplete")
+                    self._durably_ended(run_id)
+                elif not result.check(RunTerminal, RunNotFound):
+                    log.failure("run {run_id} could not be ended", result, run_id=run_id)
         return ended
 
     def stop(self):
@@ -333,7 +346,7 @@ class RunService:
             "(send agent_id or agent_name, or bind the session with session.auth)"
         )
 
-    async def start(self, session: Session, params: dict) -> dict:
+    def start(self, session: Session, params: dict):
         intent = text_param(params, "intent", required=True)
         description = text_param(params, "outcome_description")
         idempotency_key = id_param(params, "idempotency_key")
@@ -352,20 +365,34 @@ class RunService:
             clip_text(intent),
             clip_text(description) if description is not None else None,
         )
-        try:
-            await self._stored(self.store.start_run(record))
-        except BaseException as e:
-            if self._live.get(run_id) is live:
-                self._finish(live)
-            if isinstance(e, RunExists):
-                existing = await self.store.get_run(run_id)
-                if existing is None:
-                    raise RunRefused(
-                        f"run id {run_id!r} is held by a run file the store cannot read; "
-                        "choose another idempotency_key"
-                    )
-                return self._restart(session, run_id, existing.agent_id, agent_id)
-            raise
+        return then(
+            self._stored(self.store.start_run(record)),
+            lambda _: self._started(run_id, agent_id),
+            lambda failure: self._start_failed(failure, session, live),
+        )
+
+    def _start_failed(self, failure, session: Session, live: LiveRun):
+        """Undo a start the store refused; a run id it holds already is restarted."""
+        run_id = live.run_id
+        if self._live.get(run_id) is live:
+            self._finish(live)
+        if not failure.check(RunExists):
+            return failure
+        return then(
+            self.store.get_run(run_id),
+            lambda existing: self._restart_stored(session, run_id, existing, live.agent_id),
+        )
+
+    def _restart_stored(self, session: Session, run_id: str, existing, agent_id: str) -> dict:
+        """Answer a start whose run id the store holds already."""
+        if existing is None:
+            raise RunRefused(
+                f"run id {run_id!r} is held by a run file the store cannot read; "
+                "choose another idempotency_key"
+            )
+        return self._restart(session, run_id, existing.agent_id, agent_id)
+
+    def _started(self, run_id: str, agent_id: str) -> dict:
         self._metrics.runs_started.inc()
         return {"run_id": run_id, "agent_id": agent_id}
 
@@ -385,13 +412,13 @@ class RunService:
             return live
         return None
 
-    async def _visible_run(self, session: Session, run_id: str):
-        """The run's summary if it exists and the session may read it."""
-        return self._policy.readable(session, await self.store.get_run(run_id))
+    def _visible_run(self, session: Session, run_id: str):
+        """The run's summary if it exists and the session may read it (an outcome)."""
+        return then(self.store.get_run(run_id), lambda summary: self._policy.readable(session, summary))
 
     async def _refuse_write(self, session: Session, run_id: str):
         """Raise the error for a write the session cannot make."""
-        summary = await self._visible_run(session, run_id)
+        summary = await as_deferred(self._visible_run(session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id in self._live:
@@ -400,7 +427,7 @@ class RunService:
         status = "" if summary.status == "in_progress" else f" ({summary.status})"
         raise RunRefused(f"run {run_id} already ended{status}")
 
-    async def complete(self, session: Session, params: dict) -> dict:
+    def complete(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
         if "outcome" not in params:
             raise InvalidParams("invalid params: outcome is required")
@@ -411,42 +438,46 @@ class RunService:
             )
         live = self._writable(session, run_id)
         if live is None:
-            await self._refuse_write(session, run_id)
-        try:
-            await self._end_live(session, live, ended_record("outcome", outcome=outcome))
-        except RunTerminal:
-            raise RunRefused(f"run {run_id} already ended")
-        return {"ok": True, "run_id": run_id}
+            return Deferred.fromCoroutine(self._refuse_write(session, run_id))
+        return then(
+            self._end_live(session, live, ended_record("outcome", outcome=outcome)),
+            lambda _: {"ok": True, "run_id": run_id},
+            lambda failure: _refused_end(failure, run_id),
+        )
 
-    async def record_turns(self, session: Session, params: dict) -> dict:
+    def record_turns(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
-        return await self._record(session, run_id, parse_turns(params.get("turns")))
+        return self._record(session, run_id, parse_turns(params.get("turns")))
 
-    async def record_model_turn(self, session: Session, params: dict) -> dict:
+    def record_model_turn(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
-        return await self._record(session, run_id, [parse_model_turn(params)])
+        return self._record(session, run_id, [parse_model_turn(params)])
 
-    async def _record(self, session: Session, run_id: str, records: list) -> dict:
+    def _record(self, session: Session, run_id: str, records: list):
         """Append turn records; a run that cannot take them says why."""
         live = self._writable(session, run_id)
         if live is None:
-            ended = run_id not in self._live and await self._visible_run(session, run_id)
-            return _dropped(run_id, "run_terminal" if ended else "run_not_found")
+            if run_id in self._live:
+                return _dropped(run_id, "run_not_found")
+            return then(
+                self._visible_run(session, run_id),
+                lambda ended: _dropped(run_id, "run_terminal" if ended else "run_not_found"),
+            )
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
-        try:
-            stamped = await self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN))
-        except TurnLimitReached:
-            return _dropped(run_id, "run_turn_limit")
-        except RunTerminal:
-            return _dropped(run_id, "run_terminal")
-        except RunNotFound:
-            return _dropped(run_id, "run_not_found")
+        return then(
+            self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN)),
+            lambda stamped: self._recorded(live, stamped),
+            lambda failure: _refused_turns(failure, run_id),
+        )
+
+    def _recorded(self, live: LiveRun, stamped: list) -> dict:
+        """The turns are durable: count them and tell the run's followers."""
         base = live.turns
         live.turns += len(stamped)
         for record in stamped:
-            self._fanout.publish(run_id, live.agent_id, record, live.turns, "in_progress")
-        return {"run_id": run_id, "base_index": base, "count": len(stamped), "ok": True}
+            self._fanout.publish(live.run_id, live.agent_id, record, live.turns, "in_progress")
+        return {"run_id": live.run_id, "base_index": base, "count": len(stamped), "ok": True}
 
     def _require(self, session: Session, capability: str, method: str) -> None:
         if capability not in session.capabilities:
@@ -467,10 +498,10 @@ class RunService:
             live = self._live.get(run_id)
         if live is not None:
             ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
-            await self._end_live(session, live, ended)
+            await as_deferred(self._end_live(session, live, ended))
             log.debug("run {run_id} cancelled", run_id=run_id)
             return {**answer, "status": "cancelled_confirmed"}
-        summary = await self._visible_run(session, run_id)
+        summary = await as_deferred(self._visible_run(session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id in self._live:
@@ -514,6 +545,30 @@ def _cancel_expiry(live: LiveRun) -> None:
     if live.expiry is not None:
         live.expiry.cancel()
         live.expiry = None
+
+
+def _same(result):
+    return result
+
+
+def _refused_end(failure, run_id: str):
+    """A run the store holds ended already is refused; other failures pass on."""
+    if failure.check(RunTerminal):
+        raise RunRefused(f"run {run_id} already ended")
+    return failure
+
+
+def _refused_turns(failure, run_id: str):
+    """The answer for turns the store refused, by why; other failures pass on."""
+    refusal = failure.check(*_TURN_REFUSALS)
+    return failure if refusal is None else _dropped(run_id, _TURN_REFUSALS[refusal])
+
+
+_TURN_REFUSALS = {
+    TurnLimitReached: "run_turn_limit",
+    RunTerminal: "run_terminal",
+    RunNotFound: "run_not_found",
+}
 
 
 def _dropped(run_id: str, reason: str) -> dict:

@@ -8,7 +8,10 @@ import socket
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial import unittest
 
+from car_twisted.records import ended_record
+from car_twisted.runs import RECOVERY_BATCH
 from car_twisted.store.memory import MemoryRunStore
+from tests.store_conformance import started as started_record
 from tests.support import SUCCESS_OUTCOME, HeldStore, in_process, serve, wait_for
 
 START = {"agent_id": "agent-a", "intent": "do it"}
@@ -127,3 +130,27 @@ class GraceWindowTests(unittest.TestCase):
         await daemon.runs.stop()
         self.assertEqual(daemon.clock.getDelayedCalls(), [])
         self.assertEqual(await status(daemon, run_id), "in_progress")
+
+
+class RecoveryTests(unittest.TestCase):
+    def test_recovery_ends_every_open_run_in_batches(self):
+        """Restart recovery ends every run a dead daemon left open, however
+        many, a batch at a time (never more ends in flight than a batch),
+        and leaves the ended runs alone."""
+        memory = MemoryRunStore()
+        store = HeldStore(memory, "end_run")
+        daemon = in_process(self, store=store)
+        open_ids = [f"open-{n}" for n in range(RECOVERY_BATCH + 5)]
+        for run_id in open_ids + ["done"]:
+            self.successResultOf(memory.start_run(started_record(run_id=run_id)))
+        self.successResultOf(memory.end_run("done", ended_record("incomplete", reason="earlier")))
+        recovered = ensureDeferred(daemon.runs.recover())
+        self.assertEqual(len(store.held), RECOVERY_BATCH)
+        store.release()
+        self.assertEqual(len(store.held), 5)
+        store.release()
+        self.assertEqual(self.successResultOf(recovered), RECOVERY_BATCH + 5)
+        for run_id in open_ids:
+            self.assertEqual(self.successResultOf(store.get_run(run_id)).status, "incomplete")
+        records, _ = self.successResultOf(store.read_records("done", 0, 5))
+        self.assertEqual(records[-1]["reason"], "earlier")

@@ -327,6 +327,81 @@ class SQLiteRunStoreTests(unittest.TestCase):
         trace, _ = await store.read_records(records[123]["run_id"], 0, 10)
         self.assertEqual([r.get("prompt") for r in trace[1:]], ["123", "second"])
 
+    async def test_starts_in_one_batch(self):
+        """More starts than one statement inserts, batched with a repeated
+        run id and a turn between them, commit together: each run has its
+        own started record, they list in call order, and only the repeat is
+        refused."""
+        store = self.open()
+        await store.start_run(started(run_id="seed"))
+        commits = store.commits
+        records = [started(intent=str(i)) for i in range(sqlite_store._WRITES_PER_STATEMENT + 5)]
+        with store._wake:
+            writes = [store.start_run(record) for record in records[:10]]
+            writes.append(store.append_turns(records[3]["run_id"], [turn()], 5))
+            writes.append(store.start_run(started(run_id="seed")))
+            writes += [store.start_run(record) for record in records[10:]]
+        outcomes = await gatherResults(
+            [d.addErrback(lambda f: f.trap(RunExists)) for d in writes], consumeErrors=True
+        )
+        self.assertEqual(
+            [first_index(o) for o in outcomes], [None] * 10 + [0, RunExists] + [None] * (len(records) - 10)
+        )
+        self.assertEqual(store.commits, commits + 1)
+        page, _ = await store.list_runs("agent-a", None, 1000, None)
+        newest_first = [r["run_id"] for r in reversed(records)]
+        self.assertEqual([s.run_id for s in page], newest_first + ["seed"])
+        for record in [records[0], records[3], records[-1]]:
+            trace, _ = await store.read_records(record["run_id"], 0, 10)
+            self.assertEqual(trace[0], record)
+        self.assertEqual((await store.get_run(records[3]["run_id"])).turn_count, 1)
+
+    async def test_ends_in_one_batch(self):
+        """More ends than one statement applies, batched with runs started
+        in the same batch, an unknown run, a run already ended and a run
+        ended twice, commit together: each run gets its own ended record and
+        summary, and only the unknown and the repeated ends are refused."""
+        store = self.open()
+        earlier = [started() for _ in range(sqlite_store._WRITES_PER_STATEMENT + 5)]
+        for record in earlier:
+            await store.start_run(record)
+        await store.append_turns(earlier[7]["run_id"], [turn(), turn()], 5)
+        await store.end_run(earlier[0]["run_id"], ended_record("incomplete", reason="x"))
+        commits = store.commits
+        fresh = started()
+        done = ended_record("outcome", outcome=SUCCESS_OUTCOME)
+        with store._wake:
+            writes = [store.start_run(fresh), store.end_run(fresh["run_id"], done)]
+            writes.append(store.end_run(fresh["run_id"], ended_record("incomplete", reason="y")))
+            writes += [
+                store.end_run(record["run_id"], ended_record("incomplete", reason=str(i)))
+                for i, record in enumerate(earlier)
+            ]
+            writes.append(store.end_run("ghost", done))
+            writes.append(store.end_run(earlier[7]["run_id"], done))
+        outcomes = await gatherResults(
+            [d.addErrback(lambda f: f.trap(RunNotFound, RunTerminal)) for d in writes],
+            consumeErrors=True,
+        )
+        self.assertEqual(
+            outcomes,
+            [None, None, RunTerminal, RunTerminal]
+            + [None] * (len(earlier) - 1)
+            + [RunNotFound, RunTerminal],
+        )
+        self.assertEqual(store.commits, commits + 1)
+        self.assertEqual(await store.open_runs(), [])
+        summary = await store.get_run(fresh["run_id"])
+        self.assertEqual((summary.status, summary.outcome_status), ("completed", "success"))
+        self.assertEqual(summary.ended_at, done["ended_at"])
+        trace, _ = await store.read_records(earlier[7]["run_id"], 0, 10)
+        self.assertEqual([r["record"] for r in trace], ["started", "turn", "turn", "ended"])
+        self.assertEqual(trace[-1]["reason"], "7")
+        trace, _ = await store.read_records(earlier[0]["run_id"], 0, 10)
+        self.assertEqual([r.get("reason") for r in trace], [None, "x"])
+        with self.assertRaises(RunTerminal):
+            await store.append_turns(fresh["run_id"], [turn()], 5)
+
     async def test_reads_see_earlier_writes(self):
         """A read issued right after a write it does not wait for still sees
         that write: calls take effect in call order."""

@@ -11,16 +11,19 @@ class PendingWrite:
     with L{wait}, so they see it.
     """
 
+    __slots__ = ("deferred", "settled", "_waiters")
+
     def __init__(self):
         self.deferred = Deferred()
         self.settled = False
-        self._waiters = []
+        # Made only when a read waits: most writes are never waited on.
+        self._waiters = None
 
     def settle(self, result) -> None:
         """The write is done: C{result} is its value, or a failure."""
         self.settled = True
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
             waiter.callback(None)
         if isinstance(result, (BaseException, Failure)):
             self.deferred.errback(result)
@@ -32,6 +35,8 @@ class PendingWrite:
         waiter = Deferred()
         if self.settled:
             waiter.callback(None)
+        elif self._waiters is None:
+            self._waiters = [waiter]
         else:
             self._waiters.append(waiter)
         return waiter

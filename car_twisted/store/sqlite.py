@@ -17,6 +17,9 @@ import os
 import sqlite3
 import threading
 import time
+from functools import lru_cache
+
+import orjson
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -106,6 +109,12 @@ _MAX_SEQ = 2**63 - 1
 #: The key prunes are ordered under (no run id can be it: ids are at most 256 characters).
 _PRUNE_KEY = "\0prune" * 64
 _READERS = 2
+#: Writes committed by one transaction at most: a burst (the recovery's
+#: ends) is committed in pieces, so the WAL is checkpointed between them.
+_WRITES_PER_COMMIT = 4096
+#: Writes applied together by one statement at most (SQLite allows 32,766
+#: parameters).
+_WRITES_PER_STATEMENT = 256
 
 
 class RunDatabaseError(Exception):
@@ -139,7 +148,184 @@ def _query(db, query, arguments) -> list:
 
 
 def _encode(record: dict) -> str:
-    return json.dumps(record, separators=(",", ":"))
+    """
+    A record as compact JSON text. Lone surrogates (which orjson refuses)
+    and integers beyond 64 bits are written by the standard library, as
+    escapes and exactly.
+    """
+    try:
+        return orjson.dumps(record).decode()
+    except TypeError:
+        return json.dumps(record, separators=(",", ":"))
+
+
+def _start_row(started: dict) -> tuple:
+    """The C{runs} columns of a started run, and its record's body."""
+    return (
+        _blob(started["run_id"]),
+        _blob(started["agent_id"]),
+        _blob(started["intent"]),
+        _blob(started["started_at"]),
+        _encode(started),
+    )
+
+
+def _values(row: str, count: int) -> str:
+    return ", ".join([row] * count)
+
+
+@lru_cache(maxsize=None)
+def _insert_runs_sql(count: int) -> str:
+    return (
+        "INSERT INTO runs (run_id, agent_id, intent, started_at, status, turn_count,"
+        f" record_count) VALUES {_values('(?, ?, ?, ?, ?, 0, 1)', count)}"
+    )
+
+
+@lru_cache(maxsize=None)
+def _insert_records_sql(count: int) -> str:
+    return f"INSERT INTO records (run, position, body) VALUES {_values('(?, ?, ?)', count)}"
+
+
+@lru_cache(maxsize=None)
+def _find_runs_sql(count: int) -> str:
+    return (
+        "SELECT run_id, seq, status, turn_count, record_count FROM runs"
+        f" WHERE run_id IN ({_values('?', count)})"
+    )
+
+
+@lru_cache(maxsize=None)
+def _update_runs_sql(count: int) -> str:
+    return (
+        "UPDATE runs SET status = v.column2, outcome_status = v.column3,"
+        " ended_at = v.column4, turn_count = v.column5, record_count = v.column6"
+        f" FROM (VALUES {_values('(?, ?, ?, ?, ?, ?)', count)}) AS v"
+        " WHERE runs.seq = v.column1"
+    )
+
+
+def _insert_records(db, records: list) -> None:
+    """Insert C{(run, position, body)} rows, a statement per
+    L{_WRITES_PER_STATEMENT}."""
+    for i in range(0, len(records), _WRITES_PER_STATEMENT):
+        chunk = records[i : i + _WRITES_PER_STATEMENT]
+        db.execute(_insert_records_sql(len(chunk)), [v for record in chunk for v in record])
+
+
+def _start_runs(db, writes: list) -> list:
+    """
+    Insert the runs of start C{writes}, and their started records, with one
+    statement per table.
+
+    @return: their outcomes.
+    """
+    rows = [_start_row(write.payload) for write in writes]
+    try:
+        last = db.execute(
+            _insert_runs_sql(len(rows)),
+            [v for row in rows for v in (*row[:4], "in_progress")],
+        ).lastrowid
+    except sqlite3.IntegrityError:
+        # The INSERT wrote nothing.
+        if len(writes) > 1:
+            return [_start_runs(db, [write])[0] for write in writes]
+        if db.execute("SELECT 1 FROM runs WHERE run_id = ?", rows[0][:1]).fetchone():
+            return [Failure(RunExists(writes[0].run_id))]
+        raise
+    # A multi-row INSERT gives each row the next sequence number in turn
+    # (seq is the rowid and never reaches its maximum).
+    first = last - len(rows) + 1
+    _insert_records(db, [(first + i, 0, row[4]) for i, row in enumerate(rows)])
+    return [None] * len(rows)
+
+
+def _extend_runs(db, writes: list, extend) -> list:
+    """
+    Apply C{writes} to open runs with three statements, whatever their
+    number: one finds their runs, one inserts their records, one updates
+    the runs' rows. C{extend(write, run)} checks one write against its
+    run's row C{[seq, status, outcome_status, ended_at, turn_count,
+    record_count]}, updates that row and returns the write's records;
+    it raises a L{RunStoreError} to refuse the write alone.
+
+    @return: their outcomes.
+    """
+    blobs = [_blob(write.run_id) for write in writes]
+    runs = {
+        run_id: [seq, status, None, None, turns, position]
+        for run_id, seq, status, turns, position in db.execute(
+            _find_runs_sql(len(writes)), blobs
+        )
+    }
+    outcomes, records, touched = [], [], {}
+    for write, blob in zip(writes, blobs):
+        run = runs.get(blob)
+        try:
+            if run is None:
+                raise RunNotFound(write.run_id)
+            if run[1] != "in_progress":
+                raise RunTerminal(write.run_id)
+            outcome, added = extend(write, run)
+        except RunStoreError:
+            outcomes.append(Failure())
+            continue
+        records += added
+        touched[run[0]] = run
+        outcomes.append(outcome)
+    if touched:
+        _insert_records(db, records)
+        db.execute(
+            _update_runs_sql(len(touched)), [v for run in touched.values() for v in run]
+        )
+    return outcomes
+
+
+def _append(write, run):
+    turns, max_turns = write.payload
+    base, position = run[4], run[5]
+    if base + len(turns) > max_turns:
+        raise TurnLimitReached(write.run_id)
+    run[4:] = base + len(turns), position + len(turns)
+    seq = run[0]
+    stamped = [dict(turn, index=base + i) for i, turn in enumerate(turns)]
+    return stamped, [(seq, position + i, _encode(record)) for i, record in enumerate(stamped)]
+
+
+def _end(write, run):
+    ended, status, outcome_status = write.payload
+    seq, position = run[0], run[5]
+    run[1:4] = status, outcome_status, _blob(ended["ended_at"])
+    run[5] = position + 1
+    return None, [(seq, position, _encode(ended))]
+
+
+def _append_turns(db, writes: list) -> list:
+    """Append the turns of C{writes}; their outcomes (each the records it
+    stamped)."""
+    return _extend_runs(db, writes, _append)
+
+
+def _end_runs(db, writes: list) -> list:
+    """End the runs of C{writes}; their outcomes."""
+    return _extend_runs(db, writes, _end)
+
+
+def _prune_runs(db, writes: list) -> list:
+    """
+    Delete the runs of C{writes} (each payload a list of run seqs) and
+    their records; each outcome the seqs still there to delete (ended runs
+    never change, but a concurrent prune may have taken some).
+    """
+    outcomes = []
+    for write in writes:
+        seqs = write.payload
+        marks = ", ".join("?" * len(seqs))
+        deleted = {seq for (seq,) in db.execute(f"SELECT seq FROM runs WHERE seq IN ({marks})", seqs)}
+        db.execute(f"DELETE FROM records WHERE run IN ({marks})", seqs)
+        db.execute(f"DELETE FROM runs WHERE seq IN ({marks})", seqs)
+        outcomes.append(deleted)
+    return outcomes
 
 
 def _parse_cursor(cursor) -> int:
@@ -284,9 +470,28 @@ class _WriteBroke(Exception):
 class _Write(PendingWrite):
     """One write operation waiting for (or past) the commit that holds it."""
 
-    def __init__(self, apply):
+    __slots__ = ("run_id", "apply", "payload")
+
+    def __init__(self, run_id, apply, payload):
         super().__init__()
-        self.apply = apply  # f(connection) -> result, on the writer thread
+        self.run_id = run_id
+        # apply(connection, writes) -> outcomes, on the writer thread: applies
+        # consecutive writes of one kind together, each write's payload its input.
+        self.apply = apply
+        self.payload = payload
+
+
+def _groups(batch: list):
+    """C{batch} cut into runs of consecutive writes of one kind, each at
+    most L{_WRITES_PER_STATEMENT} long."""
+    group = []
+    for write in batch:
+        if group and (write.apply is not group[0].apply or len(group) == _WRITES_PER_STATEMENT):
+            yield group
+            group = []
+        group.append(write)
+    if group:
+        yield group
 
 
 @implementer(IRunStore)
@@ -347,102 +552,27 @@ class SQLiteRunStore:
 
     # Writes
 
-    def _submit(self, run_id: str, apply) -> Deferred:
+    def _submit(self, run_id: str, apply, payload) -> Deferred:
         if self._closing is not None:
             return fail(RuntimeError(f"the run store {self.path} is closed"))
-        write = _Write(apply)
+        write = _Write(run_id, apply, payload)
         self._last_write[run_id] = write
         self._newest_write = write
-
-        def forget(result):
-            if self._last_write.get(run_id) is write:
-                del self._last_write[run_id]
-            if self._newest_write is write:
-                self._newest_write = None
-            return result
-
-        write.deferred.addBoth(forget)
         with self._wake:
             self._pending.append(write)
             self._wake.notify()
         return write.deferred
 
     def start_run(self, started):
-        started = dict(started)
-
-        def apply(db):
-            run_id = _blob(started["run_id"])
-            if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
-                raise RunExists(started["run_id"])
-            seq = db.execute(
-                "INSERT INTO runs (run_id, agent_id, intent, started_at, status,"
-                " turn_count, record_count) VALUES (?, ?, ?, ?, 'in_progress', 0, 1)",
-                (
-                    run_id,
-                    _blob(started["agent_id"]),
-                    _blob(started["intent"]),
-                    _blob(started["started_at"]),
-                ),
-            ).lastrowid
-            db.execute(
-                "INSERT INTO records (run, position, body) VALUES (?, 0, ?)",
-                (seq, _encode(started)),
-            )
-
-        return self._submit(started["run_id"], apply)
-
-    @staticmethod
-    def _open_run(db, run_id):
-        """The C{(seq, turn_count, record_count)} of an open run."""
-        row = db.execute(
-            "SELECT seq, status, turn_count, record_count FROM runs WHERE run_id = ?",
-            (_blob(run_id),),
-        ).fetchone()
-        if row is None:
-            raise RunNotFound(run_id)
-        seq, status, turn_count, record_count = row
-        if status != "in_progress":
-            raise RunTerminal(run_id)
-        return seq, turn_count, record_count
+        return self._submit(started["run_id"], _start_runs, dict(started))
 
     def append_turns(self, run_id, turns, max_turns):
-        turns = [dict(t) for t in turns]
-
-        def apply(db):
-            seq, base, position = self._open_run(db, run_id)
-            if base + len(turns) > max_turns:
-                raise TurnLimitReached(run_id)
-            stamped = [dict(t, index=base + i) for i, t in enumerate(turns)]
-            db.executemany(
-                "INSERT INTO records (run, position, body) VALUES (?, ?, ?)",
-                [(seq, position + i, _encode(record)) for i, record in enumerate(stamped)],
-            )
-            db.execute(
-                "UPDATE runs SET turn_count = ?, record_count = ? WHERE seq = ?",
-                (base + len(turns), position + len(turns), seq),
-            )
-            return stamped
-
-        return self._submit(run_id, apply)
+        return self._submit(run_id, _append_turns, ([dict(t) for t in turns], max_turns))
 
     def end_run(self, run_id, ended):
-        ended = dict(ended)
         status = status_of(ended)
         outcome_status = ended["outcome"]["status"] if status == "completed" else None
-
-        def apply(db):
-            seq, _, position = self._open_run(db, run_id)
-            db.execute(
-                "INSERT INTO records (run, position, body) VALUES (?, ?, ?)",
-                (seq, position, _encode(ended)),
-            )
-            db.execute(
-                "UPDATE runs SET status = ?, outcome_status = ?, ended_at = ?,"
-                " record_count = ? WHERE seq = ?",
-                (status, outcome_status, _blob(ended["ended_at"]), position + 1, seq),
-            )
-
-        return self._submit(run_id, apply)
+        return self._submit(run_id, _end_runs, (dict(ended), status, outcome_status))
 
     def _write_loop(self) -> None:
         """The writer thread: commit whatever is pending, one batch at a time."""
@@ -450,13 +580,15 @@ class SQLiteRunStore:
             with self._wake:
                 while not self._pending and not self._stopping:
                     self._wake.wait()
-                batch, self._pending = self._pending, []
-            if not batch:
+                pending, self._pending = self._pending, []
+            if not pending:
                 break
-            started = time.monotonic()
-            outcomes = self._commit(batch)
-            self._reactor.callFromThread(self.on_commit, len(batch), time.monotonic() - started)
-            self._reactor.callFromThread(self._settle, batch, outcomes)
+            for i in range(0, len(pending), _WRITES_PER_COMMIT):
+                batch = pending[i : i + _WRITES_PER_COMMIT]
+                started = time.monotonic()
+                outcomes = self._commit(batch)
+                self._reactor.callFromThread(self.on_commit, len(batch), time.monotonic() - started)
+                self._reactor.callFromThread(self._settle, batch, outcomes)
         self._writer.close()
         self._reactor.callFromThread(self._stopped.callback, None)
 
@@ -481,11 +613,12 @@ class SQLiteRunStore:
         """
         Apply every write of C{batch}, then commit.
 
-        A write refused with a L{RunStoreError} has written nothing (each
-        checks before it writes), so it fails alone. Any other error may
-        have left part of a write behind: unless C{isolated} (each write in
-        its own savepoint), the transaction is rolled back and
-        L{_WriteBroke} raised so the batch can be replayed isolated.
+        Consecutive writes of one kind are applied together, each refused
+        alone (its outcome a L{RunStoreError}) before anything of it is
+        written. Any other error may have left part of a write behind:
+        unless C{isolated} (each write alone, in its own savepoint), the
+        transaction is rolled back and L{_WriteBroke} raised so the batch
+        can be replayed isolated.
 
         @return: the outcomes, or a Failure if the commit itself failed.
         """
@@ -493,20 +626,21 @@ class SQLiteRunStore:
         outcomes = []
         try:
             db.execute("BEGIN IMMEDIATE")
-            for write in batch:
-                if isolated:
+            if isolated:
+                for write in batch:
                     db.execute("SAVEPOINT write")
-                try:
-                    outcomes.append(write.apply(db))
-                except RunStoreError:
-                    outcomes.append(Failure())
-                except Exception:
-                    if not isolated:
-                        raise _WriteBroke()
-                    outcomes.append(Failure())
-                    db.execute("ROLLBACK TO write")
-                if isolated:
+                    try:
+                        outcomes += write.apply(db, [write])
+                    except Exception:
+                        outcomes.append(Failure())
+                        db.execute("ROLLBACK TO write")
                     db.execute("RELEASE write")
+            else:
+                for group in _groups(batch):
+                    try:
+                        outcomes += group[0].apply(db, group)
+                    except Exception:
+                        raise _WriteBroke()
             db.execute("COMMIT")
         except _WriteBroke:
             if db.in_transaction:
@@ -519,9 +653,13 @@ class SQLiteRunStore:
             return failure
         return outcomes
 
-    @staticmethod
-    def _settle(batch, outcomes) -> None:
+    def _settle(self, batch, outcomes) -> None:
+        last_write = self._last_write
         for write, outcome in zip(batch, outcomes):
+            if last_write.get(write.run_id) is write:
+                del last_write[write.run_id]
+            if self._newest_write is write:
+                self._newest_write = None
             if isinstance(outcome, Failure) and outcome.check(sqlite3.Error):
                 # Rolled back, so nothing of it was kept: the caller may retry.
                 outcome = Failure(StoreWriteFailed(str(outcome.value)))
@@ -635,17 +773,7 @@ class SQLiteRunStore:
             )
             if not found:
                 return []
-            seqs = [seq for seq, _ in found]
-            marks = ", ".join("?" * len(seqs))
-
-            def apply(db):
-                # Ended runs never change, but a concurrent prune may have taken some.
-                deleted = db.execute(f"SELECT seq FROM runs WHERE seq IN ({marks})", seqs).fetchall()
-                db.execute(f"DELETE FROM records WHERE run IN ({marks})", seqs)
-                db.execute(f"DELETE FROM runs WHERE seq IN ({marks})", seqs)
-                return {seq for (seq,) in deleted}
-
-            deleted = await self._submit(_PRUNE_KEY, apply)
+            deleted = await self._submit(_PRUNE_KEY, _prune_runs, [seq for seq, _ in found])
             return [_text(run_id) for seq, run_id in found if seq in deleted]
 
         return Deferred.fromCoroutine(prune())
