@@ -215,9 +215,9 @@ class Suite:
             )
             self.figure(
                 f"  daemon's own work at {connections} conn x {depth}",
-                f"{_us(m.cpu_us - e.cpu_us)}/request",
+                f"{_us(_minus(m.cpu_us, e.cpu_us))}/request",
                 "<= 15 us",
-                f"{(m.cpu_us - e.cpu_us) / 15:.2f}x goal",
+                _ratio(_minus(m.cpu_us, e.cpu_us), 15, "goal"),
             )
             self.figure(
                 f"  CPU at {connections} conn x {depth}, of one core",
@@ -344,21 +344,27 @@ class Rate:
         self.low, self.high = min(rates), max(rates)
         self.client_cpu = statistics.median(r["client_cpu"] for r in results)
         self.server_cpu = statistics.median(r["server_cpu"] for r in results)
-        #: Server CPU microseconds per answer (user + system, over the window).
-        self.cpu_us = statistics.median(r["server_cpu_us"] for r in results)
+        #: Server CPU microseconds per answer (user + system, over the
+        #: window); None if no round answered anything (a smoke round).
+        measured = [r["server_cpu_us"] for r in results if r["server_cpu_us"] is not None]
+        self.cpu_us = statistics.median(measured) if measured else None
 
     def __str__(self):
         spread = f" [{self.low:,.0f}-{self.high:,.0f}]" if self.low != self.high else ""
         return f"{self.per_second:,.0f}/s{spread}"
 
 
-def _us(value: float) -> str:
-    return f"{value:.1f} us"
+def _us(value) -> str:
+    return "-" if value is None else f"{value:.1f} us"
 
 
-def _ratio(value: float, base: float, name: str) -> str:
+def _minus(value, base):
+    return None if value is None or base is None else value - base
+
+
+def _ratio(value, base, name: str) -> str:
     # A smoke round can be shorter than one CPU clock tick of the server.
-    return f"{value / base:.2f}x {name}" if base else "-"
+    return f"{value / base:.2f}x {name}" if value is not None and base else "-"
 
 
 class Holder:
