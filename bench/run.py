@@ -26,6 +26,8 @@ Sections:
   list        (not in the default run) SQLite list_runs at 100 vs --list-runs
               runs, via bench/bench_sqlite_list.py
   auth        (not in the default run) bench/auth_sessions.py
+  export      (not in the default run) car-twisted export's peak RSS at 10k vs
+              100k runs, SQLite and file stores, via bench/bench_export.py
 """
 
 import argparse
@@ -50,7 +52,7 @@ sys.path.insert(0, BENCH)
 import wsload  # noqa: E402
 
 DEFAULT_SECTIONS = ["throughput", "latency", "stores", "sessions", "storm"]
-EXTRA_SECTIONS = ["list", "auth"]
+EXTRA_SECTIONS = ["list", "auth", "export"]
 SECTION_METHODS = {"list": "sqlite_list"}
 LISTEN = "tcp:0:interface=127.0.0.1:backlog=1024"
 _PORT = re.compile(rb"(?:car-twisted listening on .*port=|echo listening on port )(\d+)")
@@ -328,6 +330,9 @@ class Suite:
 
     def auth(self) -> None:
         subprocess.run([sys.executable, os.path.join(BENCH, "auth_sessions.py")], check=True, timeout=600)
+
+    def export(self) -> None:
+        subprocess.run([sys.executable, os.path.join(BENCH, "bench_export.py")], check=True, timeout=1800)
 
 
 class Rate:

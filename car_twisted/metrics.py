@@ -53,6 +53,10 @@ class DaemonMetrics:
         self.grace_timers.set_function(lambda: runs.grace_timer_count)
         self.store_failing.set_function(lambda: runs.store_failure is not None)
 
+    def watch_export(self, exporter) -> None:
+        """Read the OTLP span counters from a L{car_twisted.export.otlp.RunExporter}."""
+        self.registry.register(_ExportCollector(exporter))
+
     def error(self, code: int) -> None:
         self.errors.labels(code=str(code)).inc()
 
@@ -82,3 +86,22 @@ class _HotCounters:
             ("car_runs_started", "Runs started.", self._metrics.runs_started),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+
+
+class _ExportCollector:
+    """The exporter's span counts, read when scraped (they change on its sender thread)."""
+
+    def __init__(self, exporter):
+        self._exporter = exporter
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "car_otlp_spans_exported",
+            "Spans the OTLP collector acknowledged.",
+            value=self._exporter.exported_spans,
+        )
+        yield CounterMetricFamily(
+            "car_otlp_spans_dropped",
+            "Spans dropped: the export queue was full or the collector did not take them.",
+            value=self._exporter.dropped_spans,
+        )

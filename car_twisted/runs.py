@@ -83,6 +83,8 @@ class RunService:
     @param clock: schedules the grace window (an L{IReactorTime}).
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
     @param metrics: the L{DaemonMetrics} runs are counted in.
+    @param run_ended_observers: each called with the id of every run whose
+        terminal record is durable (ended here, or by L{recover}).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class RunService:
         environ=os.environ,
         resume_lease=DEFAULT_RESUME_LEASE,
         metrics=None,
+        run_ended_observers=(),
     ):
         self.store = store
         self._metrics = metrics if metrics is not None else DaemonMetrics()
@@ -108,6 +111,7 @@ class RunService:
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
         self._stopped = False
+        self._run_ended_observers = tuple(run_ended_observers)
         #: Why the store's last write failed, while it fails (logged once);
         #: None once a write succeeds again.
         self.store_failure = None
@@ -189,6 +193,12 @@ class RunService:
     def _ended(self, live: LiveRun, ended: dict) -> None:
         self._metrics.run_ended(ended["termination"])
         self._fanout.publish(live.run_id, live.agent_id, ended, live.turns, status_of(ended))
+        self._durably_ended(live.run_id)
+
+    def _durably_ended(self, run_id: str) -> None:
+        """Tell the observers a run's terminal record is durable."""
+        for observer in self._run_ended_observers:
+            observer(run_id)
 
     def _end_live(self, session: Session, live: LiveRun, ended: dict):
         """
@@ -291,6 +301,7 @@ class RunService:
                 if ok:
                     ended += 1
                     self._metrics.run_ended("incomplete")
+                    self._durably_ended(run_id)
                 elif not result.check(RunTerminal, RunNotFound):
                     log.failure("run {run_id} could not be ended", result, run_id=run_id)
         return ended

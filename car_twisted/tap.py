@@ -6,6 +6,7 @@ builds every part of the daemon from them and wires the parts together.
 import os
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
@@ -17,6 +18,7 @@ from car_twisted import __version__
 from car_twisted.access import AccessPolicy
 from car_twisted.auth import HOST_TOKEN_FILE, SECRET_ENV, SECRET_FILE, Authenticator, TokenFileError
 from car_twisted.data_dir import default_data_dir
+from car_twisted.export.otlp import RunExporter, otlp_exporter, traces_endpoint
 from car_twisted.fanout import TraceFanout
 from car_twisted.handshake import handshake
 from car_twisted.jsonrpc import Dispatcher
@@ -24,6 +26,7 @@ from car_twisted.limits import WireLimits
 from car_twisted.metrics import DaemonMetrics
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.reads import RunReader
+from car_twisted.retention import Retention
 from car_twisted.runs import DEFAULT_GRACE, RunService
 from car_twisted.service import CannotStart, DaemonService
 from car_twisted.store.file import DURABILITIES, FileRunStore
@@ -75,18 +78,22 @@ LIMIT_OPTIONS = {
 class Options(usage.Options):
     synopsis = (
         "[--listen ENDPOINT]... [--http ENDPOINT|none] [--store file|memory|sqlite] [--durability fsync|none] "
-        "[--data-dir DIR] [--grace SECONDS] [--no-auth] [LIMIT OPTIONS]"
+        "[--data-dir DIR] [--grace SECONDS] [--no-auth] [--retain-days N] "
+        "[--otlp-endpoint URL [--otlp-content]] [LIMIT OPTIONS]"
     )
     longdesc = "Serve the CAR agent-run-tracing protocol (JSON-RPC 2.0 over WebSocket)."
 
     optFlags = [
         ["no-auth", None, "Accept every session without a token (local experiments only)."],
+        ["otlp-content", None, "Export prompt and output text in the OTLP spans too (it is sensitive)."],
     ]
     optParameters = [
         ["data-dir", None, None, "Where runs and tokens are kept [default: $CAR_HOME or ~/.car]."],
         ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
         ["http", None, DEFAULT_HTTP, "Endpoint of the dashboard, /healthz and /metrics (none: no HTTP side)."],
+        ["otlp-endpoint", None, None, "Export every run as it ends to this OpenTelemetry collector (base URL; spans go to URL/v1/traces) [default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off]. See docs/export.md."],
+        ["retain-days", None, None, "Prune ended runs older than this many days, in the background [default: keep forever].", int],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
     ] + [
         [name, None, getattr(_DEFAULT_LIMITS, field), description, kind]
@@ -117,6 +124,8 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--{name} must be one of {', '.join(choices)}, not {self[name]!r}"
                 )
+        if self["retain-days"] is not None and self["retain-days"] < 1:
+            raise usage.UsageError("--retain-days must be at least 1")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must be zero or more seconds")
         self["limits"] = self._limits()
@@ -138,6 +147,10 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--http {self['http']!r} is not a server endpoint (or none): {e}")
         self["data-dir"] = os.path.abspath(self["data-dir"] or default_data_dir())
+        try:
+            self["otlp-traces-endpoint"] = traces_endpoint(self["otlp-endpoint"])
+        except ValueError as e:
+            raise usage.UsageError(f"--otlp-endpoint: {e}")
 
     def _limits(self) -> WireLimits:
         for name, (_, _, lowest, _) in LIMIT_OPTIONS.items():
@@ -148,13 +161,14 @@ class Options(usage.Options):
         return WireLimits(**{field: self[name] for name, (field, _, _, _) in LIMIT_OPTIONS.items()})
 
 
-def wire_methods(authenticator, runs, reader) -> dict:
+def wire_methods(authenticator, runs, reader, retention) -> dict:
     """The JSON-RPC method table: wire name -> method, from their owners."""
     return {
         "session.auth": authenticator.authenticate,
         "server.handshake": handshake,
         **runs.methods(),
         **reader.methods(),
+        **retention.methods(),
     }
 
 
@@ -191,6 +205,10 @@ class Daemon:
     metrics: DaemonMetrics
     #: The dashboard's WebSocket sessions (``/ws``): the host, reading.
     dashboard: DashboardFactory
+    #: Prunes old ended runs (``--retain-days``, ``runs.prune``).
+    retention: Retention
+    #: Exports each run as it ends (``--otlp-endpoint``), if on.
+    exporter: Optional[RunExporter] = None
 
 
 def assemble(
@@ -200,14 +218,17 @@ def assemble(
     limits: WireLimits = WireLimits(),
     grace: float = DEFAULT_GRACE,
     environ=os.environ,
+    exporter: Optional[RunExporter] = None,
+    retain_days: Optional[int] = None,
 ) -> Daemon:
     """
     Wire a daemon's parts around C{store}: the run service and the reader
     share the followers and the access policy, the dispatcher serves their
-    methods and C{authenticator}'s, the factory serves the dispatcher; the
-    dashboard's factory serves a dispatcher of the read methods only. All
-    count in one L{DaemonMetrics}. C{environ} is where C{CAR_AGENT_ID} is
-    looked up.
+    methods, the retention's and C{authenticator}'s, the factory serves the
+    dispatcher; the dashboard's factory serves a dispatcher of the read
+    methods only. All count in one L{DaemonMetrics}. C{environ} is where
+    C{CAR_AGENT_ID} is looked up. C{exporter} (if any) is told of each run
+    that ends; C{retain_days} (if any) prunes in the background.
     """
     metrics = DaemonMetrics()
     if hasattr(store, "on_commit"):
@@ -215,10 +236,17 @@ def assemble(
         store.on_commit = metrics.commit
     fanout = TraceFanout()
     policy = AccessPolicy(authenticator.enabled)
-    runs = RunService(store, fanout, policy, clock, grace, environ, metrics=metrics)
+    observers = ()
+    if exporter is not None:
+        metrics.watch_export(exporter)
+        observers = (exporter.run_ended,)
+    runs = RunService(
+        store, fanout, policy, clock, grace, environ, metrics=metrics, run_ended_observers=observers
+    )
     metrics.watch(runs)
     reader = RunReader(store, fanout, policy)
-    methods = wire_methods(authenticator, runs, reader)
+    retention = Retention(store, clock, policy, days=retain_days)
+    methods = wire_methods(authenticator, runs, reader, retention)
     dispatcher = Dispatcher(methods, authenticator.admit, limits, metrics.error)
     factory = RunTracingFactory(
         dispatcher, runs, limits, clock, authenticator.enabled, metrics=metrics
@@ -230,7 +258,9 @@ def assemble(
         clock,
         metrics=metrics,
     )
-    return Daemon(store, fanout, runs, reader, methods, dispatcher, factory, metrics, dashboard)
+    return Daemon(
+        store, fanout, runs, reader, methods, dispatcher, factory, metrics, dashboard, retention, exporter
+    )
 
 
 def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
@@ -239,15 +269,30 @@ def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
     C{environ} is where C{CAR_AUTH_TOKEN} and C{CAR_AGENT_ID} are looked up.
     """
     authenticator = _authenticator(options, environ)
+    store = STORES[options["store"]](reactor, options)
+    exporter = None
+    if options["otlp-traces-endpoint"] is not None:
+        exporter = RunExporter(
+            reactor, store, otlp_exporter(options["otlp-traces-endpoint"]), options["otlp-content"]
+        )
     parts = assemble(
-        STORES[options["store"]](reactor, options),
+        store,
         reactor,
         authenticator,
         options["limits"],
         options["grace"],
         environ,
+        exporter,
+        options["retain-days"],
     )
     daemon = DaemonService(parts.store, parts.runs)
+    daemon.maintain(parts.retention)
+    if exporter is not None:
+        daemon.export(exporter)
+        log.info(
+            "car-twisted: runs are exported to {endpoint} as they end",
+            endpoint=options["otlp-traces-endpoint"],
+        )
     for description, endpoint in zip(options["listen"], options["endpoints"]):
         daemon.listen(description, endpoint, parts.factory)
     if options["http-endpoint"] is not None:
