@@ -26,10 +26,18 @@ setup(
         "psycopg[binary]>=3.1",
         "txaio>=23.1",
         "zope.interface>=6.0",
+        "opentelemetry-sdk>=1.27",
+        "opentelemetry-exporter-otlp-proto-http>=1.27",
     ],
     entry_points={"console_scripts": ["car-twisted = car_twisted.cli:main"]},
     extras_require={
         # The browser tests drive Debian's chromium: set PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1.
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "playwright>=1.40"],
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+            "playwright>=1.40",
+            "opentelemetry-proto>=1.27",
+        ],
     },
 )

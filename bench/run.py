@@ -13,16 +13,21 @@ removed at the end. Not a test: it prints figures, nothing passes or fails.
 
 Sections:
   throughput  runs.start/s, memory store against the echo server:
-              50 connections x 1 in flight, 1 connection x 100 pipelined
+              50 connections x 1 in flight, 1 connection x 100 pipelined;
+              server CPU per request, and the daemon's own work (memory
+              minus echo CPU per request)
   latency     p50/p99 of sequential round trips, memory store and echo
   stores      durable runs.start/s of each of --stores (file, sqlite) against memory:
-              1 and 50 connections x 1, 1 connection x 100 pipelined
+              1 and 50 connections x 1, 1 connection x 100 pipelined; server
+              CPU per request
   sessions    RSS per idle session at --sessions connections, daemon and echo
   storm       --sessions sessions with an open run drop at once: time until
               all are ended incomplete, and the daemon's delayed calls left
   list        (not in the default run) SQLite list_runs at 100 vs --list-runs
               runs, via bench/bench_sqlite_list.py
   auth        (not in the default run) bench/auth_sessions.py
+  export      (not in the default run) car-twisted export's peak RSS at 10k vs
+              100k runs, SQLite and file stores, via bench/bench_export.py
   postgresql  (not in the default run) runs.start/s at 50 connections x 1 on the
               PostgreSQL store against memory, and two daemons on one database
               against one; PostgreSQL's CPU per start. Uses --dsn (or
@@ -55,7 +60,7 @@ sys.path.insert(0, ROOT)
 from tests import postgres_server  # noqa: E402
 
 DEFAULT_SECTIONS = ["throughput", "latency", "stores", "sessions", "storm"]
-EXTRA_SECTIONS = ["list", "auth", "postgresql"]
+EXTRA_SECTIONS = ["list", "auth", "export", "postgresql"]
 SECTION_METHODS = {"list": "sqlite_list"}
 LISTEN = "tcp:0:interface=127.0.0.1:backlog=1024"
 _PORT = re.compile(rb"(?:car-twisted listening on .*port=|echo listening on port )(\d+)")
@@ -176,8 +181,8 @@ class Suite:
         )  # fmt: skip
         print(
             f"  {server.name:>7} {connections:>3} conn x {depth:>3}: {result['per_second']:>9,.0f}/s"
-            f"  errors {result['errors']}, CPU: server {result['server_cpu']:.2f}, load generator"
-            f" {result['client_cpu']:.2f} of a core",
+            f"  errors {result['errors']}, server CPU {_us(result['server_cpu_us'])}/request,"
+            f" CPU: server {result['server_cpu']:.2f}, load generator {result['client_cpu']:.2f} of a core",
             flush=True,
         )
         return result
@@ -209,6 +214,18 @@ class Suite:
                 f"{m} (echo {e})",
                 ">= 0.85x echo",
                 f"{m.per_second / e.per_second:.2f}x echo",
+            )
+            self.figure(
+                f"  server CPU per request at {connections} conn x {depth}",
+                f"memory {_us(m.cpu_us)} (echo {_us(e.cpu_us)})",
+                "-",
+                _ratio(m.cpu_us, e.cpu_us, "echo"),
+            )
+            self.figure(
+                f"  daemon's own work at {connections} conn x {depth}",
+                f"{_us(_minus(m.cpu_us, e.cpu_us))}/request",
+                "<= 15 us",
+                _ratio(_minus(m.cpu_us, e.cpu_us), 15, "goal"),
             )
             self.figure(
                 f"  CPU at {connections} conn x {depth}, of one core",
@@ -250,6 +267,12 @@ class Suite:
                     f"{value} (memory {base})",
                     goals.get((name, connections, depth), "-"),
                     f"{value.per_second / base.per_second:.2f}x memory",
+                )
+                self.figure(
+                    f"  server CPU per request, {name}",
+                    f"{_us(value.cpu_us)} (memory {_us(base.cpu_us)})",
+                    "-",
+                    _ratio(value.cpu_us, base.cpu_us, "memory"),
                 )
 
     def sessions(self) -> None:
@@ -315,6 +338,9 @@ class Suite:
 
     def auth(self) -> None:
         subprocess.run([sys.executable, os.path.join(BENCH, "auth_sessions.py")], check=True, timeout=600)
+
+    def export(self) -> None:
+        subprocess.run([sys.executable, os.path.join(BENCH, "bench_export.py")], check=True, timeout=1800)
 
 
     def postgresql(self) -> None:
@@ -462,10 +488,27 @@ class Rate:
         self.low, self.high = min(rates), max(rates)
         self.client_cpu = statistics.median(r["client_cpu"] for r in results)
         self.server_cpu = statistics.median(r["server_cpu"] for r in results)
+        #: Server CPU microseconds per answer (user + system, over the
+        #: window); None if no round answered anything (a smoke round).
+        measured = [r["server_cpu_us"] for r in results if r["server_cpu_us"] is not None]
+        self.cpu_us = statistics.median(measured) if measured else None
 
     def __str__(self):
         spread = f" [{self.low:,.0f}-{self.high:,.0f}]" if self.low != self.high else ""
         return f"{self.per_second:,.0f}/s{spread}"
+
+
+def _us(value) -> str:
+    return "-" if value is None else f"{value:.1f} us"
+
+
+def _minus(value, base):
+    return None if value is None or base is None else value - base
+
+
+def _ratio(value, base, name: str) -> str:
+    # A smoke round can be shorter than one CPU clock tick of the server.
+    return f"{value / base:.2f}x {name}" if value is not None and base else "-"
 
 
 class Holder:

@@ -11,7 +11,9 @@ Run by bench/run.py, one mode per process; each prints JSON lines:
 - C{throughput}: C{--connections} connections, each keeping C{--depth}
   requests in flight for C{--seconds} after C{--warmup}; answers per
   second, its own CPU and (with C{--server-pid}) the server's, over the
-  measured window only.
+  measured window only: the server's as a share of a core and as CPU
+  microseconds per answer (user + system time from /proc/PID/stat at the
+  window's start and end, divided by the answers counted in it).
 - C{latency}: one connection, C{--count} sequential round trips; p50/p99.
 - C{hold}: opens C{--connections} idle connections, with C{--start} each
   also starts a run; prints C{{"ready": ...}} and keeps them until its
@@ -268,6 +270,9 @@ async def throughput(args) -> dict:
         "per_second": round(meter.answers / elapsed, 1),
         "client_cpu": round(cpu / elapsed, 3),
         "server_cpu": None if server_cpu is None else round(server_cpu / elapsed, 3),
+        "server_cpu_us": (
+            None if server_cpu is None or not meter.answers else round(server_cpu / meter.answers * 1e6, 2)
+        ),
     }
 
 

@@ -44,3 +44,7 @@ class AccessPolicy:
         session of the same agent.
         """
         return producer is session or agent_id == session.agent_id
+
+    def may_prune(self, session: Session) -> bool:
+        """Whether C{session} may delete old runs: the host, or anyone with auth off."""
+        return session.role == "host" or not self._auth_enabled

@@ -4,7 +4,9 @@ The ``car-twisted`` command, for operators and supervisors.
 ``car-twisted agent-token AGENT_ID`` prints an agent's token from the daemon
 secret; ``car-twisted dashboard`` the dashboard's login link;
 ``car-twisted runs list|show|tail`` read a running daemon's runs as the
-host. Tables for people, ``--json`` for scripts.
+host and ``runs prune`` deletes its old ended runs; ``car-twisted export``
+writes ended runs out (docs/export.md). Tables for people, ``--json`` for
+scripts.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from car_twisted.auth import (
 )
 from car_twisted.client import DEFAULT_URL, ConnectionClosed, DaemonClient, RemoteError
 from car_twisted.data_dir import default_data_dir
+from car_twisted.export import command as export_command
 from car_twisted.interfaces import RUN_STATUSES, TURN_RECORDS
 from car_twisted.limits import MAX_ID
 
@@ -92,6 +95,12 @@ def parser() -> argparse.ArgumentParser:
         "tail", parents=[daemon], help="a run's trace, following it until it ends"
     )
     tail.add_argument("run_id", metavar="RUN_ID")
+    prune = runs_commands.add_parser(
+        "prune", parents=[daemon], help="delete ended runs older than some days (never open runs)"
+    )
+    prune.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    prune.add_argument("--dry-run", action="store_true", help="only count the runs it would delete")
+    export_command.add_parser(commands, data_dir)
     return top
 
 
@@ -102,6 +111,9 @@ def main(argv=None) -> None:
         sys.exit(print_agent_token(args, os.environ, sys.stdout, sys.stderr))
     if args.command == "dashboard":
         sys.exit(print_dashboard_link(args, os.environ, sys.stdout, sys.stderr))
+    if args.command == "export":
+        data_dir = args.data_dir or default_data_dir(os.environ)
+        sys.exit(export_command.export(args, os.environ, sys.stdout, sys.stderr, data_dir))
     react(_react_main, (args,))
 
 
@@ -158,7 +170,7 @@ async def run(reactor, args, environ, out, err) -> int:
     try:
         client = await _connect_as_host(reactor, url, data_dir)
         try:
-            action = {"list": _list, "show": _show, "tail": _tail}[args.runs_command]
+            action = {"list": _list, "show": _show, "tail": _tail, "prune": _prune}[args.runs_command]
             return await action(client, args, environ, out, err)
         finally:
             await client.close()
@@ -245,6 +257,25 @@ async def _list(client, args, environ, out, err) -> int:
         ))
     if page.get("next_cursor"):
         out.write(f"more: {_next_page_command(args, agent_id, page['next_cursor'])}\n")
+    return 0
+
+
+async def _prune(client, args, environ, out, err) -> int:
+    answer = await client.call(
+        "runs.prune", {"older_than_days": args.older_than, "dry_run": args.dry_run}
+    )
+    if args.json:
+        out.write(json.dumps(answer, indent=2) + "\n")
+    elif args.dry_run:
+        out.write(
+            f"{_printable(answer.get('prunable'))} runs ended before "
+            f"{_printable(answer.get('ended_before'))} would be pruned\n"
+        )
+    else:
+        out.write(
+            f"pruned {_printable(answer.get('pruned'))} runs ended before "
+            f"{_printable(answer.get('ended_before'))}\n"
+        )
     return 0
 
 

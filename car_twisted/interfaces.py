@@ -223,6 +223,26 @@ class IRunStore(Interface):
             has no terminal record.
         """
 
+    def prune_runs(ended_before, limit):
+        """
+        Delete up to C{limit} ended runs whose ``ended_at`` is before
+        C{ended_before} (a timestamp as L{car_twisted.records.now} writes
+        them, compared as a string). Each run goes whole: once the Deferred
+        fires it is in no C{get_run}, C{read_records}, C{list_runs} or
+        C{open_runs} answer, and a crash at any point leaves it either whole
+        or gone. Open runs are never pruned. Pages of C{list_runs} already
+        handed out stay valid: their cursors skip the pruned runs.
+
+        @return: Deferred firing with the ids of the runs deleted; fewer
+            than C{limit} means no such run is left.
+        """
+
+    def count_prunable(ended_before):
+        """
+        @return: Deferred firing with how many runs L{prune_runs} would
+            delete for C{ended_before} now.
+        """
+
     def close():
         """
         Finish pending writes and release resources; called once, after

@@ -1,11 +1,12 @@
 """
 A transport-neutral JSON-RPC 2.0 dispatcher.
 
-It takes one text frame and a session and returns a Deferred firing with a
-L{Reply}: the frame to send back (or None when nothing is owed) and whether
-the connection must then be closed. Methods are called synchronously, in the
-order their requests appear, so their effects keep arrival order; their
-answers arrive whenever their Deferreds fire.
+It takes one text frame and a session and answers with a L{Reply}: the
+frame to send back (or None when nothing is owed) and whether the connection
+must then be closed. Methods are called synchronously, in the order their
+requests appear, so their effects keep arrival order; their answers arrive
+whenever their outcomes are known: in the same call when every method's is
+(a value, or a Deferred that has already fired), else in a Deferred.
 
 It enforces the JSON-RPC input limits of its L{WireLimits} (batch length,
 nesting depth) and never answers with a frame larger than their message
@@ -13,15 +14,17 @@ size. This module is the daemon's one JSON codec for the wire.
 """
 
 import json
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from types import CoroutineType
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import orjson
-from twisted.internet.defer import gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from car_twisted.errors import InvalidParams, InvalidRequest, MethodNotFound, RPCError
 from car_twisted.limits import MAX_ID_CHARS, WireLimits
+from car_twisted.outcomes import as_deferred, then
 
 log = Logger()
 
@@ -65,9 +68,8 @@ def error_response(id_, code: int, message: str, data=None) -> dict:
     return {"jsonrpc": "2.0", "error": error, "id": id_}
 
 
-@dataclass(frozen=True)
-class Reply:
-    """What one frame is owed."""
+class Reply(NamedTuple):
+    """What one frame is owed (a named tuple: one is made per frame)."""
 
     #: The response frame, or None when nothing is owed.
     frame: Optional[bytes]
@@ -85,8 +87,8 @@ class Dispatcher:
     Route JSON-RPC requests to methods.
 
     @param methods: wire name -> C{f(session, params: dict)} returning a
-        result or a Deferred of one; it raises L{RPCError} to answer with an
-        error.
+        result, a Deferred of one or a coroutine; it raises (or fails with)
+        L{RPCError} to answer with an error.
     @param admit: C{f(session, method_name)}, called before each request
         (known method or not); it raises L{RPCError} to refuse it. An error
         with a C{close_code} also closes the connection, and the requests
@@ -121,11 +123,23 @@ class Dispatcher:
             f"invalid request: arrays and objects nest deeper than {limits.max_depth} levels"
         )
 
-    def dispatch(self, session, payload: bytes):
+    def dispatch(self, session, payload: bytes) -> Deferred:
         """
         Handle one text frame.
 
         @return: Deferred firing with a L{Reply}.
+        """
+        try:
+            return as_deferred(self.answer(session, payload))
+        except Exception:
+            return fail()
+
+    def answer(self, session, payload: bytes):
+        """
+        Handle one text frame, answering in this call when every method
+        called has answered.
+
+        @return: the L{Reply}, or a Deferred firing with it.
         """
         try:
             message = decode(payload)
@@ -137,7 +151,7 @@ class Dispatcher:
         ):
             id_ = _request_id(message)
             if id_ is _NO_ID:
-                return succeed(Reply(None))
+                return Reply(None)
             return self._refuse(
                 Reply(encode(error_response(id_, InvalidRequest.code, self._too_deep))),
                 InvalidRequest.code,
@@ -149,17 +163,20 @@ class Dispatcher:
             if len(message) > self._max_batch:
                 return self._refuse(self._long_batch, InvalidRequest.code)
             answers = [self._handle(session, m, closing) for m in message]
-            d = gatherResults(answers)
-            d.addCallback(lambda rs: _reply(self._batch_frame(rs), closing))
-            return d
-        d = self._handle(session, message, closing)
-        d.addCallback(lambda r: _reply(None if r is None else self._frame(r), closing))
-        return d
+            if any(isinstance(a, Deferred) for a in answers):
+                d = gatherResults([as_deferred(a) for a in answers])
+                d.addCallback(lambda rs: _reply(self._batch_frame(rs), closing))
+                return d
+            return _reply(self._batch_frame(answers), closing)
+        answer = self._handle(session, message, closing)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(lambda r: _reply(None if r is None else self._frame(r), closing))
+        return _reply(None if answer is None else self._frame(answer), closing)
 
-    def _refuse(self, reply: Reply, code: int):
+    def _refuse(self, reply: Reply, code: int) -> Reply:
         """Answer a whole frame with one error."""
         self._on_error(code)
-        return succeed(reply)
+        return reply
 
     def _frame(self, response: dict) -> bytes:
         """A response's frame, or an error in its place if it is too large."""
@@ -197,28 +214,32 @@ class Dispatcher:
         )
 
     def _handle(self, session, request, closing: list):
-        """One request of a frame: a Deferred of its response dict, or None."""
+        """
+        One request of a frame: its response dict (None for a
+        notification), or a Deferred of it.
+        """
         id_ = _request_id(request)
         try:
             name, params = _parse(request, id_)
         except InvalidRequest as e:
             self._on_error(e.code)
-            return succeed(error_response(None if id_ is _NO_ID else id_, e.code, e.message))
+            return error_response(None if id_ is _NO_ID else id_, e.code, e.message)
         if closing:
             # An earlier request of the batch closes the connection: this
             # one does not run, and is refused with the same error.
             refusal = closing[0]
-            return succeed(None if id_ is _NO_ID else error_response(id_, refusal.code, refusal.message))
-        d = maybeDeferred(self._call, name, session, params)
-        d.addErrback(_note_closing, closing)
+            return None if id_ is _NO_ID else error_response(id_, refusal.code, refusal.message)
+        try:
+            outcome = self._call(name, session, params)
+        except BaseException:
+            outcome = Failure()
         if id_ is _NO_ID:
-            d.addCallbacks(lambda _: None, self._notification_failed)
-            return d
-        d.addCallbacks(
+            return then(outcome, _nothing, lambda failure: self._notification_failed(failure, closing))
+        return then(
+            outcome,
             lambda result: {"jsonrpc": "2.0", "result": result, "id": id_},
-            lambda failure: self._error(failure, id_),
+            lambda failure: self._error(failure, id_, closing),
         )
-        return d
 
     def _call(self, name, session, params):
         self._admit(session, name)
@@ -227,17 +248,23 @@ class Dispatcher:
             raise MethodNotFound(f"method not found: {name[:100]}")
         if isinstance(params, list):
             raise InvalidParams("invalid params: params must be an object (named parameters)")
-        return method(session, params)
+        outcome = method(session, params)
+        if type(outcome) is CoroutineType:
+            return Deferred.fromCoroutine(outcome)
+        return outcome
 
-    def _error(self, failure, id_) -> dict:
+    def _error(self, failure, id_, closing: list) -> dict:
         self._on_error(failure.value.code if failure.check(RPCError) else INTERNAL_ERROR)
         if failure.check(RPCError):
+            _note_closing(failure.value, closing)
             return error_response(id_, failure.value.code, failure.value.message, failure.value.data)
         log.failure("request {id} failed", failure, id=id_)
         return error_response(id_, INTERNAL_ERROR, "internal error: the request could not be handled")
 
-    def _notification_failed(self, failure) -> None:
-        if not failure.check(RPCError):
+    def _notification_failed(self, failure, closing: list) -> None:
+        if failure.check(RPCError):
+            _note_closing(failure.value, closing)
+        else:
             log.failure("notification failed", failure)
 
 
@@ -260,10 +287,13 @@ def _deeper_than(value, limit: int) -> bool:
     return False
 
 
-def _note_closing(failure, closing: list):
-    if failure.check(RPCError) and failure.value.close_code is not None:
-        closing.append(failure.value)
-    return failure
+def _note_closing(error: RPCError, closing: list) -> None:
+    if error.close_code is not None:
+        closing.append(error)
+
+
+def _nothing(result) -> None:
+    """A notification's result: nothing is owed."""
 
 
 def _reply(frame: Optional[bytes], closing: list) -> Reply:

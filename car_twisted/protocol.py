@@ -9,10 +9,11 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from car_twisted.errors import AuthRequired
-from car_twisted.jsonrpc import Dispatcher, encode, error_response, notification
+from car_twisted.jsonrpc import Dispatcher, Reply, encode, error_response, notification
 from car_twisted.limits import WireLimits
 from car_twisted.metrics import DaemonMetrics
 
@@ -209,7 +210,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
         # Answers can be ready after the client has gone; they are dropped.
         if self.state == self.STATE_OPEN:
             self.sendMessage(frame)
-            self.factory.metrics.frames_sent.inc()
+            self.factory.metrics.frames_sent += 1
 
     def _notify(self, method, params):
         frame = notification(method, params)
@@ -221,7 +222,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self.outbox.event(frame)
 
     def onMessage(self, payload, isBinary):
-        self.factory.metrics.frames_received.inc()
+        self.factory.metrics.frames_received += 1
         if self.closing:
             return
         if isBinary:
@@ -241,10 +242,18 @@ class RunTracingProtocol(WebSocketServerProtocol):
 
     def _dispatch(self, payload):
         self.in_flight += 1
-        d = self.factory.dispatcher.dispatch(self.session, payload)
-        d.addCallback(self._answer)
-        d.addErrback(self._failed)
-        d.addBoth(self._settled)
+        try:
+            reply = self.factory.dispatcher.answer(self.session, payload)
+            if not isinstance(reply, Reply):
+                reply.addCallback(self._answer)
+                reply.addErrback(self._failed)
+                reply.addBoth(self._settled)
+                return
+            # Answered in this call: no Deferred on the way.
+            self._answer(reply)
+        except Exception:
+            self._failed(Failure())
+        self._settled(None)
 
     def _settled(self, _):
         """A frame is answered: hand on waiting frames, then read again."""
@@ -252,8 +261,10 @@ class RunTracingProtocol(WebSocketServerProtocol):
         if self._handing_on:
             # A frame answered at once while L{_hand_on} hands on.
             return
-        self._hand_on()
-        if self.in_flight == 0:
+        if self._waiting:
+            # Reading is paused only while frames wait.
+            self._hand_on()
+        if self.in_flight == 0 and self._idle:
             idle, self._idle = self._idle, []
             for d in idle:
                 d.callback(None)
@@ -301,7 +312,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self.outbox.answer(reply.frame)
         if reply.close_code is not None:
             self._close(reply.close_code, reply.close_reason)
-        elif self.session.authenticated:
+        elif self._auth_deadline is not None and self.session.authenticated:
             self._cancel_auth_deadline()
 
     def _close(self, code, reason):

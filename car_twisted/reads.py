@@ -8,6 +8,7 @@ from car_twisted.errors import InvalidParams, RunRefused
 from car_twisted.fanout import TraceFanout
 from car_twisted.interfaces import RUN_STATUSES, TURN_RECORDS, end_position, status_of
 from car_twisted.limits import MAX_FOLLOWED, MAX_TURNS_PER_RUN, PAGE_BYTES
+from car_twisted.outcomes import as_deferred, then
 from car_twisted.records import encoded_size, id_param, int_param
 from car_twisted.session import Session
 
@@ -38,29 +39,29 @@ class RunReader:
             "runs.unsubscribe": self.unsubscribe,
         }
 
-    async def _visible_run(self, session: Session, run_id: str):
-        """The run's summary if it exists and the session may read it."""
-        return self._policy.readable(session, await self._store.get_run(run_id))
+    def _visible_run(self, session: Session, run_id: str):
+        """The run's summary if it exists and the session may read it (an outcome)."""
+        return then(self._store.get_run(run_id), lambda summary: self._policy.readable(session, summary))
 
-    async def get_trace(self, session: Session, params: dict) -> dict:
+    def get_trace(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
         cursor = int_param(params, "cursor", 0, 0, 2**31)
         limit = int_param(params, "limit", 500, 1, 5000)
-        summary = await self._visible_run(session, run_id)
+        return then(
+            self._visible_run(session, run_id),
+            lambda summary: self._trace_page(summary, run_id, cursor, limit),
+        )
+
+    def _trace_page(self, summary, run_id: str, cursor: int, limit: int):
+        """A page of a run's trace, once its summary is known."""
         if summary is None:
             return {"run_id": run_id, "not_found": True}
-        records, next_cursor = await self._store.read_records(run_id, cursor, limit)
-        kept = _fitting(records)
-        if kept < len(records):
-            records, next_cursor = records[:kept], cursor + kept
-        return {
-            "run_id": run_id,
-            "agent_id": summary.agent_id,
-            "records": records,
-            "cursor": next_cursor,
-        }
+        return then(
+            self._store.read_records(run_id, cursor, limit),
+            lambda page: _trace_answer(run_id, summary.agent_id, cursor, *page),
+        )
 
-    async def list_runs(self, session: Session, params: dict) -> dict:
+    def list_runs(self, session: Session, params: dict):
         # Without agent_id: the bound agent's runs, or every agent's (None).
         agent_id = id_param(params, "agent_id") or session.agent_id
         if not self._policy.may_read(session, agent_id):
@@ -76,21 +77,15 @@ class RunReader:
         cursor = params.get("cursor")
         if cursor is not None and not (isinstance(cursor, str) and len(cursor) <= 512):
             raise InvalidParams("invalid params: cursor must be a next_cursor string")
-        try:
-            runs, next_cursor = await self._store.list_runs(agent_id, cursor, limit, status)
-        except ValueError:
-            raise InvalidParams(
-                "invalid params: cursor is not a next_cursor this daemon returned"
-            )
-        return {
-            "agent_id": agent_id,
-            "runs": [summary.to_json() for summary in runs],
-            "next_cursor": next_cursor,
-        }
+        return then(
+            self._store.list_runs(agent_id, cursor, limit, status),
+            lambda page: _runs_answer(agent_id, *page),
+            _unreadable_cursor,
+        )
 
     async def subscribe(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)
-        summary = await self._visible_run(session, run_id)
+        summary = await as_deferred(self._visible_run(session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id not in session.following and len(session.following) >= MAX_FOLLOWED:
@@ -154,6 +149,33 @@ class RunReader:
     def unsubscribe(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)
         return {"run_id": run_id, "removed": self._fanout.unfollow(session, run_id)}
+
+
+def _trace_answer(run_id: str, agent_id: str, cursor: int, records: list, next_cursor: int) -> dict:
+    """A page of a trace, cut to what fits in one answer."""
+    kept = _fitting(records)
+    if kept < len(records):
+        records, next_cursor = records[:kept], cursor + kept
+    return {
+        "run_id": run_id,
+        "agent_id": agent_id,
+        "records": records,
+        "cursor": next_cursor,
+    }
+
+
+def _runs_answer(agent_id: str, runs: list, next_cursor) -> dict:
+    return {
+        "agent_id": agent_id,
+        "runs": [summary.to_json() for summary in runs],
+        "next_cursor": next_cursor,
+    }
+
+
+def _unreadable_cursor(failure):
+    if not failure.check(ValueError):
+        return failure
+    raise InvalidParams("invalid params: cursor is not a next_cursor this daemon returned")
 
 
 def _fitting(records: list) -> int:

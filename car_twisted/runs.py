@@ -38,6 +38,7 @@ from car_twisted.interfaces import (
 )
 from car_twisted.limits import MAX_TURN_BYTES, MAX_TURNS_PER_RUN
 from car_twisted.metrics import DaemonMetrics
+from car_twisted.outcomes import as_deferred, then
 from car_twisted.records import (
     agent_slug,
     clip_text,
@@ -65,7 +66,7 @@ DEFAULT_GRACE = 0.25
 DEFAULT_RESUME_LEASE = 10.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class LiveRun:
     """An open run this daemon is producing."""
 
@@ -88,6 +89,8 @@ class RunService:
     @param clock: schedules the grace window (an L{IReactorTime}).
     @param environ: where C{CAR_AGENT_ID} is looked up, at each start.
     @param metrics: the L{DaemonMetrics} runs are counted in.
+    @param run_ended_observers: each called with the id of every run whose
+        terminal record is durable (ended here, or by L{recover}).
     @param shared: the L{SharedRuns} of a store several daemons share, else
         None.
     """
@@ -102,6 +105,7 @@ class RunService:
         environ=os.environ,
         resume_lease=DEFAULT_RESUME_LEASE,
         metrics=None,
+        run_ended_observers=(),
         shared: Optional[SharedRuns] = None,
     ):
         self.store = store
@@ -117,6 +121,7 @@ class RunService:
         self._live = {}  # run_id -> LiveRun
         self._writes = set()  # Deferreds of writes nobody waits for
         self._stopped = False
+        self._run_ended_observers = tuple(run_ended_observers)
         #: Why the store's last write failed, while it fails (logged once);
         #: None once a write succeeds again.
         self.store_failure = None
@@ -177,7 +182,7 @@ class RunService:
         live.expiry = None
         self._finish(live)
         ended = ended_record("incomplete", reason="connection closed")
-        d = Deferred.fromCoroutine(self._end(live, ended, if_owned=True))
+        d = as_deferred(self._end(live, ended, if_owned=True))
         d.addCallbacks(
             lambda _: log.info(
                 "run {run_id} ended incomplete: its producer went away", run_id=live.run_id
@@ -194,22 +199,30 @@ class RunService:
             self._live[live.run_id] = live
             self._orphan(live, self._grace)
 
-    async def _end(self, live: LiveRun, ended: dict, if_owned: bool = False) -> None:
+    def _end(self, live: LiveRun, ended: dict, if_owned: bool = False):
         """
-        Write a run's terminal record and tell its followers. C{if_owned}:
-        only while this daemon owns the run (a shared store: another daemon
-        may have adopted it meanwhile).
+        Write a run's terminal record and tell its followers (an outcome).
+        C{if_owned}: only while this daemon owns the run (a shared store:
+        another daemon may have adopted it meanwhile).
         """
         end = self.store.end_own_run if if_owned and self._shared is not None else self.store.end_run
-        await self._stored(end(live.run_id, ended))
+        return then(self._stored(end(live.run_id, ended)), lambda _: self._ended(live, ended))
+
+    def _ended(self, live: LiveRun, ended: dict) -> None:
         self._metrics.run_ended(ended["termination"])
         self._fanout.publish(live.run_id, live.agent_id, ended, live.turns, status_of(ended))
+        self._durably_ended(live.run_id)
 
-    async def _end_live(self, session: Session, live: LiveRun, ended: dict) -> None:
+    def _durably_ended(self, run_id: str) -> None:
+        """Tell the observers a run's terminal record is durable."""
+        for observer in self._run_ended_observers:
+            observer(run_id)
+
+    def _end_live(self, session: Session, live: LiveRun, ended: dict):
         """
-        End a live run for C{session}'s request. If the store cannot write,
-        the run is put back as it was (live, with its producer or its grace
-        window), so the client's retry ends it.
+        End a live run for C{session}'s request (an outcome). If the store
+        cannot write, the run is put back as it was (live, with its producer
+        or its grace window), so the client's retry ends it.
         """
         producer = live.producer
         deadline = live.expiry.getTime() if live.expiry is not None else None
@@ -217,9 +230,10 @@ class RunService:
         self._finish(live)
         for s in current:
             s.current_run_id = None
-        try:
-            await self._end(live, ended)
-        except StoreUnavailable:
+
+        def restore(failure):
+            if not failure.check(StoreUnavailable):
+                return failure
             self._live[live.run_id] = live
             for s in current:
                 s.current_run_id = live.run_id
@@ -230,25 +244,32 @@ class RunService:
                 producer.producing.add(live.run_id)
             else:
                 self._orphan(live, self._window(producer))
-            raise
+            return failure
 
-    async def _stored(self, write: Deferred):
+        return then(self._end(live, ended), _same, restore)
+
+    def _stored(self, write: Deferred):
         """
-        Wait for a store write. A store that cannot write answers
-        L{StoreUnavailable}; the failure is logged once until a write
-        succeeds again.
+        The outcome of a store write (L{then}). A store that cannot write
+        answers L{StoreUnavailable}; the failure is logged once until a
+        write succeeds again.
         """
-        try:
-            result = await write
-        except StoreWriteFailed as e:
-            if self.store_failure is None:
-                log.error("the run store cannot write: {detail}", detail=e.detail)
-            self.store_failure = e.detail
-            raise StoreUnavailable(e.detail) from None
+        return then(write, self._written, self._write_failed)
+
+    def _written(self, result):
         if self.store_failure is not None:
             self.store_failure = None
             log.info("the run store writes again")
         return result
+
+    def _write_failed(self, failure):
+        if not failure.check(StoreWriteFailed):
+            return failure
+        detail = failure.value.detail
+        if self.store_failure is None:
+            log.error("the run store cannot write: {detail}", detail=detail)
+        self.store_failure = detail
+        raise StoreUnavailable(detail)
 
     def _finish(self, live: LiveRun) -> None:
         """Take a run out of the live set: it is terminal from now on."""
@@ -303,6 +324,7 @@ class RunService:
                 if ok:
                     ended += 1
                     self._metrics.run_ended("incomplete")
+                    self._durably_ended(run_id)
                 elif not result.check(RunTerminal, RunNotFound):
                     log.failure("run {run_id} could not be ended", result, run_id=run_id)
         return ended
@@ -336,6 +358,39 @@ class RunService:
                 self._finish(live)
                 log.debug("run {run_id} is no longer produced through this daemon", run_id=run_id)
 
+    async def _ended_elsewhere(self, ending, run_id: str, termination: str) -> bool:
+        """
+        Wait for C{ending}, L{SharedRuns} ending a run another daemon
+        produces; once it did, count it and tell followers and observers.
+        """
+        if not await as_deferred(self._stored(Deferred.fromCoroutine(ending))):
+            return False
+        self._metrics.run_ended(termination)
+        self._durably_ended(run_id)
+        self.run_changed(run_id)
+        return True
+
+    async def _complete_elsewhere(self, session: Session, run_id: str, outcome: dict) -> dict:
+        ending = self._shared.complete(session, run_id, outcome)
+        if not await self._ended_elsewhere(ending, run_id, "outcome"):
+            await self._refuse_write(session, run_id)
+        return {"ok": True, "run_id": run_id}
+
+    async def _record_elsewhere(self, session: Session, run_id: str, records: list) -> dict:
+        summary = await self._shared.writable(session, run_id)
+        if summary is None:
+            ended = await as_deferred(self._visible_run(session, run_id))
+            return _dropped(run_id, "run_terminal" if ended else "run_not_found")
+        if any(too_large(record) for record in records):
+            return _dropped(run_id, "turn_too_large")
+        return await as_deferred(
+            then(
+                self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN)),
+                lambda stamped: self._recorded(run_id, summary.agent_id, stamped, summary.turn_count),
+                lambda failure: _refused_turns(failure, run_id),
+            )
+        )
+
     async def _adopt(self, session: Session, run_id: str) -> None:
         """
         Make this daemon the producer daemon of a run whose producer left
@@ -345,10 +400,10 @@ class RunService:
         live = self._live.get(run_id)
         if live is not None and live.producer is not None:
             return
-        summary = await self._visible_run(session, run_id)
+        summary = await as_deferred(self._visible_run(session, run_id))
         if summary is None or summary.agent_id != session.agent_id or summary.status != "in_progress":
             return
-        if not await self._stored(self.store.adopt(run_id)):
+        if not await as_deferred(self._stored(self.store.adopt(run_id))):
             raise RunRefused(f"run {run_id} is being recorded by another session")
         if run_id not in self._live:
             (started, *_), _ = await self.store.read_records(run_id, 0, 1)
@@ -400,7 +455,7 @@ class RunService:
             "(send agent_id or agent_name, or bind the session with session.auth)"
         )
 
-    async def start(self, session: Session, params: dict) -> dict:
+    def start(self, session: Session, params: dict):
         intent = text_param(params, "intent", required=True)
         description = text_param(params, "outcome_description")
         idempotency_key = id_param(params, "idempotency_key")
@@ -419,21 +474,35 @@ class RunService:
             clip_text(intent),
             clip_text(description) if description is not None else None,
         )
-        try:
-            await self._stored(self.store.start_run(record))
-        except BaseException as e:
-            if self._live.get(run_id) is live:
-                self._finish(live)
-            if isinstance(e, RunExists):
-                existing = await self.store.get_run(run_id)
-                if existing is None:
-                    raise RunRefused(
-                        f"run id {run_id!r} is held by a run file the store cannot read; "
-                        "choose another idempotency_key"
-                    )
-                return self._restart(session, run_id, existing.agent_id, agent_id)
-            raise
-        self._metrics.runs_started.inc()
+        return then(
+            self._stored(self.store.start_run(record)),
+            lambda _: self._started(run_id, agent_id),
+            lambda failure: self._start_failed(failure, session, live),
+        )
+
+    def _start_failed(self, failure, session: Session, live: LiveRun):
+        """Undo a start the store refused; a run id it holds already is restarted."""
+        run_id = live.run_id
+        if self._live.get(run_id) is live:
+            self._finish(live)
+        if not failure.check(RunExists):
+            return failure
+        return then(
+            self.store.get_run(run_id),
+            lambda existing: self._restart_stored(session, run_id, existing, live.agent_id),
+        )
+
+    def _restart_stored(self, session: Session, run_id: str, existing, agent_id: str) -> dict:
+        """Answer a start whose run id the store holds already."""
+        if existing is None:
+            raise RunRefused(
+                f"run id {run_id!r} is held by a run file the store cannot read; "
+                "choose another idempotency_key"
+            )
+        return self._restart(session, run_id, existing.agent_id, agent_id)
+
+    def _started(self, run_id: str, agent_id: str) -> dict:
+        self._metrics.runs_started += 1
         return {"run_id": run_id, "agent_id": agent_id}
 
     def _restart(self, session: Session, run_id: str, owner: str, agent_id: str) -> dict:
@@ -452,13 +521,13 @@ class RunService:
             return live
         return None
 
-    async def _visible_run(self, session: Session, run_id: str):
-        """The run's summary if it exists and the session may read it."""
-        return self._policy.readable(session, await self.store.get_run(run_id))
+    def _visible_run(self, session: Session, run_id: str):
+        """The run's summary if it exists and the session may read it (an outcome)."""
+        return then(self.store.get_run(run_id), lambda summary: self._policy.readable(session, summary))
 
     async def _refuse_write(self, session: Session, run_id: str):
         """Raise the error for a write the session cannot make."""
-        summary = await self._visible_run(session, run_id)
+        summary = await as_deferred(self._visible_run(session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id in self._live:
@@ -467,7 +536,7 @@ class RunService:
         status = "" if summary.status == "in_progress" else f" ({summary.status})"
         raise RunRefused(f"run {run_id} already ended{status}")
 
-    async def complete(self, session: Session, params: dict) -> dict:
+    def complete(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
         if "outcome" not in params:
             raise InvalidParams("invalid params: outcome is required")
@@ -478,52 +547,50 @@ class RunService:
             )
         live = self._writable(session, run_id)
         if live is None:
-            if self._shared is not None and await self._stored(
-                Deferred.fromCoroutine(self._shared.complete(session, run_id, outcome))
-            ):
-                self._metrics.run_ended("outcome")
-                self.run_changed(run_id)
-                return {"ok": True, "run_id": run_id}
-            await self._refuse_write(session, run_id)
-        try:
-            await self._end_live(session, live, ended_record("outcome", outcome=outcome))
-        except RunTerminal:
-            raise RunRefused(f"run {run_id} already ended")
-        return {"ok": True, "run_id": run_id}
+            if self._shared is not None and run_id not in self._live:
+                return Deferred.fromCoroutine(self._complete_elsewhere(session, run_id, outcome))
+            return Deferred.fromCoroutine(self._refuse_write(session, run_id))
+        return then(
+            self._end_live(session, live, ended_record("outcome", outcome=outcome)),
+            lambda _: {"ok": True, "run_id": run_id},
+            lambda failure: _refused_end(failure, run_id),
+        )
 
-    async def record_turns(self, session: Session, params: dict) -> dict:
+    def record_turns(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
-        return await self._record(session, run_id, parse_turns(params.get("turns")))
+        return self._record(session, run_id, parse_turns(params.get("turns")))
 
-    async def record_model_turn(self, session: Session, params: dict) -> dict:
+    def record_model_turn(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
-        return await self._record(session, run_id, [parse_model_turn(params)])
+        return self._record(session, run_id, [parse_model_turn(params)])
 
-    async def _record(self, session: Session, run_id: str, records: list) -> dict:
+    def _record(self, session: Session, run_id: str, records: list):
         """Append turn records; a run that cannot take them says why."""
         live = self._writable(session, run_id)
-        if live is not None:
-            agent_id, turns = live.agent_id, live.turns
-        else:
-            elsewhere = None
-            if self._shared is not None and run_id not in self._live:
-                elsewhere = await self._shared.writable(session, run_id)
-            if elsewhere is None:
-                ended = run_id not in self._live and await self._visible_run(session, run_id)
-                return _dropped(run_id, "run_terminal" if ended else "run_not_found")
-            agent_id, turns = elsewhere.agent_id, elsewhere.turn_count
+        if live is None:
+            if run_id in self._live:
+                return _dropped(run_id, "run_not_found")
+            if self._shared is not None:
+                return Deferred.fromCoroutine(self._record_elsewhere(session, run_id, records))
+            return then(
+                self._visible_run(session, run_id),
+                lambda ended: _dropped(run_id, "run_terminal" if ended else "run_not_found"),
+            )
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
-        try:
-            stamped = await self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN))
-        except TurnLimitReached:
-            return _dropped(run_id, "run_turn_limit")
-        except RunTerminal:
-            return _dropped(run_id, "run_terminal")
-        except RunNotFound:
-            return _dropped(run_id, "run_not_found")
-        # The store stamps the indices: the run's agent may also write
-        # through another daemon sharing the store.
+        return then(
+            self._stored(self.store.append_turns(run_id, records, MAX_TURNS_PER_RUN)),
+            lambda stamped: self._recorded(run_id, live.agent_id, stamped, live.turns, live),
+            lambda failure: _refused_turns(failure, run_id),
+        )
+
+    def _recorded(self, run_id: str, agent_id: str, stamped: list, turns: int, live=None) -> dict:
+        """
+        The turns are durable: count them (on C{live}, if it is a run this
+        daemon produces) and tell the run's followers. The store stamped
+        their indices: the run's agent may also write through another
+        daemon sharing the store. C{turns} is the count before them.
+        """
         base = stamped[0]["index"] if stamped else turns
         turns = base + len(stamped)
         if live is not None:
@@ -551,10 +618,10 @@ class RunService:
             live = self._live.get(run_id)
         if live is not None:
             ended = ended_record("cancelled", reason_digest=digest, idempotency_key=key)
-            await self._end_live(session, live, ended)
+            await as_deferred(self._end_live(session, live, ended))
             log.debug("run {run_id} cancelled", run_id=run_id)
             return {**answer, "status": "cancelled_confirmed"}
-        summary = await self._visible_run(session, run_id)
+        summary = await as_deferred(self._visible_run(session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id in self._live:
@@ -562,11 +629,8 @@ class RunService:
                 f"run {run_id} may be cancelled only by its producer, its agent or the host"
             )
         if self._shared is not None:
-            if await self._stored(
-                Deferred.fromCoroutine(self._shared.cancel(session, summary, key, digest))
-            ):
-                self._metrics.run_ended("cancelled")
-                self.run_changed(run_id)
+            ending = self._shared.cancel(session, summary, key, digest)
+            if await self._ended_elsewhere(ending, run_id, "cancelled"):
                 return {**answer, "status": "cancelled_confirmed"}
             if summary.status == "in_progress":
                 # Ended since it was read (its terminal record was on its way).
@@ -610,6 +674,30 @@ def _cancel_expiry(live: LiveRun) -> None:
     if live.expiry is not None:
         live.expiry.cancel()
         live.expiry = None
+
+
+def _same(result):
+    return result
+
+
+def _refused_end(failure, run_id: str):
+    """A run the store holds ended already is refused; other failures pass on."""
+    if failure.check(RunTerminal):
+        raise RunRefused(f"run {run_id} already ended")
+    return failure
+
+
+def _refused_turns(failure, run_id: str):
+    """The answer for turns the store refused, by why; other failures pass on."""
+    refusal = failure.check(*_TURN_REFUSALS)
+    return failure if refusal is None else _dropped(run_id, _TURN_REFUSALS[refusal])
+
+
+_TURN_REFUSALS = {
+    TurnLimitReached: "run_turn_limit",
+    RunTerminal: "run_terminal",
+    RunNotFound: "run_not_found",
+}
 
 
 def _dropped(run_id: str, reason: str) -> dict:

@@ -6,6 +6,10 @@ The daemon's service tree: the store, then the listeners.
     DaemonService (MultiService)
     ├── RunStoreService      opens the store; closes it
     ├── SharedStoreService   a store several daemons share: heartbeat, LISTEN
+    ├── exporters (MultiService)
+    │   └── RunExporter, if --otlp-endpoint is set
+    ├── maintenance (MultiService)
+    │   └── Retention
     ├── listeners (MultiService)
     │   └── StreamServerEndpointService, one per --listen endpoint
     └── http (MultiService)
@@ -15,8 +19,10 @@ The listeners start only once the store is open and the runs the last
 daemon left open are ended (on a shared store: those of dead daemons), and
 a shared store's heartbeat and change feed run, so no client ever sees a
 half-recovered store.
-The HTTP side stops after everything else, so ``/healthz`` answers 503
-while the daemon stops.
+The exporters start before that recovery (the runs it ends are exported)
+and stop after the last write, before the store closes; the maintenance
+starts after the recovery and stops first. The HTTP side stops after
+everything else, so ``/healthz`` answers 503 while the daemon stops.
 """
 
 from twisted.application.internet import StreamServerEndpointService
@@ -147,6 +153,10 @@ class DaemonService(MultiService):
         self.store_service = RunStoreService(store)
         self.store_service.setServiceParent(self)
         self.sharing = None
+        self.exporters = MultiService()
+        self.exporters.setServiceParent(self)
+        self.maintenance = MultiService()
+        self.maintenance.setServiceParent(self)
         self.listeners = MultiService()
         self.listeners.setServiceParent(self)
         self.http = MultiService()
@@ -171,6 +181,14 @@ class DaemonService(MultiService):
         if factory not in self._factories:
             self._factories.append(factory)
         StreamServerEndpointService(announcing, factory).setServiceParent(self.listeners)
+
+    def export(self, service) -> None:
+        """Run C{service}, fed by runs as they end, while the store is open."""
+        service.setServiceParent(self.exporters)
+
+    def maintain(self, service) -> None:
+        """Run C{service}, working on the store in the background, once it is recovered."""
+        service.setServiceParent(self.maintenance)
 
     def serve_http(self, description: str, endpoint, site, websockets) -> None:
         """
@@ -201,10 +219,12 @@ class DaemonService(MultiService):
 
     async def _start(self):
         await self.store_service.startService()
+        self.exporters.startService()
         recovered = await self.runs.recover()
         log.info("car-twisted: {count} runs left open by the last daemon ended incomplete", count=recovered)
         if self.sharing is not None:
             await self.sharing.startService()
+        self.maintenance.startService()
         self.listeners.startService()
         self.http.startService()
         try:
@@ -223,6 +243,8 @@ class DaemonService(MultiService):
             await self.ready.addErrback(lambda _: None)
         if self.listeners.running:
             await self.listeners.stopService()
+        if self.maintenance.running:
+            await self.maintenance.stopService()
         for factory in self._factories:
             log.info(
                 "car-twisted stopping: answering the requests in flight on {count} connections",
@@ -232,6 +254,8 @@ class DaemonService(MultiService):
         await self.runs.stop()
         if self.sharing is not None and self.sharing.running:
             await self.sharing.stopService()
+        if self.exporters.running:
+            await self.exporters.stopService()
         await self.store_service.stopService()
         if self.http.running:
             await self.http.stopService()

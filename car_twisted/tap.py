@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
@@ -18,6 +19,7 @@ from car_twisted import __version__
 from car_twisted.access import AccessPolicy
 from car_twisted.auth import HOST_TOKEN_FILE, SECRET_ENV, SECRET_FILE, Authenticator, TokenFileError
 from car_twisted.data_dir import default_data_dir
+from car_twisted.export.otlp import RunExporter, otlp_exporter, traces_endpoint
 from car_twisted.fanout import TraceFanout
 from car_twisted.handshake import handshake
 from car_twisted.interfaces import ISharedRunStore
@@ -26,6 +28,7 @@ from car_twisted.limits import WireLimits
 from car_twisted.metrics import DaemonMetrics
 from car_twisted.protocol import RunTracingFactory
 from car_twisted.reads import RunReader
+from car_twisted.retention import Retention
 from car_twisted.runs import DEFAULT_GRACE, RunService
 from car_twisted.service import CannotStart, DaemonService, SharedStoreService
 from car_twisted.shared import SharedRuns
@@ -87,12 +90,13 @@ class Options(usage.Options):
     synopsis = (
         "[--listen ENDPOINT]... [--http ENDPOINT|none] [--store file|memory|sqlite|postgresql] "
         "[--durability fsync|none] [--data-dir DIR] [--dsn DSN] [--lease SECONDS] [--grace SECONDS] "
-        "[--no-auth] [LIMIT OPTIONS]"
+        "[--no-auth] [--retain-days N] [--otlp-endpoint URL [--otlp-content]] [LIMIT OPTIONS]"
     )
     longdesc = "Serve the CAR agent-run-tracing protocol (JSON-RPC 2.0 over WebSocket)."
 
     optFlags = [
         ["no-auth", None, "Accept every session without a token (local experiments only)."],
+        ["otlp-content", None, "Export prompt and output text in the OTLP spans too (it is sensitive)."],
     ]
     optParameters = [
         ["data-dir", None, None, "Where runs and tokens are kept [default: $CAR_HOME or ~/.car]."],
@@ -101,6 +105,8 @@ class Options(usage.Options):
         ["dsn", None, None, f"The PostgreSQL database of --store postgresql (a libpq DSN or URL) [default: ${DSN_ENV}]."],
         ["lease", None, DEFAULT_LEASE, "With --store postgresql: seconds a daemon that stopped heartbeating stays alive in its peers' eyes; then a peer ends its open runs incomplete.", float],
         ["http", None, DEFAULT_HTTP, "Endpoint of the dashboard, /healthz and /metrics (none: no HTTP side)."],
+        ["otlp-endpoint", None, None, "Export every run as it ends to this OpenTelemetry collector (base URL; spans go to URL/v1/traces) [default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off]. See docs/export.md."],
+        ["retain-days", None, None, "Prune ended runs older than this many days, in the background [default: keep forever].", int],
         ["grace", None, DEFAULT_GRACE, "Seconds a dropped producer's open runs wait before they are ended incomplete.", float],
     ] + [
         [name, None, getattr(_DEFAULT_LIMITS, field), description, kind]
@@ -131,6 +137,8 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--{name} must be one of {', '.join(choices)}, not {self[name]!r}"
                 )
+        if self["retain-days"] is not None and self["retain-days"] < 1:
+            raise usage.UsageError("--retain-days must be at least 1")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must be zero or more seconds")
         if self["lease"] <= 0:
@@ -157,6 +165,10 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--http {self['http']!r} is not a server endpoint (or none): {e}")
         self["data-dir"] = os.path.abspath(self["data-dir"] or default_data_dir())
+        try:
+            self["otlp-traces-endpoint"] = traces_endpoint(self["otlp-endpoint"])
+        except ValueError as e:
+            raise usage.UsageError(f"--otlp-endpoint: {e}")
 
     def _limits(self) -> WireLimits:
         for name, (_, _, lowest, _) in LIMIT_OPTIONS.items():
@@ -167,13 +179,14 @@ class Options(usage.Options):
         return WireLimits(**{field: self[name] for name, (field, _, _, _) in LIMIT_OPTIONS.items()})
 
 
-def wire_methods(authenticator, runs, reader) -> dict:
+def wire_methods(authenticator, runs, reader, retention) -> dict:
     """The JSON-RPC method table: wire name -> method, from their owners."""
     return {
         "session.auth": authenticator.authenticate,
         "server.handshake": handshake,
         **runs.methods(),
         **reader.methods(),
+        **retention.methods(),
     }
 
 
@@ -210,6 +223,10 @@ class Daemon:
     metrics: DaemonMetrics
     #: The dashboard's WebSocket sessions (``/ws``): the host, reading.
     dashboard: DashboardFactory
+    #: Prunes old ended runs (``--retain-days``, ``runs.prune``).
+    retention: Retention
+    #: Exports each run as it ends (``--otlp-endpoint``), if on.
+    exporter: Optional[RunExporter] = None
 
 
 def assemble(
@@ -219,16 +236,19 @@ def assemble(
     limits: WireLimits = WireLimits(),
     grace: float = DEFAULT_GRACE,
     environ=os.environ,
+    exporter: Optional[RunExporter] = None,
+    retain_days: Optional[int] = None,
 ) -> Daemon:
     """
     Wire a daemon's parts around C{store}: the run service and the reader
     share the followers and the access policy, the dispatcher serves their
-    methods and C{authenticator}'s, the factory serves the dispatcher; the
-    dashboard's factory serves a dispatcher of the read methods only. All
-    count in one L{DaemonMetrics}. C{environ} is where C{CAR_AGENT_ID} is
-    looked up. A store several daemons share (L{ISharedRunStore}) gets the
-    L{SharedRuns} that writes to, and follows, the runs other daemons
-    produce.
+    methods, the retention's and C{authenticator}'s, the factory serves the
+    dispatcher; the dashboard's factory serves a dispatcher of the read
+    methods only. All count in one L{DaemonMetrics}. C{environ} is where
+    C{CAR_AGENT_ID} is looked up. C{exporter} (if any) is told of each run
+    that ends; C{retain_days} (if any) prunes in the background. A store
+    several daemons share (L{ISharedRunStore}) gets the L{SharedRuns} that
+    writes to, and follows, the runs other daemons produce.
     """
     metrics = DaemonMetrics()
     if hasattr(store, "on_commit"):
@@ -236,11 +256,19 @@ def assemble(
         store.on_commit = metrics.commit
     fanout = TraceFanout()
     policy = AccessPolicy(authenticator.enabled)
+    observers = ()
+    if exporter is not None:
+        metrics.watch_export(exporter)
+        observers = (exporter.run_ended,)
     shared = SharedRuns(store, fanout, policy) if ISharedRunStore.providedBy(store) else None
-    runs = RunService(store, fanout, policy, clock, grace, environ, metrics=metrics, shared=shared)
+    runs = RunService(
+        store, fanout, policy, clock, grace, environ, metrics=metrics,
+        run_ended_observers=observers, shared=shared,
+    )  # fmt: skip
     metrics.watch(runs)
     reader = RunReader(store, fanout, policy, on_followed=runs.run_changed if shared else None)
-    methods = wire_methods(authenticator, runs, reader)
+    retention = Retention(store, clock, policy, days=retain_days)
+    methods = wire_methods(authenticator, runs, reader, retention)
     dispatcher = Dispatcher(methods, authenticator.admit, limits, metrics.error)
     factory = RunTracingFactory(
         dispatcher, runs, limits, clock, authenticator.enabled, metrics=metrics
@@ -252,7 +280,9 @@ def assemble(
         clock,
         metrics=metrics,
     )
-    return Daemon(store, fanout, runs, reader, methods, dispatcher, factory, metrics, dashboard)
+    return Daemon(
+        store, fanout, runs, reader, methods, dispatcher, factory, metrics, dashboard, retention, exporter
+    )
 
 
 def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
@@ -261,17 +291,32 @@ def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
     C{environ} is where C{CAR_AUTH_TOKEN} and C{CAR_AGENT_ID} are looked up.
     """
     authenticator = _authenticator(options, environ)
+    store = STORES[options["store"]](reactor, options)
+    exporter = None
+    if options["otlp-traces-endpoint"] is not None:
+        exporter = RunExporter(
+            reactor, store, otlp_exporter(options["otlp-traces-endpoint"]), options["otlp-content"]
+        )
     parts = assemble(
-        STORES[options["store"]](reactor, options),
+        store,
         reactor,
         authenticator,
         options["limits"],
         options["grace"],
         environ,
+        exporter,
+        options["retain-days"],
     )
     daemon = DaemonService(parts.store, parts.runs)
     if ISharedRunStore.providedBy(parts.store):
         daemon.share(SharedStoreService(parts.store, parts.runs))
+    daemon.maintain(parts.retention)
+    if exporter is not None:
+        daemon.export(exporter)
+        log.info(
+            "car-twisted: runs are exported to {endpoint} as they end",
+            endpoint=options["otlp-traces-endpoint"],
+        )
     for description, endpoint in zip(options["listen"], options["endpoints"]):
         daemon.listen(description, endpoint, parts.factory)
     if options["http-endpoint"] is not None:

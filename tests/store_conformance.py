@@ -329,3 +329,92 @@ class RunStoreConformance:
         store = await self._store()
         await store.start_run(started())
         self.assertIsNone(await store.close())
+
+    async def _runs_for_pruning(self, store):
+        """Runs of agent-a in start order: ended long ago (x2), open since
+        long ago, ended just now; and one of agent-b ended long ago."""
+        old = "2020-01-01T00:00:00.000Z"
+        ids = {}
+        for name, agent_id, ended_at in [
+            ("old1", "agent-a", old),
+            ("old2", "agent-a", old),
+            ("open", "agent-a", None),
+            ("recent", "agent-a", "now"),
+            ("other", "agent-b", old),
+        ]:
+            record = dict(started(agent_id=agent_id), started_at=old)
+            await store.start_run(record)
+            await store.append_turns(record["run_id"], [turn()], 10)
+            if ended_at is not None:
+                ended = ended_record("incomplete", reason="x")
+                if ended_at != "now":
+                    ended["ended_at"] = ended_at
+                await store.end_run(record["run_id"], ended)
+            ids[name] = record["run_id"]
+        return ids
+
+    async def test_prune_removes_old_ended_runs_whole(self):
+        """Ended runs older than the cut go from every read; open runs
+        (however old) and recent ones stay."""
+        store = await self._store()
+        ids = await self._runs_for_pruning(store)
+        cut = "2021-01-01T00:00:00.000Z"
+        self.assertEqual(await store.count_prunable(cut), 3)
+        pruned = await store.prune_runs(cut, 10)
+        self.assertEqual(sorted(pruned), sorted([ids["old1"], ids["old2"], ids["other"]]))
+        for name in ("old1", "old2", "other"):
+            self.assertIsNone(await store.get_run(ids[name]))
+            with self.assertRaises(RunNotFound):
+                await store.read_records(ids[name], 0, 10)
+        page, _ = await store.list_runs("agent-a", None, 10, None)
+        self.assertEqual([s.run_id for s in page], [ids["recent"], ids["open"]])
+        self.assertEqual((await store.list_runs("agent-b", None, 10, None))[0], [])
+        everyone, _ = await store.list_runs(None, None, 10, None)
+        self.assertEqual([s.run_id for s in everyone], [ids["recent"], ids["open"]])
+        ended, _ = await store.list_runs(None, None, 10, "incomplete")
+        self.assertEqual([s.run_id for s in ended], [ids["recent"]])
+        self.assertEqual([s.run_id for s in await store.open_runs()], [ids["open"]])
+        records, _ = await store.read_records(ids["recent"], 0, 10)
+        self.assertEqual([r["record"] for r in records], ["started", "turn", "ended"])
+        self.assertEqual(await store.count_prunable(cut), 0)
+        self.assertEqual(await store.prune_runs(cut, 10), [])
+
+    async def test_prune_in_batches(self):
+        """prune_runs deletes at most limit runs a call; a short answer means done."""
+        store = await self._store()
+        ids = await self._runs_for_pruning(store)
+        cut = "2021-01-01T00:00:00.000Z"
+        first = await store.prune_runs(cut, 2)
+        second = await store.prune_runs(cut, 2)
+        self.assertEqual((len(first), len(second)), (2, 1))
+        self.assertEqual(
+            sorted(first + second), sorted([ids["old1"], ids["old2"], ids["other"]])
+        )
+
+    async def test_list_cursor_survives_prune(self):
+        """A list_runs cursor handed out before a prune still pages on from
+        where it was: no surviving run skipped or repeated."""
+        store = await self._store()
+        ids = await self._runs_for_pruning(store)
+        newer = started()
+        await store.start_run(newer)
+        first, cursor = await store.list_runs("agent-a", None, 2, None)
+        self.assertEqual([s.run_id for s in first], [newer["run_id"], ids["recent"]])
+        await store.prune_runs("2021-01-01T00:00:00.000Z", 10)
+        rest, cursor = await store.list_runs("agent-a", cursor, 2, None)
+        self.assertEqual([s.run_id for s in rest], [ids["open"]])
+        self.assertIsNone(cursor)
+        incomplete, _ = await store.list_runs("agent-a", None, 10, "incomplete")
+        self.assertEqual([s.run_id for s in incomplete], [ids["recent"]])
+
+    async def test_every_agent_cursor_survives_prune(self):
+        """A list_runs cursor over every agent's runs, handed out before a
+        prune, pages on past the pruned runs."""
+        store = await self._store()
+        ids = await self._runs_for_pruning(store)
+        first, cursor = await store.list_runs(None, None, 1, None)
+        self.assertEqual([s.run_id for s in first], [ids["other"]])
+        await store.prune_runs("2021-01-01T00:00:00.000Z", 10)
+        rest, cursor = await store.list_runs(None, cursor, 10, None)
+        self.assertEqual([s.run_id for s in rest], [ids["recent"], ids["open"]])
+        self.assertIsNone(cursor)

@@ -169,10 +169,11 @@ class InProcessDaemon:
     (or C{store}) and a L{Clock}, with no socket: each L{InProcessClient}
     hands its frames straight to the dispatcher, and a memory store
     answers at once, so semantics tests run without polling. Without an
-    C{authenticator} every session is accepted (``--no-auth``).
+    C{authenticator} every session is accepted (``--no-auth``). An
+    C{exporter} is told of every run that ends, as ``--otlp-endpoint``'s.
     """
 
-    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, limits=None):
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, limits=None, exporter=None):
         self.clock = Clock()
         self.store = store if store is not None else MemoryRunStore()
         self.limits = limits or WireLimits()
@@ -184,6 +185,7 @@ class InProcessDaemon:
             self.limits,
             grace,
             environ if environ is not None else {},
+            exporter,
         )
         self.runs = self.parts.runs
         self.dispatcher = self.parts.dispatcher
@@ -289,8 +291,8 @@ class LoopbackDaemon(InProcessDaemon):
     does not have yet.
     """
 
-    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None, limits=None):
-        super().__init__(store, grace, environ, authenticator, limits)
+    def __init__(self, store=None, grace=0.25, environ=None, authenticator=None, extra_methods=None, limits=None, exporter=None):
+        super().__init__(store, grace, environ, authenticator, limits, exporter)
         self.factory = self.parts.factory
         if extra_methods:
             methods = {**self.parts.methods, **extra_methods}

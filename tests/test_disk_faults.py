@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from car_twisted.errors import StoreUnavailable
 from car_twisted.interfaces import StoreWriteFailed
+from car_twisted.outcomes import as_deferred
 from car_twisted.records import ended_record
 from car_twisted.records import keyed_run_id
 from car_twisted.runs import DEFAULT_GRACE
@@ -210,32 +211,32 @@ class RunServiceWriteFailureTests(unittest.TestCase):
         idempotency key free: the retry starts the run."""
         daemon, disk = await self.file_daemon()
         session = self.session(daemon)
-        await daemon.runs.start(session, {"intent": "the agent's first run"})
+        await as_deferred(daemon.runs.start(session, {"intent": "the agent's first run"}))
         params = {"intent": "do it", "idempotency_key": "key-1"}
         disk.failing = 1
         with self.assertRaises(StoreUnavailable) as caught:
-            await daemon.runs.start(session, params)
+            await as_deferred(daemon.runs.start(session, params))
         self.assertStoreUnavailable(caught.exception, NO_SPACE)
         run_id = keyed_run_id("agent-a", "key-1")
-        self.assertEqual(await daemon.runs.start(session, params), {"run_id": run_id, "agent_id": "agent-a"})
+        self.assertEqual(await as_deferred(daemon.runs.start(session, params)), {"run_id": run_id, "agent_id": "agent-a"})
         self.assertEqual((await daemon.store.get_run(run_id)).status, "in_progress")
 
     async def check_failed_complete_is_retried(self, daemon, fail_next, detail):
         session = self.session(daemon)
-        run_id = (await daemon.runs.start(session, {"intent": "do it"}))["run_id"]
-        await daemon.runs.record_turns(session, {"run_id": run_id, "turns": [{"prompt": "p"}]})
+        run_id = (await as_deferred(daemon.runs.start(session, {"intent": "do it"})))["run_id"]
+        await as_deferred(daemon.runs.record_turns(session, {"run_id": run_id, "turns": [{"prompt": "p"}]}))
         params = {"run_id": run_id, "outcome": SUCCESS_OUTCOME}
         fail_next()
         with self.assertRaises(StoreUnavailable) as caught:
-            await daemon.runs.complete(session, params)
+            await as_deferred(daemon.runs.complete(session, params))
         self.assertStoreUnavailable(caught.exception, detail)
-        listed = await daemon.parts.reader.list_runs(session, {"agent_id": "agent-a"})
+        listed = await as_deferred(daemon.parts.reader.list_runs(session, {"agent_id": "agent-a"}))
         self.assertEqual([r["status"] for r in listed["runs"]], ["in_progress"])
         self.assertEqual(session.producing, {run_id})
-        self.assertEqual(await daemon.runs.complete(session, params), {"ok": True, "run_id": run_id})
-        trace = await daemon.parts.reader.get_trace(session, {"run_id": run_id})
+        self.assertEqual(await as_deferred(daemon.runs.complete(session, params)), {"ok": True, "run_id": run_id})
+        trace = await as_deferred(daemon.parts.reader.get_trace(session, {"run_id": run_id}))
         self.assertEqual([r["record"] for r in trace["records"]], ["started", "turn", "ended"])
-        listed = await daemon.parts.reader.list_runs(session, {"agent_id": "agent-a"})
+        listed = await as_deferred(daemon.parts.reader.list_runs(session, {"agent_id": "agent-a"}))
         self.assertEqual([r["status"] for r in listed["runs"]], ["completed"])
 
     async def test_failed_complete_file_store(self):
@@ -264,7 +265,7 @@ class RunServiceWriteFailureTests(unittest.TestCase):
         and is ended incomplete after another window once the disk writes."""
         daemon, disk = await self.file_daemon()
         session = self.session(daemon)
-        run_id = (await daemon.runs.start(session, {"intent": "do it"}))["run_id"]
+        run_id = (await as_deferred(daemon.runs.start(session, {"intent": "do it"})))["run_id"]
         daemon.runs.close_session(session)
         disk.failing = 1
         self.clock.advance(DEFAULT_GRACE)
@@ -288,17 +289,17 @@ class RunServiceWriteFailureTests(unittest.TestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         session = self.session(daemon)
-        run_id = (await daemon.runs.start(session, {"intent": "do it"}))["run_id"]
+        run_id = (await as_deferred(daemon.runs.start(session, {"intent": "do it"})))["run_id"]
         params = {"run_id": run_id, "turns": [{"prompt": "p"}]}
         disk.failing = 3
         for _ in range(3):
             with self.assertRaises(StoreUnavailable):
-                await daemon.runs.record_turns(session, params)
+                await as_deferred(daemon.runs.record_turns(session, params))
         self.assertEqual(len(errors), 1)
-        self.assertEqual((await daemon.runs.record_turns(session, params))["base_index"], 0)
+        self.assertEqual((await as_deferred(daemon.runs.record_turns(session, params)))["base_index"], 0)
         disk.failing = 1
         with self.assertRaises(StoreUnavailable):
-            await daemon.runs.record_turns(session, params)
+            await as_deferred(daemon.runs.record_turns(session, params))
         self.assertEqual(len(errors), 2)
 
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from car_twisted.outcomes import as_deferred
 from tests.support import InProcessDaemon
 
 KNOWN_CODES = {-32700, -32600, -32601, -32602, -32603, -32001, -32006, -32008}
@@ -87,7 +88,7 @@ class DispatcherFuzzTests(unittest.TestCase):
         session.capabilities = frozenset({"runs.cancel.v1", "runs.resume.v1", "runs.pagination.v1"})
         session.agent_id = data.draw(st.sampled_from([None, "agent-a"]))
         live = self.successResultOf(
-            self.runs.start(session, {"agent_id": "agent-a", "intent": "target"})
+            as_deferred(self.runs.start(session, {"agent_id": "agent-a", "intent": "target"}))
         )
         batch = data.draw(st.lists(requests(self.methods), min_size=1, max_size=5))
         for request in batch:

@@ -6,9 +6,11 @@ cases docs/protocol.md names.
 
 import json
 
+from twisted.internet.defer import fail
 from twisted.trial import unittest
 
-from car_twisted.jsonrpc import Dispatcher
+from car_twisted.interfaces import StoreWriteFailed
+from car_twisted.jsonrpc import Dispatcher, Reply
 from car_twisted.store.memory import MemoryRunStore
 from tests.support import HeldStore, InProcessDaemon, serve, wait_for
 
@@ -195,6 +197,119 @@ class DispatcherTests(unittest.TestCase):
         self.assertEqual(answer["error"]["code"], -32603)
         self.assertNotIn("secret", answer["error"]["message"])
         self.assertNotIn("Traceback", answer["error"]["message"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class RefusingStore(MemoryRunStore):
+    """A memory store whose next C{refusals} writes fail at once, as a full disk would."""
+
+    refusals = 0
+
+    def _refuse(self, write, *args):
+        if self.refusals:
+            self.refusals -= 1
+            return fail(StoreWriteFailed("No space left on device"))
+        return write(*args)
+
+    def start_run(self, started):
+        return self._refuse(super().start_run, started)
+
+    def end_run(self, run_id, ended):
+        return self._refuse(super().end_run, run_id, ended)
+
+
+class FastPathTests(unittest.TestCase):
+    """
+    A request whose store has already answered (the memory store) is
+    answered in the call that brought it: no coroutine, no Deferred.
+    """
+
+    def setUp(self):
+        self.daemon = InProcessDaemon()
+        self.session = self.daemon.session()
+
+    def frame(self, *requests):
+        body = [
+            {"jsonrpc": "2.0", "id": n, "method": method, "params": params}
+            for n, (method, params) in enumerate(requests, 1)
+        ]
+        return json.dumps(body if len(body) > 1 else body[0]).encode()
+
+    def test_known_answers_come_in_the_call(self):
+        """runs.start, record_turns, get_trace, list and complete on the
+        memory store answer with the Reply itself, and the methods return
+        plain values."""
+        reply = self.daemon.dispatcher.answer(self.session, self.frame(("runs.start", START)))
+        self.assertIsInstance(reply, Reply)
+        run_id = json.loads(reply.frame)["result"]["run_id"]
+        for method, params in [
+            ("runs.record_turns", {"run_id": run_id, "turns": [{"prompt": "p"}]}),
+            ("runs.get_trace", {"run_id": run_id}),
+            ("runs.list", {"agent_id": "agent-a"}),
+            ("runs.complete", {"run_id": run_id, "outcome": {"status": "done"}}),
+        ]:
+            reply = self.daemon.dispatcher.answer(self.session, self.frame((method, params)))
+            self.assertIsInstance(reply, Reply, method)
+            self.assertIn("result", json.loads(reply.frame), method)
+        self.assertEqual(
+            self.daemon.runs.start(self.session, {**START, "idempotency_key": "k"})["agent_id"], "agent-a"
+        )
+
+    def test_known_batch_comes_in_the_call(self):
+        """A batch whose every answer is known is answered in the call, in
+        array order."""
+        reply = self.daemon.dispatcher.answer(
+            self.session, self.frame(("runs.start", START), ("runs.list", {"agent_id": "agent-a"}))
+        )
+        answers = json.loads(reply.frame)
+        self.assertEqual([a["id"] for a in answers], [1, 2])
+        self.assertEqual(answers[1]["result"]["runs"][0]["run_id"], answers[0]["result"]["run_id"])
+
+    def test_pending_store_answers_later(self):
+        """With a store that has not answered, the call returns a Deferred
+        that fires with the answer once the write is done; the start's
+        effect (the live run) is there before."""
+        store = HeldStore(MemoryRunStore())
+        daemon = InProcessDaemon(store=store)
+        session = daemon.session()
+        d = daemon.dispatcher.answer(session, self.frame(("runs.start", START)))
+        self.assertNoResult(d)
+        self.assertIsNotNone(session.current_run_id)
+        store.release()
+        answer = json.loads(self.successResultOf(d).frame)
+        self.assertEqual(answer["result"]["run_id"], session.current_run_id)
+
+    def test_refused_writes_are_undone_in_the_call(self):
+        """A store that refuses a write at once (its Deferred has already
+        failed) gets store_unavailable answered in the call, with the
+        in-memory change undone: the same start and complete succeed when
+        retried."""
+        store = RefusingStore()
+        daemon = InProcessDaemon(store=store)
+        session = daemon.session()
+        start = self.frame(("runs.start", {**START, "idempotency_key": "k"}))
+        store.refusals = 1
+        refused = json.loads(daemon.dispatcher.answer(session, start).frame)
+        self.assertEqual(refused["error"]["data"]["reason"], "store_unavailable")
+        self.assertIsNone(session.current_run_id)
+        run_id = json.loads(daemon.dispatcher.answer(session, start).frame)["result"]["run_id"]
+        self.assertEqual(session.current_run_id, run_id)
+        complete = self.frame(("runs.complete", {"run_id": run_id, "outcome": {"status": "done"}}))
+        store.refusals = 1
+        refused = json.loads(daemon.dispatcher.answer(session, complete).frame)
+        self.assertEqual(refused["error"]["data"]["reason"], "store_unavailable")
+        self.assertEqual((session.current_run_id, session.producing), (run_id, {run_id}))
+        self.assertEqual(
+            json.loads(daemon.dispatcher.answer(session, complete).frame)["result"], {"ok": True, "run_id": run_id}
+        )
+        self.assertEqual(self.successResultOf(store.get_run(run_id)).status, "completed")
+
+    def test_known_failure_answers_internal_error_in_the_call(self):
+        """A method whose Deferred has already failed unexpectedly is
+        answered -32603 in the call, and the failure is logged."""
+        dispatcher = Dispatcher({"broken": lambda session, params: fail(ZeroDivisionError("secret"))})
+        reply = dispatcher.answer(self.session, b'{"jsonrpc": "2.0", "method": "broken", "id": 1}')
+        self.assertEqual(json.loads(reply.frame)["error"]["code"], -32603)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 

@@ -15,6 +15,7 @@ See docs/storage.md.
 
 import bisect
 import fcntl
+import itertools
 import os
 import time
 from collections import OrderedDict
@@ -59,14 +60,26 @@ class RunIndex:
     """Durable runs in start order, with positions by status."""
 
     def __init__(self):
+        #: The runs by position; a pruned run leaves None, so cursors stay valid.
         self.runs = []
         self._position = {}  # run_id -> position in self.runs
+        self._present = []  # positions of the runs not pruned
         self._positions = {status: [] for status in RUN_STATUSES}
 
     def add(self, run: RunState) -> None:
         position = self._position[run.run_id] = len(self.runs)
         self.runs.append(run)
+        self._present.append(position)
         self._positions[run.status].append(position)
+
+    def remove(self, run: RunState) -> None:
+        """Forget a pruned run."""
+        position = self._position.pop(run.run_id, None)
+        if position is None:
+            return
+        self.runs[position] = None
+        for positions in (self._present, self._positions[run.status]):
+            del positions[bisect.bisect_left(positions, position)]
 
     def moved(self, run: RunState, old_status: str) -> None:
         """Re-file a run whose status changed."""
@@ -80,14 +93,10 @@ class RunIndex:
     def page(self, cursor, limit: int, status: Optional[str]):
         """Newest first from below C{cursor}; cost grows with C{limit} only."""
         below = parse_position_cursor(cursor, len(self.runs))
-        if status is None:
-            chosen = range(below - 1, max(below - limit, 0) - 1, -1)
-            more = below - limit > 0
-        else:
-            positions = self._positions[status]
-            end = bisect.bisect_left(positions, below)
-            chosen = positions[max(end - limit, 0) : end][::-1]
-            more = end - limit > 0
+        positions = self._present if status is None else self._positions[status]
+        end = bisect.bisect_left(positions, below)
+        chosen = positions[max(end - limit, 0) : end][::-1]
+        more = end - limit > 0
         page = [self.runs[position].summary() for position in chosen]
         return page, (str(chosen[-1]) if more else None)
 
@@ -477,7 +486,14 @@ class FileRunStore:
         run = self._runs.get(run_id)
         if run is None:
             return fail(RunNotFound(run_id))
-        return Deferred.fromCoroutine(self._read_records(run, cursor, limit))
+        d = Deferred.fromCoroutine(self._read_records(run, cursor, limit))
+        d.addErrback(self._pruned_while_read, run)
+        return d
+
+    def _pruned_while_read(self, failure, run: RunState):
+        if failure.check(FileNotFoundError) and self._runs.get(run.run_id) is not run:
+            return fail(RunNotFound(run.run_id))
+        return failure
 
     async def _read_records(self, run: RunState, cursor: int, limit: int):
         """
@@ -567,6 +583,73 @@ class FileRunStore:
             [run.summary() for run in self._runs.values() if run.status == "in_progress"]
         )
 
+    # Retention
+
+    def prune_runs(self, ended_before, limit):
+        if self._closed is not None:
+            return fail(RuntimeError("the file store is closed"))
+        # The scan runs on a disk thread over a snapshot (a C-speed copy), so
+        # a store of millions of runs never holds the reactor for long.
+        d = self._in_thread(_prunable, list(self._runs.values()), ended_before, limit)
+        d.addCallback(self._prune, ended_before)
+        return d
+
+    def _prune(self, candidates, ended_before):
+        """Forget the runs (still prunable) at once, then delete their files."""
+        runs = [
+            run
+            for run in candidates
+            if self._runs.get(run.run_id) is run and _is_prunable(run, ended_before)
+        ]
+        for run in runs:
+            del self._runs[run.run_id]
+            self.corrupt_runs.discard(run.run_id)
+            self._offsets.pop(run.run_id, None)
+            self._agents[run.agent_id].remove(run)
+            self._everyone.remove(run)
+        d = self._in_thread(self._delete_runs, runs)
+        d.addCallback(self._deleted, runs)
+        return d
+
+    def _delete_runs(self, runs) -> list:
+        """
+        On a disk thread: unlink each run file (the run is gone once its
+        file is), make that durable, then note the drops in the indexes.
+        A crash before the index entries leaves an index out of step with
+        the files, which the next start rebuilds from the files.
+
+        @return: notes on what failed.
+        """
+        notes = []
+        directories = {}
+        for run in runs:
+            try:
+                os.unlink(run.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                notes.append(f"{run.path}: not deleted ({e}); the run is back at the next start")
+                continue
+            directories.setdefault(os.path.dirname(run.path), []).append(run.drop_entry())
+        for directory, entries in directories.items():
+            try:
+                if self._sync:
+                    disk.sync_directory(directory)
+                index.append_to_index(directory, b"".join(entries))
+            except OSError as e:
+                notes.append(f"{directory}: index not updated ({e}); rebuilt at next start")
+        return notes
+
+    def _deleted(self, notes, runs) -> list:
+        for note in notes:
+            log.warn("file store: {note}", note=note)
+        return [run.run_id for run in runs]
+
+    def count_prunable(self, ended_before):
+        d = self._in_thread(_prunable, list(self._runs.values()), ended_before, None)
+        d.addCallback(len)
+        return d
+
     def close(self):
         """Finish the queued writes, then stop the disk threads."""
         if self._closed is None:
@@ -590,3 +673,20 @@ def _write_error(error: BaseException) -> BaseException:
     if isinstance(error, OSError) and not isinstance(error, FileExistsError):
         return StoreWriteFailed(error.strerror or str(error))
     return error
+
+
+def _is_prunable(run: RunState, ended_before: str) -> bool:
+    """
+    Ended before the cut, and its terminal record durable. (The disk thread's
+    scan may see a run mid-change; the reactor thread checks again.)
+    """
+    return (
+        run.status != "in_progress"
+        and isinstance(run.ended_at, str)
+        and run.ended_at < ended_before
+        and (run.last_write is None or run.last_write.settled)
+    )
+
+
+def _prunable(runs, ended_before: str, limit) -> list:
+    return list(itertools.islice((r for r in runs if _is_prunable(r, ended_before)), limit))

@@ -59,6 +59,8 @@ def read_index(agent_dir: str) -> "tuple[str, list[RunState]]":
                 if run.run_id in runs or not isinstance(run.intent, str):
                     raise ValueError("duplicate run")
                 runs[run.run_id] = run
+            elif "drop" in entry:
+                del runs[entry["drop"]]
             else:
                 run = runs[entry["end"]]
                 run.ended_at = entry["ended_at"]

@@ -1,5 +1,7 @@
 """A run store that keeps everything in memory: for tests and ephemeral use."""
 
+import itertools
+
 from twisted.internet.defer import fail, succeed
 from zope.interface import implementer
 
@@ -21,8 +23,10 @@ class MemoryRunStore:
     def __init__(self):
         self._records = {}  # run_id -> [record]
         self._turns = {}  # run_id -> number of turn records
-        self._by_agent = {}  # agent_id -> [run_id] in start order
-        self._started = []  # every run_id in start order
+        # agent_id -> [run_id] in start order, and every run_id in start
+        # order; a pruned run leaves None, so cursors stay valid.
+        self._by_agent = {}
+        self._started = []
 
     def open(self):
         return succeed(None)
@@ -86,6 +90,8 @@ class MemoryRunStore:
         page = []
         while position > 0 and len(page) < limit:
             position -= 1
+            if run_ids[position] is None:
+                continue
             summary = summarize(self._records[run_ids[position]])
             if status is None or summary.status == status:
                 page.append(summary)
@@ -99,6 +105,23 @@ class MemoryRunStore:
                 if records[-1]["record"] != "ended"
             ]
         )
+
+    def _prunable(self, ended_before):
+        for run_id, records in self._records.items():
+            if records[-1]["record"] == "ended" and records[-1]["ended_at"] < ended_before:
+                yield run_id
+
+    def prune_runs(self, ended_before, limit):
+        pruned = list(itertools.islice(self._prunable(ended_before), limit))
+        for run_id in pruned:
+            records = self._records.pop(run_id)
+            del self._turns[run_id]
+            for run_ids in (self._by_agent[records[0]["agent_id"]], self._started):
+                run_ids[run_ids.index(run_id)] = None
+        return succeed(pruned)
+
+    def count_prunable(self, ended_before):
+        return succeed(sum(1 for _ in self._prunable(ended_before)))
 
     def close(self):
         return succeed(None)

@@ -4,7 +4,7 @@ where an agent's directory, its run files, its index and the store's lock
 lie.
 
     <data-dir>/runs/<agent-dir>/<run-file>.jsonl   one JSON record per line
-    <data-dir>/runs/<agent-dir>/.index             the agent's runs, in start order
+    <data-dir>/runs/<agent-dir>/.index             the agent's runs, in start order (and drops)
     <data-dir>/runs/.lock                          held by the daemon using the store
 """
 

@@ -58,6 +58,10 @@ class RunState:
             {"start": self.run_id, "intent": self.intent, "started_at": self.started_at}
         )
 
+    def drop_entry(self) -> bytes:
+        """The index entry of a pruned run."""
+        return encode_line({"drop": self.run_id})
+
     def end_entry(self) -> bytes:
         return encode_line(
             {

@@ -96,11 +96,18 @@ LIST_ALL_RUNS_WITH_STATUS = f"""
     WHERE status = ? AND seq < ? ORDER BY seq DESC LIMIT ?
 """
 OPEN_RUNS = f"SELECT {_SUMMARY_COLUMNS} FROM runs WHERE status = 'in_progress'"
+PRUNABLE = """
+    SELECT seq, run_id FROM runs
+    WHERE status != 'in_progress' AND ended_at < ? ORDER BY seq LIMIT ?
+"""
+COUNT_PRUNABLE = "SELECT count(*) FROM runs WHERE status != 'in_progress' AND ended_at < ?"
 READ_RECORDS = """
     SELECT body FROM records WHERE run = ? AND position >= ? ORDER BY position LIMIT ?
 """
 
 _MAX_SEQ = 2**63 - 1
+#: The key prunes are ordered under (no run id can be it: ids are at most 256 characters).
+_PRUNE_KEY = "\0prune" * 64
 _READERS = 2
 #: Writes committed by one transaction at most: a burst (the recovery's
 #: ends) is committed in pieces, so the WAL is checkpointed between them.
@@ -134,6 +141,10 @@ def _summary(row) -> RunSummary:
         outcome_status=outcome_status,
         turn_count=turns,
     )
+
+
+def _query(db, query, arguments) -> list:
+    return db.execute(query, arguments).fetchall()
 
 
 def _encode(record: dict) -> str:
@@ -298,6 +309,23 @@ def _append_turns(db, writes: list) -> list:
 def _end_runs(db, writes: list) -> list:
     """End the runs of C{writes}; their outcomes."""
     return _extend_runs(db, writes, _end)
+
+
+def _prune_runs(db, writes: list) -> list:
+    """
+    Delete the runs of C{writes} (each payload a list of run seqs) and
+    their records; each outcome the seqs still there to delete (ended runs
+    never change, but a concurrent prune may have taken some).
+    """
+    outcomes = []
+    for write in writes:
+        seqs = write.payload
+        marks = ", ".join("?" * len(seqs))
+        deleted = {seq for (seq,) in db.execute(f"SELECT seq FROM runs WHERE seq IN ({marks})", seqs)}
+        db.execute(f"DELETE FROM records WHERE run IN ({marks})", seqs)
+        db.execute(f"DELETE FROM runs WHERE seq IN ({marks})", seqs)
+        outcomes.append(deleted)
+    return outcomes
 
 
 def _parse_cursor(cursor) -> int:
@@ -729,6 +757,31 @@ class SQLiteRunStore:
     @staticmethod
     def _open_runs(db):
         return [_summary(row) for row in db.execute(OPEN_RUNS)]
+
+    # Retention
+
+    def prune_runs(self, ended_before, limit):
+        """
+        Find the runs on a reader (a scan that never holds the write lock),
+        then delete them and their records in one short write transaction:
+        a run is whole or gone, whatever happens.
+        """
+
+        async def prune():
+            found = await self._read(
+                self._newest_write, _query, PRUNABLE, (_blob(ended_before), limit)
+            )
+            if not found:
+                return []
+            deleted = await self._submit(_PRUNE_KEY, _prune_runs, [seq for seq, _ in found])
+            return [_text(run_id) for seq, run_id in found if seq in deleted]
+
+        return Deferred.fromCoroutine(prune())
+
+    def count_prunable(self, ended_before):
+        d = self._read(self._newest_write, _query, COUNT_PRUNABLE, (_blob(ended_before),))
+        d.addCallback(lambda rows: rows[0][0])
+        return d
 
     # Closing
 

@@ -1,0 +1,1 @@
+"""Runs out to other systems: OpenTelemetry spans, OTLP export, JSONL."""
