@@ -146,7 +146,7 @@ class RunService:
         self._fanout.forget(session)
         for run_id in session.producing:
             self._orphan(self._live[run_id], self._window(session))
-        session.producing = set()
+        session.producing.clear()
 
     def _window(self, session: Session) -> float:
         """How long a run outlives its producer's connection."""
