@@ -196,7 +196,6 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self._idle = []
         self.session = self.factory.runs.open_session(self.peer, self._notify)
         self.factory.connections.add(self)
-        log.debug("session {client_id} opened from {peer}", client_id=self.session.client_id, peer=self.peer)
         if self.factory.auth_required:
             self._auth_deadline = self.factory.clock.callLater(
                 self.factory.limits.auth_timeout, self._auth_timed_out
@@ -377,7 +376,6 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self._waiting = None
             self.factory.connections.discard(self)
             self.factory.runs.close_session(self.session)
-            log.debug("session {client_id} closed", client_id=self.session.client_id)
 
 
 class RunTracingFactory(WebSocketServerFactory):
