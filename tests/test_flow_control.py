@@ -201,10 +201,10 @@ class UnsentBytesTests(unittest.TestCase):
 
 
 class IdleSessionTests(unittest.TestCase):
-    async def test_an_idle_session_has_no_outbox_until_it_is_sent_something(self):
+    async def test_an_idle_session_has_no_outbox_until_its_first_request(self):
         """An idle session registers no producer with its transport (no
         outbox, no queues: docs/performance.md, RSS per idle session); the
-        first answer makes its outbox the transport's producer, which then
+        first request makes its outbox the transport's producer, which then
         paces it as before."""
         daemon = await serve(self)
         idle = await daemon.connect()
