@@ -37,6 +37,9 @@ MAX_PENDING_EVENT_BYTES = 1024 * 1024
 #: do not say (Twisted's socket transports say: C{bufferSize}).
 TRANSPORT_HIGH_WATER = 64 * 1024
 
+#: An empty queue, until a frame has to wait (a deque costs 0.7 KiB).
+_NOTHING_WAITING = ()
+
 
 @implementer(IPushProducer)
 class Outbox:
@@ -68,8 +71,9 @@ class Outbox:
         self._high_water = high_water
         self._event_cap = event_cap
         self._drained = drained
-        self._answers = deque()  # (sequence, frame), oldest first
-        self._events = deque()
+        # (sequence, frame), oldest first; made when a frame first waits, as
+        # most sessions never have one waiting.
+        self._answers = self._events = _NOTHING_WAITING
         self._sequence = 0
         self._answer_bytes = 0
         self._event_bytes = 0
@@ -101,6 +105,8 @@ class Outbox:
         if not self._paused:
             self._hand(frame)
             return
+        if self._answers is _NOTHING_WAITING:
+            self._answers = deque()
         self._answers.append((self._next_sequence(), frame))
         self._answer_bytes += len(frame)
 
@@ -108,6 +114,8 @@ class Outbox:
         if not self._paused:
             self._hand(frame)
             return
+        if self._events is _NOTHING_WAITING:
+            self._events = deque()
         self._events.append((self._next_sequence(), frame))
         self._event_bytes += len(frame)
         while self._events and self._event_bytes + self.in_transport > self._event_cap:
@@ -155,8 +163,7 @@ class Outbox:
         self._drained()
 
     def stopProducing(self):
-        self._answers.clear()
-        self._events.clear()
+        self._answers = self._events = _NOTHING_WAITING
         self._answer_bytes = self._event_bytes = 0
 
 
@@ -175,29 +182,21 @@ class RunTracingProtocol(WebSocketServerProtocol):
     """
 
     session = None
-    outbox = None
     #: Set once the daemon decided to close: later frames are not handled.
     closing = False
     #: Frames being handled (dispatched, not yet answered).
     in_flight = 0
     _auth_deadline = None
+    _outbox = None
+    #: Frames read and not yet handed on, oldest first (a deque once one waits).
+    _waiting = None
 
     def onOpen(self):
-        self._waiting = deque()
         self._reading_paused = False
         self._handing_on = False
         self._idle = []
-        high_water = getattr(self.transport, "bufferSize", TRANSPORT_HIGH_WATER)
-        self.outbox = Outbox(
-            self._write,
-            high_water,
-            drained=self._hand_on,
-            on_drop=self.factory.metrics.events_dropped.inc,
-        )
-        self.registerProducer(self.outbox, True)
         self.session = self.factory.runs.open_session(self.peer, self._notify)
         self.factory.connections.add(self)
-        log.debug("session {client_id} opened from {peer}", client_id=self.session.client_id, peer=self.peer)
         if self.factory.auth_required:
             self._auth_deadline = self.factory.clock.callLater(
                 self.factory.limits.auth_timeout, self._auth_timed_out
@@ -205,6 +204,22 @@ class RunTracingProtocol(WebSocketServerProtocol):
         if self.factory.stopping:
             self.stop_handling()
             self.going_away()
+
+    @property
+    def outbox(self) -> Outbox:
+        """
+        What the daemon sends this client, made and registered as the
+        transport's producer on first use: an idle session costs neither.
+        """
+        if self._outbox is None:
+            self._outbox = Outbox(
+                self._write,
+                getattr(self.transport, "bufferSize", TRANSPORT_HIGH_WATER),
+                drained=self._hand_on,
+                on_drop=self.factory.metrics.events_dropped.inc,
+            )
+            self.registerProducer(self._outbox, True)
+        return self._outbox
 
     def _write(self, frame):
         # Answers can be ready after the client has gone; they are dropped.
@@ -229,6 +244,8 @@ class RunTracingProtocol(WebSocketServerProtocol):
             self.outbox.answer(_BINARY_REFUSED)
             return
         if self._waiting or not self._may_dispatch():
+            if self._waiting is None:
+                self._waiting = deque()
             self._waiting.append(payload)
             if not self._reading_paused:
                 self._reading_paused = True
@@ -290,7 +307,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
     def stop_handling(self):
         """Handle no more frames: those waiting are dropped unanswered."""
         self.closing = True
-        self._waiting.clear()
+        self._waiting = None
         # Read on, to see the close handshake through.
         self._resume_reading()
 
@@ -367,10 +384,9 @@ class RunTracingProtocol(WebSocketServerProtocol):
         # which have no session.
         self._cancel_auth_deadline()
         if self.session is not None:
-            self._waiting.clear()
+            self._waiting = None
             self.factory.connections.discard(self)
             self.factory.runs.close_session(self.session)
-            log.debug("session {client_id} closed", client_id=self.session.client_id)
 
 
 class RunTracingFactory(WebSocketServerFactory):

@@ -4,6 +4,7 @@ builds every part of the daemon from them and wires the parts together.
 """
 
 import os
+import resource
 import socket
 import sys
 from dataclasses import dataclass
@@ -335,14 +336,47 @@ def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
     return daemon
 
 
+#: Open files the daemon needs besides one per WebSocket connection: its
+#: listeners, log, store files and the HTTP side's connections.
+FD_HEADROOM = 256
+
+
+def raise_open_file_limit(max_connections: int, limits=resource) -> int:
+    """
+    Raise this process's soft open-file limit to what C{max_connections}
+    needs (one descriptor per connection, plus L{FD_HEADROOM}), at most to
+    the hard limit: supervisors commonly start services with a soft limit of
+    1,024 (docs/deploy.md). Warns when even that is too low for the cap,
+    not the kernel, to be what refuses connections. C{limits} is the
+    C{resource} module or a stand-in. Returns the soft limit now in force.
+    """
+    wanted = max_connections + FD_HEADROOM
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    unlimited = limits.RLIM_INFINITY
+    if soft != unlimited and soft < wanted:
+        soft = wanted if hard == unlimited else min(wanted, hard)
+        limits.setrlimit(limits.RLIMIT_NOFILE, (soft, hard))
+    if soft != unlimited and soft < wanted:
+        log.warn(
+            "car-twisted: the open-file limit is {limit}, below --max-connections {connections}"
+            " + {headroom}: connections past it fail in the kernel, not with HTTP 503",
+            limit=soft,
+            connections=max_connections,
+            headroom=FD_HEADROOM,
+        )
+    return soft
+
+
 def makeService(options):
     """
     The daemon twistd runs. A daemon that cannot start says why in one line
     on stderr and exits 1, whether it fails here (the secrets) or once
-    started (the store, recovery, a listener).
+    started (the store, recovery, a listener). Its open-file limit is
+    raised first (L{raise_open_file_limit}).
     """
     from twisted.internet import reactor
 
+    raise_open_file_limit(options["limits"].max_connections)
     try:
         daemon = build_daemon(options, reactor, os.environ)
     except EXPLAINED_START_FAILURES as e:

@@ -200,6 +200,21 @@ class UnsentBytesTests(unittest.TestCase):
         self.assertLess(len(events), turns + 1)
 
 
+class IdleSessionTests(unittest.TestCase):
+    async def test_an_idle_session_has_no_outbox_until_its_first_request(self):
+        """An idle session registers no producer with its transport (no
+        outbox, no queues: docs/performance.md, RSS per idle session); the
+        first request makes its outbox the transport's producer, which then
+        paces it as before."""
+        daemon = await serve(self)
+        idle = await daemon.connect()
+        used = await daemon.connect()
+        await used.call("runs.list", {"agent_id": "a"})
+        self.assertIsNone(connection_of(daemon, idle).transport.producer)
+        connection = connection_of(daemon, used)
+        self.assertIs(connection.transport.producer, connection.outbox)
+
+
 class StopServingTests(unittest.TestCase):
     async def test_requests_in_flight_are_answered_before_the_close(self):
         """Stopping the factory handles no new frame, waits for the

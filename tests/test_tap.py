@@ -16,7 +16,15 @@ from car_twisted.auth import SECRET_FILE, ensure_token
 from car_twisted.limits import WireLimits
 from car_twisted.store.postgresql import SCHEMA_VERSION, PostgresRunStore
 from car_twisted.store.sqlite import DATABASE_NAME
-from car_twisted.tap import DEFAULT_HTTP, DEFAULT_LISTEN, Options, build_daemon, makeService
+from car_twisted.tap import (
+    DEFAULT_HTTP,
+    DEFAULT_LISTEN,
+    FD_HEADROOM,
+    Options,
+    build_daemon,
+    makeService,
+    raise_open_file_limit,
+)
 from tests.daemon_process import SOURCE_ROOT, DaemonProcess, daemon_environment
 from tests.postgres_server import fresh_database
 from tests.support import RPCClient, private_dir
@@ -104,6 +112,56 @@ class OptionsTests(unittest.TestCase):
                 self.assertEqual(len(exit.code.splitlines()), 1, exit.code)
                 self.assertTrue(exit.code.startswith("car-twisted: "), exit.code)
                 self.assertIn(needle, exit.code)
+
+
+class OpenFileLimits:
+    """A stand-in for the C{resource} module: one process's open-file limits."""
+
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft, hard):
+        self.limits = (soft, hard)
+
+    def getrlimit(self, which):
+        assert which == self.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which, limits):
+        assert which == self.RLIMIT_NOFILE
+        self.limits = limits
+
+
+class OpenFileLimitTests(unittest.TestCase):
+    def test_soft_limit_raised_to_what_max_connections_needs(self):
+        """A soft limit below --max-connections plus the headroom is raised
+        to exactly that, the hard limit unchanged, and nothing is logged."""
+        limits = OpenFileLimits(1024, 524288)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual(raise_open_file_limit(10_000, limits), 10_000 + FD_HEADROOM)
+        self.assertEqual(limits.limits, (10_000 + FD_HEADROOM, 524288))
+        self.assertEqual(events, [])
+
+    def test_never_lowered_and_unlimited_left_alone(self):
+        """A soft limit already high enough, or unlimited, is not changed."""
+        for soft, hard in ((65536, 65536), (-1, -1)):
+            limits = OpenFileLimits(soft, hard)
+            self.assertEqual(raise_open_file_limit(10_000, limits), soft)
+            self.assertEqual(limits.limits, (soft, hard))
+
+    def test_hard_limit_too_low_is_reached_and_warned_about(self):
+        """Below what is needed, the soft limit goes up to the hard one and
+        a warning says connections past it fail in the kernel."""
+        limits = OpenFileLimits(1024, 4096)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual(raise_open_file_limit(10_000, limits), 4096)
+        self.assertEqual(limits.limits, (4096, 4096))
+        (text,) = [formatEvent(e) for e in events]
+        self.assertIn("the open-file limit is 4096, below --max-connections 10000", text)
 
 
 class ServiceTests(unittest.TestCase):

@@ -526,7 +526,9 @@ class PostgresRunStore:
             run_id = _text(run_id)
             self._end_run(txn, run_id, ended_record("incomplete", reason=reason), "")
             ended.append(run_id)
-            log.info("run {run_id} ended incomplete: {reason}", run_id=run_id, reason=reason)
+        if ended:
+            # One line, not one per run: a lost daemon may leave thousands.
+            log.info("{count} runs ended incomplete: {reason}", count=len(ended), reason=reason)
         return ended
 
     def leave(self) -> Deferred:
