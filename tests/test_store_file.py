@@ -14,7 +14,6 @@ from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
 from car_twisted.records import ended_record
-from car_twisted import disk
 from car_twisted.store import journal, naming, runfiles
 from car_twisted.store.file import FileRunStore
 from tests.store_conformance import HOSTILE_IDS, RunStoreConformance, started, turn

@@ -194,6 +194,8 @@ def replay(runs_dir: str, sync: bool, notes: list) -> int:
         for relative, position, lines in frames:
             replay.apply(os.path.join(runs_dir, relative), position, lines)
     replay.finish()
+    if numbers:
+        notes.append(f"replayed {len(numbers)} journal file(s) a crash left: {replay}")
     for number in numbers:
         os.unlink(os.path.join(runs_dir, f"{PREFIX}{number}"))
     return numbers[-1] + 1 if numbers else 1
@@ -271,7 +273,9 @@ class _Replay:
                 _sync_file(path)
             for directory in self._directories:
                 _sync_file(directory)
-        if self._written:
-            self._notes.append(
-                f"journal: replayed {self._records} record(s) into {len(self._written)} run file(s)"
-            )
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self._held)} run file(s) checked,"
+            f" {self._records} record(s) written into {len(self._written)} of them"
+        )
