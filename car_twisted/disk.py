@@ -53,6 +53,14 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def write_at(fd: int, data: bytes, offset: int) -> None:
+    """Write all of C{data} at C{offset} (the file is not opened to append)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 class NotRegularFile(OSError):
     """A run file or index that is a directory, a FIFO, a device...: never read."""
 

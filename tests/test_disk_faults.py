@@ -196,17 +196,17 @@ class FileStoreWriteFailureTests(unittest.TestCase):
         path = store._runs[run_id].path
         journal_path = store._journal.current.path
         before, journal_before = file_bytes(path), file_bytes(journal_path)
-        real_write_all = disk.write_all
+        real_write_at = disk.write_at
         failing = []
 
-        def write_all(fd, data):
-            if failing and ".journal-" in os.readlink(f"/proc/self/fd/{fd}"):
+        def write_at(fd, data, offset):
+            if failing:
                 failing.pop()
-                os.write(fd, data[: len(data) // 2])
+                os.pwrite(fd, data[: len(data) // 2], offset)
                 raise OSError(errno.ENOSPC, NO_SPACE)
-            return real_write_all(fd, data)
+            return real_write_at(fd, data, offset)
 
-        self.patch(disk, "write_all", write_all)
+        self.patch(disk, "write_at", write_at)
         failing.append(True)
         with self.assertRaises(StoreWriteFailed) as caught:
             await store.append_turns(run_id, [turn("lost")], 10)

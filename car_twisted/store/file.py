@@ -193,6 +193,11 @@ class FileRunStore:
         d.addErrback(failed)
         return d
 
+    def _journal_bytes(self) -> int:
+        """What a journal file is preallocated to: room to pass the
+        checkpoint size while the previous checkpoint still runs."""
+        return max(2 * self._checkpoint_bytes, 64 * 1024)
+
     def _in_thread(self, f, *args):
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
@@ -228,7 +233,7 @@ class FileRunStore:
             if agent is not None:
                 loaded.append((entry.path, *agent))
         if self._sync:
-            self._journal = journal.Journal(self.runs_dir, number)
+            self._journal = journal.Journal(self.runs_dir, number, self._journal_bytes())
         return loaded, findings
 
     def _loaded(self, result):

@@ -13,9 +13,15 @@ run file held before these lines, C{path} the run file's path under
 C{runs/}. A frame cut short or failing its checksum ends the journal: a
 torn tail, never acknowledged.
 
+A journal file is created filled with zeros (which end it as a torn tail
+would) and written in place: an fdatasync then flushes data only, with no
+file-system metadata to commit, so it does not also commit the run files
+the batch created.
+
 Plain blocking file work: the store runs it in its own threads.
 """
 
+import errno
 import os
 import re
 import stat
@@ -79,9 +85,10 @@ class Journal:
     L{rotate}; L{checkpoint} of a sealed generation may run beside them.
     """
 
-    def __init__(self, runs_dir: str, number: int):
+    def __init__(self, runs_dir: str, number: int, preallocate: int):
         self.runs_dir = runs_dir
         self._number = number
+        self._preallocate = preallocate
         self.current = self._create()
 
     @property
@@ -89,29 +96,43 @@ class Journal:
         return self.current.size
 
     def _create(self) -> Generation:
-        """A new, empty journal file, its name durable in C{runs/}."""
+        """
+        A new journal file of zeros, durable with its name in C{runs/}. On
+        a disk without room for the zeros it starts empty and grows.
+        """
         path = os.path.join(self.runs_dir, f"{PREFIX}{self._number}")
         fd = disk.create_file(path)
         try:
+            try:
+                zeros = bytes(min(self._preallocate, 1024 * 1024))
+                for offset in range(0, self._preallocate, len(zeros)):
+                    disk.write_all(fd, zeros[: self._preallocate - offset])
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                os.ftruncate(fd, 0)
+            os.fsync(fd)
             disk.sync_directory(self.runs_dir)
+            in_place = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except BaseException:
-            os.close(fd)
             os.unlink(path)
             raise
-        return Generation(path, fd)
+        finally:
+            os.close(fd)
+        return Generation(path, in_place)
 
     def append(self, frames: bytes, files, directories) -> None:
         """
-        Append frames and make them durable. On failure the journal is cut
-        back to where it was (and that made durable) before the error is
-        raised, so a failed write leaves nothing to replay.
+        Append frames and make them durable. On failure their place is
+        zeroed again (and that made durable) before the error is raised, so
+        a failed write leaves nothing to replay.
         """
         generation = self.current
         try:
-            disk.write_all(generation.fd, frames)
+            disk.write_at(generation.fd, frames, generation.size)
             os.fdatasync(generation.fd)
         except OSError:
-            os.ftruncate(generation.fd, generation.size)
+            disk.write_at(generation.fd, bytes(len(frames)), generation.size)
             os.fdatasync(generation.fd)
             raise
         generation.size += len(frames)
@@ -189,7 +210,7 @@ def replay(runs_dir: str, sync: bool, notes: list) -> int:
             notes.append(f"{path}: unreadable journal ({e}); not replayed")
             continue
         frames, length = read_frames(data)
-        if length < len(data):
+        if data[length:].strip(b"\0"):
             notes.append(f"{path}: cut off a torn tail ({len(data) - length} bytes)")
         for relative, position, lines in frames:
             replay.apply(os.path.join(runs_dir, relative), position, lines)
