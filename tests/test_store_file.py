@@ -236,6 +236,22 @@ class FileRunStoreTests(unittest.TestCase):
             expected = 0o700 if os.path.isdir(path) else 0o600
             self.assertEqual(mode, expected, path)
 
+    async def test_owner_bits_a_umask_takes_are_restored(self):
+        """Under a umask that takes the owner's own bits away, run files,
+        indexes and the journal are still 0600 and directories 0700, and
+        the store writes and reads them."""
+        self.addCleanup(os.umask, os.umask(0o277))
+        store = await self.open()
+        _, open_id, _ = await self.fill(store)
+        await store.append_turns(open_id, [turn("more")], 10)
+        for root, dirs, files in os.walk(self.data_dir):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                expected = 0o700 if os.path.isdir(path) else 0o600
+                self.assertEqual(stat.S_IMODE(os.lstat(path).st_mode), expected, path)
+        store = await self.reopen(store)
+        self.assertEqual((await store.get_run(open_id)).turn_count, 2)
+
     async def test_hostile_ids_stay_inside_runs(self):
         """No agent or run id creates anything outside runs/ or deeper than
         runs/<agent-dir>/<run-file>, and every name is of the safe alphabet."""

@@ -211,6 +211,7 @@ class FileRunStore:
             disk.FILE_MODE,
         )
         try:
+            os.fchmod(self._lock_fd, disk.FILE_MODE)  # owner bits a umask took
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
