@@ -30,7 +30,7 @@ from car_twisted.reads import RunReader
 from car_twisted.retention import Retention
 from car_twisted.runs import DEFAULT_GRACE, RunService
 from car_twisted.service import CannotStart, DaemonService
-from car_twisted.store.file import DURABILITIES, FileRunStore
+from car_twisted.store.file import CHECKPOINT_BYTES, DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.sqlite import RunDatabaseError, SQLiteRunStore
 from car_twisted.web.health import DaemonHealth
@@ -46,7 +46,9 @@ DEFAULT_HTTP = "tcp:9101:interface=127.0.0.1"
 
 #: --store name -> f(reactor, options) returning the (not yet open) store.
 STORES = {
-    "file": lambda reactor, options: FileRunStore(reactor, options["data-dir"], options["durability"]),
+    "file": lambda reactor, options: FileRunStore(
+        reactor, options["data-dir"], options["durability"], options["journal-bytes"]
+    ),
     "memory": lambda reactor, options: MemoryRunStore(),
     "sqlite": lambda reactor, options: SQLiteRunStore(options["data-dir"], reactor),
 }
@@ -92,6 +94,7 @@ class Options(usage.Options):
         ["data-dir", None, None, "Where runs and tokens are kept [default: $CAR_HOME or ~/.car]."],
         ["store", None, DEFAULT_STORE, "Run store: " + ", ".join(sorted(STORES)) + "."],
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
+        ["journal-bytes", None, CHECKPOINT_BYTES, "How large the file store's journal grows before a checkpoint syncs the run files and drops it.", int],
         ["http", None, DEFAULT_HTTP, "Endpoint of the dashboard, /healthz and /metrics (none: no HTTP side)."],
         ["otlp-endpoint", None, None, "Export every run as it ends to this OpenTelemetry collector (base URL; spans go to URL/v1/traces) [default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off]. See docs/export.md."],
         ["retain-days", None, None, "Prune ended runs older than this many days, in the background [default: keep forever].", int],
@@ -127,6 +130,8 @@ class Options(usage.Options):
                 )
         if self["retain-days"] is not None and self["retain-days"] < 1:
             raise usage.UsageError("--retain-days must be at least 1")
+        if self["journal-bytes"] < 1:
+            raise usage.UsageError("--journal-bytes must be 1 or more")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must be zero or more seconds")
         self["limits"] = self._limits()
