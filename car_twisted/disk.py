@@ -16,12 +16,15 @@ def create_file(path: str, exclusive: bool = True) -> int:
     """
     Create a file for writing with mode 0600 from the start. The fchmod only
     restores owner bits an unusual umask took away: the file is never wider.
+    It is skipped when the mode is right (the usual case): it would change
+    the inode, which a file system journals.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
     flags |= os.O_EXCL if exclusive else os.O_TRUNC
     fd = os.open(path, flags, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)
+        if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
     except BaseException:
         os.close(fd)
         raise
@@ -51,6 +54,14 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_at(fd: int, data: bytes, offset: int) -> None:
+    """Write all of C{data} at C{offset} (the file is not opened to append)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 class NotRegularFile(OSError):

@@ -33,7 +33,7 @@ from car_twisted.retention import Retention
 from car_twisted.runs import DEFAULT_GRACE, RunService
 from car_twisted.service import CannotStart, DaemonService, SharedStoreService
 from car_twisted.shared import SharedRuns
-from car_twisted.store.file import DURABILITIES, FileRunStore
+from car_twisted.store.file import CHECKPOINT_BYTES, DURABILITIES, FileRunStore
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.postgresql import DEFAULT_LEASE, DSN_ENV, PostgresRunStore, redacted
 from car_twisted.store.postgresql import RunDatabaseError as SharedDatabaseError
@@ -51,7 +51,9 @@ DEFAULT_HTTP = "tcp:9101:interface=127.0.0.1"
 
 #: --store name -> f(reactor, options) returning the (not yet open) store.
 STORES = {
-    "file": lambda reactor, options: FileRunStore(reactor, options["data-dir"], options["durability"]),
+    "file": lambda reactor, options: FileRunStore(
+        reactor, options["data-dir"], options["durability"], options["journal-bytes"]
+    ),
     "memory": lambda reactor, options: MemoryRunStore(),
     "sqlite": lambda reactor, options: SQLiteRunStore(options["data-dir"], reactor),
     "postgresql": lambda reactor, options: PostgresRunStore(
@@ -105,6 +107,7 @@ class Options(usage.Options):
         ["durability", None, "fsync", "When the file store acknowledges a write: fsync (on stable storage) or none (handed to the OS: survives a daemon crash, not a power cut)."],
         ["dsn", None, None, f"The PostgreSQL database of --store postgresql (a libpq DSN or URL) [default: ${DSN_ENV}]."],
         ["lease", None, DEFAULT_LEASE, "With --store postgresql: seconds a daemon that stopped heartbeating stays alive in its peers' eyes; then a peer ends its open runs incomplete.", float],
+        ["journal-bytes", None, CHECKPOINT_BYTES, "How large the file store's journal grows before a checkpoint syncs the run files and drops it.", int],
         ["http", None, DEFAULT_HTTP, "Endpoint of the dashboard, /healthz and /metrics (none: no HTTP side)."],
         ["otlp-endpoint", None, None, "Export every run as it ends to this OpenTelemetry collector (base URL; spans go to URL/v1/traces) [default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off]. See docs/export.md."],
         ["retain-days", None, None, "Prune ended runs older than this many days, in the background [default: keep forever].", int],
@@ -140,6 +143,8 @@ class Options(usage.Options):
                 )
         if self["retain-days"] is not None and self["retain-days"] < 1:
             raise usage.UsageError("--retain-days must be at least 1")
+        if self["journal-bytes"] < 1:
+            raise usage.UsageError("--journal-bytes must be 1 or more")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must be zero or more seconds")
         if self["lease"] <= 0:

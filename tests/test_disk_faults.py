@@ -185,6 +185,50 @@ class FileStoreWriteFailureTests(unittest.TestCase):
         self.assertEqual(store.corrupt_runs, set())
 
 
+    async def test_failed_journal_append_changes_nothing(self):
+        """A journal append cut short by ENOSPC fails its writes with
+        StoreWriteFailed and cuts the journal and the run files back (a
+        start's new file is removed), so the retries succeed and a restart
+        serves exactly the acknowledged records."""
+        store = await self.open()
+        record = started()
+        run_id = record["run_id"]
+        await store.start_run(record)
+        path = store._runs[run_id].path
+        journal_path = store._journal.current.path
+        before, journal_before = file_bytes(path), file_bytes(journal_path)
+        real_write_at = disk.write_at
+        failing = []
+
+        def write_at(fd, data, offset):
+            if failing:
+                failing.pop()
+                os.pwrite(fd, data[: len(data) // 2], offset)
+                raise OSError(errno.ENOSPC, NO_SPACE)
+            return real_write_at(fd, data, offset)
+
+        self.patch(disk, "write_at", write_at)
+        failing.append(True)
+        with self.assertRaises(StoreWriteFailed) as caught:
+            await store.append_turns(run_id, [turn("lost")], 10)
+        self.assertEqual(caught.exception.detail, NO_SPACE)
+        self.assertEqual((file_bytes(path), file_bytes(journal_path)), (before, journal_before))
+        other = started()
+        failing.append(True)
+        with self.assertRaises(StoreWriteFailed):
+            await store.start_run(other)
+        self.assertFalse(os.path.exists(store._runs[run_id].path.replace(
+            naming.encode_name(run_id), naming.encode_name(other["run_id"]))))
+        self.assertEqual(file_bytes(journal_path), journal_before)
+        self.assertEqual((await store.append_turns(run_id, [turn("kept")], 10))[0]["index"], 0)
+        await store.start_run(other)
+        await store.close()
+        store = await self.open()
+        records, _ = await store.read_records(run_id, 0, 10)
+        self.assertEqual([r.get("prompt") for r in records], [None, "kept"])
+        self.assertEqual((await store.get_run(other["run_id"])).status, "in_progress")
+
+
 class RunServiceWriteFailureTests(unittest.TestCase):
     """The run service answering requests whose writes the disk refused."""
 

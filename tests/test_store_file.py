@@ -14,8 +14,7 @@ from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
 from car_twisted.records import ended_record
-from car_twisted import disk
-from car_twisted.store import naming, runfiles
+from car_twisted.store import journal, naming, runfiles
 from car_twisted.store.file import FileRunStore
 from tests.store_conformance import HOSTILE_IDS, RunStoreConformance, started, turn
 from tests.support import InProcessDaemon
@@ -237,6 +236,22 @@ class FileRunStoreTests(unittest.TestCase):
             expected = 0o700 if os.path.isdir(path) else 0o600
             self.assertEqual(mode, expected, path)
 
+    async def test_owner_bits_a_umask_takes_are_restored(self):
+        """Under a umask that takes the owner's own bits away, run files,
+        indexes and the journal are still 0600 and directories 0700, and
+        the store writes and reads them."""
+        self.addCleanup(os.umask, os.umask(0o277))
+        store = await self.open()
+        _, open_id, _ = await self.fill(store)
+        await store.append_turns(open_id, [turn("more")], 10)
+        for root, dirs, files in os.walk(self.data_dir):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                expected = 0o700 if os.path.isdir(path) else 0o600
+                self.assertEqual(stat.S_IMODE(os.lstat(path).st_mode), expected, path)
+        store = await self.reopen(store)
+        self.assertEqual((await store.get_run(open_id)).turn_count, 2)
+
     async def test_hostile_ids_stay_inside_runs(self):
         """No agent or run id creates anything outside runs/ or deeper than
         runs/<agent-dir>/<run-file>, and every name is of the safe alphabet."""
@@ -277,45 +292,69 @@ class FileRunStoreTests(unittest.TestCase):
         for foreign in ["..", "A", "%4", "%61", "%zz", "é"]:
             self.assertIsNone(naming.decode_name(foreign), foreign)
 
-    async def test_acknowledged_only_after_fsync(self):
-        """A start is acknowledged after its file and its directory were
-        fsynced; a turn after its file was. --durability none syncs nothing."""
+    def journal_frames(self):
+        """The frames of the journal files in runs/: (path, position, lines)."""
+        runs = os.path.join(self.data_dir, "runs")
+        frames = []
+        for name in sorted(os.listdir(runs)):
+            if name.startswith(journal.PREFIX):
+                with open(os.path.join(runs, name), "rb") as f:
+                    frames += journal.read_frames(f.read())[0]
+        return frames
+
+    async def test_acknowledged_only_after_journal_sync(self):
+        """A write is acknowledged once its records are in the run file and
+        in the journal, and the journal was fdatasynced after them; the run
+        file itself is not synced before the acknowledgement.
+        --durability none syncs nothing and keeps no journal."""
         synced = []
-        real_fsync = os.fsync
-
-        def fsync(fd):
-            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-            real_fsync(fd)
-
-        self.patch(os, "fsync", fsync)
+        for name in ("fsync", "fdatasync"):
+            real = getattr(os, name)
+            self.patch(os, name, lambda fd, real=real: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
         store = await self.open()
         record = started()
-        path = os.path.realpath(self.run_path("agent-a", record["run_id"]))
+        run_id = record["run_id"]
+        relative = f"agent-a/{naming.encode_name(run_id)}.jsonl"
+        path = os.path.realpath(self.run_path("agent-a", run_id))
+
+        def at_acknowledgement(_):
+            with open(path, "rb") as f:
+                return list(synced), self.journal_frames(), f.read()
+
         d = store.start_run(record)
-        d.addCallback(lambda _: list(synced))
-        synced_at_ack = await d
-        self.assertIn(path, synced_at_ack)
-        self.assertIn(os.path.dirname(path), synced_at_ack)
+        d.addCallback(at_acknowledgement)
+        synced_at_ack, frames, data = await d
+        self.assertEqual(frames, [(relative, 0, runfiles.encode_line(record))])
+        self.assertEqual(data, runfiles.encode_line(record))
+        self.assertTrue(os.path.basename(synced_at_ack[-1]).startswith(journal.PREFIX))
+        self.assertNotIn(path, synced_at_ack)
         del synced[:]
-        d = store.append_turns(record["run_id"], [turn()], 10)
-        d.addCallback(lambda _: list(synced))
-        self.assertEqual(await d, [path])
+        d = store.append_turns(run_id, [turn("a"), turn("b")], 10)
+        d.addCallback(at_acknowledgement)
+        synced_at_ack, frames, data = await d
+        lines = data.split(b"\n")
+        self.assertEqual(frames[1:], [(relative, 1, lines[1] + b"\n" + lines[2] + b"\n")])
+        self.assertEqual([os.path.basename(p)[: len(journal.PREFIX)] for p in synced_at_ack], [journal.PREFIX])
         store = await self.reopen(store, durability="none")
         del synced[:]
         await self.fill(store, agent_id="agent-b")
         self.assertEqual(synced, [])
+        self.assertEqual(self.journal_frames(), [])
 
     async def test_concurrent_writes_share_flushes(self):
         """Starts issued together are committed in a few batches, one
-        directory fsync each, not one per start."""
-        directory_syncs = []
-        real_sync = disk.sync_directory
-        self.patch(disk, "sync_directory", lambda p: (directory_syncs.append(p), real_sync(p)))
+        journal fdatasync each, with no file or directory fsync before
+        they are acknowledged."""
+        syncs = []
+        for name in ("fsync", "fdatasync"):
+            real = getattr(os, name)
+            self.patch(os, name, lambda fd, name=name, real=real: (syncs.append(name), real(fd)))
         store = await self.open()
         await store.start_run(started())
-        del directory_syncs[:]
+        del syncs[:]
         await gatherResults([store.start_run(started()) for _ in range(40)])
-        self.assertLessEqual(len(directory_syncs), 2)
+        self.assertLessEqual(len(syncs), 2)
+        self.assertEqual(set(syncs), {"fdatasync"})
         page, _ = await store.list_runs("agent-a", None, 100, None)
         self.assertEqual(len(page), 41)
 

@@ -67,12 +67,13 @@ class HealthTests(unittest.TestCase):
         good commit makes both healthy again."""
         service = await start_service(self, "--store", "file", "--no-auth", "--data-dir", private_dir(self))
         agent = await RPCClient.connect(service.port)
-        real_fsync = os.fsync
+        real_syncs = os.fsync, os.fdatasync
 
         def full_disk(fd):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(os, "fsync", full_disk)
+        self.patch(os, "fdatasync", full_disk)
         refused = await agent.call_raw("runs.start", {"agent_id": "a", "intent": "x"})
         self.assertEqual(refused["error"]["code"], -32603)
         self.flushLoggedErrors(OSError)
@@ -81,7 +82,8 @@ class HealthTests(unittest.TestCase):
         self.assertIn("the store cannot write: ", json.loads(body)["reason"])
         self.assertIn("No space left on device", json.loads(body)["reason"])
         self.assertEqual(value(await scrape(service), "car_store_failing"), 1)
-        self.patch(os, "fsync", real_fsync)
+        self.patch(os, "fsync", real_syncs[0])
+        self.patch(os, "fdatasync", real_syncs[1])
         await agent.call("runs.start", {"agent_id": "a", "intent": "x"})
         code, _, _ = await get(service.http_url + "/healthz")
         self.assertEqual(code, 200)

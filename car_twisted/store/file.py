@@ -4,10 +4,12 @@ before it acknowledges, the daemon's default store.
 
 Writes are validated and applied to the in-memory state at call time (so
 calls on a run take effect in call order), then queued for the disk. One
-batch at a time goes to a disk thread, which writes every queued record,
-fsyncs the touched files and the directories that gained entries, then
-appends the agents' index entries. Everything queued while a
-batch is on disk forms the next batch: concurrent writers share flushes.
+batch at a time goes to a disk thread, which writes every queued record to
+its run file, appends the batch to the write-ahead journal with one
+fdatasync (L{journal}), then appends the agents' index entries. Everything
+queued while a batch is on disk forms the next batch: concurrent writers
+share flushes. A checkpoint syncs the run files in the background and
+drops the journal; start-up replays what a crash left in it.
 A write the disk refuses is undone on disk and in memory, with the writes
 queued behind it on the same run, and fails with L{StoreWriteFailed}.
 See docs/storage.md.
@@ -41,7 +43,7 @@ from car_twisted.interfaces import (
     status_of,
 )
 from car_twisted import disk
-from car_twisted.store import index, naming, runfiles
+from car_twisted.store import index, journal, naming, runfiles
 from car_twisted.store.cursors import parse_position_cursor
 from car_twisted.store.pending import PendingWrite
 from car_twisted.store.runfiles import RunState
@@ -54,6 +56,9 @@ DURABILITIES = ("fsync", "none")
 PAGE_READ_BYTES = 512 * 1024
 #: Runs whose record offsets are kept, the most recently read.
 OFFSETS_KEPT = 256
+#: Journal bytes after which the next batch begins a new journal file and
+#: the old one is checkpointed.
+CHECKPOINT_BYTES = 4 * 1024 * 1024
 
 
 class RunIndex:
@@ -124,6 +129,8 @@ class _Write(PendingWrite):
 
     run: RunState
     data: bytes
+    #: How many records the run file holds before C{data}.
+    position: int
     #: What the Deferred fires with once the bytes are durable.
     value: object = None
     #: Set for a start: the agent whose directory holds the new file.
@@ -144,13 +151,18 @@ class FileRunStore:
     repairs) what is on disk.
 
     @param durability: C{"fsync"} acknowledges writes once on stable
-        storage; C{"none"} once handed to the operating system (they survive
-        a daemon crash, not a power cut).
+        storage (in the journal); C{"none"} once handed to the operating
+        system (they survive a daemon crash, not a power cut), with no
+        journal and no fsync.
+    @param checkpoint_bytes: how large the journal grows before it is
+        checkpointed.
     @ivar on_commit: C{f(writes, seconds)}, called after each batch with its
         size and how long it took (the daemon's metrics).
     """
 
-    def __init__(self, reactor, data_dir: str, durability: str = "fsync"):
+    def __init__(
+        self, reactor, data_dir: str, durability: str = "fsync", checkpoint_bytes: int = CHECKPOINT_BYTES
+    ):
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         self._reactor = reactor
@@ -165,6 +177,9 @@ class FileRunStore:
         self._offsets = OrderedDict()  # run_id -> _Offsets, least recently read first
         self._queue = []
         self._committing = None  # the Deferred of the batch on disk
+        self._journal = None  # journal.Journal with --durability fsync, once open
+        self._checkpoint_bytes = checkpoint_bytes
+        self._checkpointing = None  # the Deferred of the checkpoint under way
         self._closed = None
         self.on_commit = lambda writes, seconds: None
         self._lock_fd = None
@@ -187,6 +202,11 @@ class FileRunStore:
         d.addErrback(failed)
         return d
 
+    def _journal_bytes(self) -> int:
+        """What a journal file is preallocated to: room to pass the
+        checkpoint size while the previous checkpoint still runs."""
+        return max(2 * self._checkpoint_bytes, 64 * 1024)
+
     def _in_thread(self, f, *args):
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
@@ -200,12 +220,14 @@ class FileRunStore:
             disk.FILE_MODE,
         )
         try:
+            os.fchmod(self._lock_fd, disk.FILE_MODE)  # owner bits a umask took
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise RuntimeError(f"{self.runs_dir} is in use by another daemon")
         findings = index.Findings()
+        number = journal.replay(self.runs_dir, self._sync, findings.notes)
         loaded = []
         for entry in sorted(os.scandir(self.runs_dir), key=lambda e: e.name):
             if entry.name.startswith("."):
@@ -220,6 +242,8 @@ class FileRunStore:
                 continue
             if agent is not None:
                 loaded.append((entry.path, *agent))
+        if self._sync:
+            self._journal = journal.Journal(self.runs_dir, number, self._journal_bytes())
         return loaded, findings
 
     def _loaded(self, result):
@@ -262,7 +286,9 @@ class FileRunStore:
             intent=started["intent"],
             started_at=started["started_at"],
         )
-        write = _Write(run, runfiles.encode_line(started), agent=agent, index_entry=run.start_entry())
+        write = _Write(
+            run, runfiles.encode_line(started), 0, agent=agent, index_entry=run.start_entry()
+        )
         d = self._submit(write)
         d.addCallbacks(self._started, self._not_started, (write,), errbackArgs=(write,))
         return d
@@ -296,7 +322,7 @@ class FileRunStore:
             return fail(TurnLimitReached(run_id))
         stamped = [dict(t, index=base + i) for i, t in enumerate(turns)]
         data = b"".join(runfiles.encode_line(record) for record in stamped)
-        write = _Write(run, data, value=stamped, previous=run.summary())
+        write = _Write(run, data, 1 + base, value=stamped, previous=run.summary())
         run.turn_count = base + len(turns)
         return self._submit(write)
 
@@ -306,13 +332,20 @@ class FileRunStore:
         except (RunNotFound, RunTerminal) as e:
             return fail(e)
         previous = run.summary()
+        position = 1 + run.turn_count
         run.status = status_of(ended)
         run.ended_at = ended["ended_at"]
         if ended["termination"] == "outcome":
             run.outcome_status = ended["outcome"]["status"]
         self._moved(run, "in_progress")
         return self._submit(
-            _Write(run, runfiles.encode_line(ended), index_entry=run.end_entry(), previous=previous)
+            _Write(
+                run,
+                runfiles.encode_line(ended),
+                position,
+                index_entry=run.end_entry(),
+                previous=previous,
+            )
         )
 
     def _moved(self, run: RunState, old_status: str) -> None:
@@ -333,7 +366,12 @@ class FileRunStore:
 
     def _commit_next(self) -> None:
         batch, self._queue = self._queue, []
-        self._committing = self._in_thread(self._write_batch, batch)
+        rotate = (
+            self._journal is not None
+            and self._checkpointing is None
+            and self._journal.size >= self._checkpoint_bytes
+        )
+        self._committing = self._in_thread(self._write_batch, batch, rotate)
         self._committing.addBoth(self._committed, batch, time.monotonic())
 
     def _committed(self, outcome, batch, started):
@@ -341,9 +379,12 @@ class FileRunStore:
         self.on_commit(len(batch), time.monotonic() - started)
         if isinstance(outcome, Failure):
             log.failure("file store: a batch of writes failed", outcome)
-            errors, notes = [outcome.value] * len(batch), []
+            errors, notes, sealed = [outcome.value] * len(batch), [], None
         else:
-            errors, notes = outcome
+            errors, notes, sealed = outcome
+        if sealed is not None:
+            self._checkpointing = self._in_thread(journal.checkpoint, sealed)
+            self._checkpointing.addBoth(self._checkpointed)
         dependent, undone = [], set()
         for write, error in zip(batch, errors):
             if error is not None and write.run not in undone:
@@ -357,6 +398,13 @@ class FileRunStore:
             write.settle(write.value if error is None else _write_error(error))
         if self._committing is None and self._closed is not None and not self._closed.called:
             self._closed.callback(None)
+
+    def _checkpointed(self, outcome) -> None:
+        self._checkpointing = None
+        if isinstance(outcome, Failure):
+            log.failure(
+                "file store: a checkpoint failed; its journal is replayed at the next start", outcome
+            )
 
     def _roll_back(self, write: _Write, error) -> list:
         """
@@ -377,23 +425,33 @@ class FileRunStore:
         self._queue = [queued for queued in self._queue if queued.run is not run]
         return [(queued, error) for queued in dependent]
 
-    def _write_batch(self, batch):
+    def _write_batch(self, batch, rotate: bool):
         """
-        On a disk thread: write a batch, make it durable, index it. Every
-        file is written before any is fsynced, so the first fsync commits
-        the whole batch to the journal and the others find little left to
-        do; then each directory that gained entries is fsynced once.
+        On a disk thread: write a batch to the run files, make it durable
+        in the journal with one fdatasync (the run files are synced by a
+        checkpoint, in the background), then index it. With C{rotate}, a
+        new journal file is begun first and the old one returned, for the
+        checkpoint. Without a journal (C{--durability none}) nothing is
+        synced.
 
-        A file that failed is put back as it was before the batch: cut back
-        to its old size, or removed if the batch created it.
+        A file that failed, or every file if the journal append failed, is
+        put back as it was before the batch: cut back to its old size, or
+        removed if the batch created it.
 
-        @return: the error of each write (None when durable), and notes.
+        @return: the error of each write (None when durable), notes, and
+            the journal generation to checkpoint (or None).
         """
         files = {}  # path -> fd
         sizes = {}  # path -> size before the batch; None for a file it created
         broken = {}  # path -> the error that broke the file
         notes = []
         directories = set()
+        sealed = None
+        if rotate:
+            try:
+                sealed = self._journal.rotate()
+            except OSError as e:
+                notes.append(f"no new journal file ({e}); the journal grows until one can be made")
         try:
             for write in batch:
                 path = write.run.path
@@ -411,19 +469,8 @@ class FileRunStore:
                     disk.write_all(files[path], write.data)
                 except OSError as e:
                     broken[path] = e
-            if self._sync:
-                for path, fd in files.items():
-                    try:
-                        os.fsync(fd)
-                    except OSError as e:
-                        broken.setdefault(path, e)
-                for directory in directories:
-                    try:
-                        disk.sync_directory(directory)
-                    except OSError as e:
-                        for path in files:
-                            if os.path.dirname(path) == directory:
-                                broken.setdefault(path, e)
+            if self._journal is not None:
+                self._journal_batch(batch, files, broken, directories)
             for path in broken.keys() & files.keys():
                 try:
                     self._put_back(path, files[path], sizes[path])
@@ -433,7 +480,23 @@ class FileRunStore:
             for fd in files.values():
                 os.close(fd)
         errors = [broken.get(write.run.path) for write in batch]
-        return errors, notes + self._index(batch, errors)
+        return errors, notes + self._index(batch, errors), sealed
+
+    def _journal_batch(self, batch, files: dict, broken: dict, directories: set) -> None:
+        """Append the batch's written records to the journal; on failure, break every file."""
+        prefix = len(self.runs_dir) + 1
+        frames = b"".join(
+            journal.frame(write.run.path[prefix:].encode("ascii"), write.position, write.data)
+            for write in batch
+            if write.run.path not in broken
+        )
+        if not frames:
+            return
+        try:
+            self._journal.append(frames, files.keys() - broken.keys(), directories)
+        except OSError as e:
+            for path in files:
+                broken.setdefault(path, e)
 
     def _put_back(self, path: str, fd: int, size: Optional[int]) -> None:
         """Remove a file a failed batch created, or cut it back to C{size}."""
@@ -651,15 +714,29 @@ class FileRunStore:
         return d
 
     def close(self):
-        """Finish the queued writes, then stop the disk threads."""
+        """
+        Finish the queued writes and the checkpoint under way, checkpoint
+        the journal (so a clean stop leaves none), then stop the disk threads.
+        """
         if self._closed is None:
             self._closed = Deferred()
             if self._committing is None:
                 self._closed.callback(None)
-            self._closed.addCallback(lambda _: self._stop_threads())
+            self._closed.addCallback(lambda _: Deferred.fromCoroutine(self._finish()))
         d = Deferred()
         self._closed.addCallback(lambda _: d.callback(None))
         return d
+
+    async def _finish(self) -> None:
+        if self._checkpointing is not None:
+            await self._checkpointing
+        if self._journal is not None:
+            try:
+                await self._in_thread(self._journal.close)
+            except Exception:
+                log.failure("file store: the last checkpoint failed; the journal is replayed at the next start")
+            self._journal = None
+        self._stop_threads()
 
     def _stop_threads(self) -> None:
         self._pool.stop()
