@@ -267,6 +267,12 @@ class ResumeTests(unittest.TestCase):
         follower = await cluster.client(a)
         await follower.call("runs.subscribe", {"run_id": run_id})
         await first.drop()
+        # A lets go of the run once it sees the drop (a client resuming
+        # sooner is told the run is being recorded, and tries again).
+        await wait_for(
+            lambda: cluster.sql("SELECT detached FROM car_runs") == [(True,)],
+            "A to release the run",
+        )
 
         second = await cluster.client(b, "agent-m", ["runs.resume.v1"])
         resumed = await second.call("runs.resume", {"run_id": run_id})
