@@ -9,6 +9,8 @@ import io
 import json
 import os
 import shlex
+import subprocess
+import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
@@ -351,3 +353,22 @@ class CommandLineTests(unittest.TestCase):
                 self.assertTrue(err.getvalue().startswith("car-twisted: "), err.getvalue())
                 self.assertIn(needle, err.getvalue())
                 self.assertIn("--help", err.getvalue())
+
+
+class CommandWeightTests(unittest.TestCase):
+    def test_the_command_does_not_load_the_daemon(self):
+        """Importing the car-twisted command loads none of the daemon (the
+        run service, the protocol, the composition root, the SQLite store)
+        nor the OpenTelemetry SDK, which only export needs."""
+        code = (
+            "import sys, car_twisted.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith(('car_twisted', 'opentelemetry'))))"
+        )
+        loaded = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        ).stdout  # fmt: skip
+        for heavy in ("car_twisted.runs", "car_twisted.protocol", "car_twisted.tap",
+                      "car_twisted.store.sqlite", "opentelemetry"):  # fmt: skip
+            self.assertNotIn(f"'{heavy}", loaded)
+        self.assertIn("'car_twisted.cli'", loaded)

@@ -10,8 +10,6 @@ beside a running daemon is safe (docs/export.md).
 import sqlite3
 import time
 
-from car_twisted.export.jsonl import JsonlSink
-from car_twisted.export.otlp import SpanBatches, otlp_exporter, traces_endpoint
 from car_twisted.export.source import OFFLINE_STORES, ended_runs, parse_time
 
 
@@ -58,6 +56,11 @@ class Progress:
 
 def export(args, environ, out, err, data_dir) -> int:
     """Run ``car-twisted export`` on C{data_dir}: the exit status."""
+    # Here, not at the top: every car-twisted command loads this module,
+    # and only export needs the OpenTelemetry SDK.
+    from car_twisted.export.jsonl import JsonlSink
+    from car_twisted.export.otlp import SpanBatches, otlp_exporter, traces_endpoint
+
     try:
         since = None if args.since is None else parse_time(args.since)
         until = None if args.until is None else parse_time(args.until)

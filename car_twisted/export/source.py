@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 
 from car_twisted import disk
 from car_twisted.store import naming, runfiles
-from car_twisted.store.sqlite import DATABASE_NAME
 
 #: The stores whose runs can be read offline (the memory store lives in the daemon).
 OFFLINE_STORES = ("file", "sqlite")
@@ -52,6 +51,8 @@ def ended_runs(store: str, data_dir: str, agent=None, since=None, until=None):
             raise FileNotFoundError(f"no file store at {runs_dir}")
         runs = _file_runs(runs_dir, agent)
     elif store == "sqlite":
+        from car_twisted.store.sqlite import DATABASE_NAME
+
         path = os.path.join(data_dir, DATABASE_NAME)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no SQLite store at {path}")
