@@ -36,14 +36,15 @@ from car_twisted.interfaces import (
     ISharedRunStore,
     RunExists,
     RunNotFound,
-    RunSummary,
     RunTerminal,
     StoreWriteFailed,
     TurnLimitReached,
     status_of,
 )
 from car_twisted.records import ended_record
+from car_twisted.store.cursors import parse_seq_cursor
 from car_twisted.store.pg_listener import RunChangeListener
+from car_twisted.store.rows import summary_from_row, to_bytes, to_text
 
 log = Logger()
 
@@ -188,7 +189,6 @@ _PRUNE_KEY = "\0prune" * 64
 _SUMMARY_COLUMNS = (
     "run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turn_count"
 )
-_MAX_SEQ = 2**63 - 1
 
 
 class RunAdopted(RunTerminal):
@@ -213,41 +213,16 @@ def redacted(dsn: str) -> str:
 # which PostgreSQL text cannot: they are kept as bytea of their
 # surrogate-passing UTF-8. Record bodies are ASCII JSON (every such
 # character escaped).
-def _bytes(text):
-    return None if text is None else text.encode("utf-8", "surrogatepass")
 
 
-def _text(data):
-    return None if data is None else bytes(data).decode("utf-8", "surrogatepass")
 
 
 def _encode(record: dict) -> str:
     return json.dumps(record, separators=(",", ":"))
 
 
-def _summary(row) -> RunSummary:
-    run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turns = row
-    return RunSummary(
-        run_id=_text(run_id),
-        agent_id=_text(agent_id),
-        intent=_text(intent),
-        started_at=_text(started_at),
-        ended_at=_text(ended_at),
-        status=status,
-        outcome_status=outcome_status,
-        turn_count=turns,
-    )
 
 
-def _parse_cursor(cursor) -> int:
-    """A C{list_runs} cursor: the sequence number the next page starts below."""
-    if cursor is None:
-        return _MAX_SEQ
-    if isinstance(cursor, str) and cursor.isascii() and cursor.isdigit():
-        seq = int(cursor)
-        if 0 < seq <= _MAX_SEQ:
-            return seq
-    raise ValueError(f"unreadable cursor {cursor!r}")
 
 
 def _write_failed(failure):
@@ -362,7 +337,7 @@ class _StartBatches:
     @staticmethod
     def _created(created, batch) -> None:
         for started, d in batch:
-            if _bytes(started["run_id"]) in created:
+            if to_bytes(started["run_id"]) in created:
                 d.callback(None)
             else:
                 d.errback(RunExists(started["run_id"]))
@@ -523,7 +498,7 @@ class PostgresRunStore:
         )
         ended = []
         for (run_id,) in txn.fetchall():
-            run_id = _text(run_id)
+            run_id = to_text(run_id)
             self._end_run(txn, run_id, ended_record("incomplete", reason=reason), "")
             ended.append(run_id)
         if ended:
@@ -577,7 +552,7 @@ class PostgresRunStore:
         txn.execute(
             "UPDATE car_runs SET detached = true"
             " WHERE run_id = %s AND owner = %s AND status = 'in_progress'",
-            (_bytes(run_id), self.daemon_id),
+            (to_bytes(run_id), self.daemon_id),
         )
 
     def adopt(self, run_id):
@@ -589,7 +564,7 @@ class PostgresRunStore:
             " WHERE run_id = %s AND status = 'in_progress' AND (owner = %s OR detached"
             " OR NOT EXISTS (SELECT 1 FROM car_daemons d WHERE d.daemon_id = r.owner))"
             " RETURNING record_count",
-            (self.daemon_id, _bytes(run_id), self.daemon_id),
+            (self.daemon_id, to_bytes(run_id), self.daemon_id),
         )
         row = txn.fetchone()
         if row is None:
@@ -601,7 +576,7 @@ class PostgresRunStore:
         return self._read(self._after_run(run_id), self._owns, run_id)
 
     def _owns(self, txn, run_id) -> bool:
-        txn.execute("SELECT owner = %s FROM car_runs WHERE run_id = %s", (self.daemon_id, _bytes(run_id)))
+        txn.execute("SELECT owner = %s FROM car_runs WHERE run_id = %s", (self.daemon_id, to_bytes(run_id)))
         row = txn.fetchone()
         return bool(row and row[0])
 
@@ -659,10 +634,10 @@ class PostgresRunStore:
     def _start_runs(self, txn, batch) -> set:
         """Insert a batch of runs in one statement; the ids of those created."""
         txn.execute(START_RUNS, {
-            "run_ids": [_bytes(s["run_id"]) for s in batch],
-            "agent_ids": [_bytes(s["agent_id"]) for s in batch],
-            "intents": [_bytes(s["intent"]) for s in batch],
-            "started_ats": [_bytes(s["started_at"]) for s in batch],
+            "run_ids": [to_bytes(s["run_id"]) for s in batch],
+            "agent_ids": [to_bytes(s["agent_id"]) for s in batch],
+            "intents": [to_bytes(s["intent"]) for s in batch],
+            "started_ats": [to_bytes(s["started_at"]) for s in batch],
             "bodies": [_encode(s) for s in batch],
             "owner": self.daemon_id,
         })  # fmt: skip
@@ -670,7 +645,7 @@ class PostgresRunStore:
 
     def _append_turns(self, txn, run_id, bodies, max_turns):
         txn.execute(APPEND_TURNS, {
-            "run_id": _bytes(run_id), "count": len(bodies), "max": max_turns, "bodies": bodies,
+            "run_id": to_bytes(run_id), "count": len(bodies), "max": max_turns, "bodies": bodies,
             "channel": CHANNEL, "run_json": json.dumps(run_id), "origin_json": json.dumps(self.daemon_id),
         })  # fmt: skip
         row = txn.fetchone()
@@ -708,9 +683,9 @@ class PostgresRunStore:
     def _end_run(txn, run_id, ended, origin, owner=None):
         status = status_of(ended)
         txn.execute(END_RUN, {
-            "run_id": _bytes(run_id), "body": _encode(ended), "status": status,
+            "run_id": to_bytes(run_id), "body": _encode(ended), "status": status,
             "outcome_status": ended["outcome"]["status"] if status == "completed" else None,
-            "ended_at": _bytes(ended["ended_at"]), "owner": owner,
+            "ended_at": to_bytes(ended["ended_at"]), "owner": owner,
             "channel": CHANNEL, "run_json": json.dumps(run_id), "origin_json": json.dumps(origin),
         })  # fmt: skip
         row = txn.fetchone()
@@ -723,7 +698,7 @@ class PostgresRunStore:
 
     def prune_runs(self, ended_before, limit):
         d = self._after_writes_on(
-            _PRUNE_KEY, lambda: self._commit(1, self._prune_runs, _bytes(ended_before), limit)
+            _PRUNE_KEY, lambda: self._commit(1, self._prune_runs, to_bytes(ended_before), limit)
         )
         d.addErrback(_write_failed)
         return d
@@ -731,7 +706,7 @@ class PostgresRunStore:
     @staticmethod
     def _prune_runs(txn, before, limit) -> list:
         txn.execute(PRUNE_RUNS, {"before": before, "limit": limit})
-        return [_text(run_id) for (run_id,) in txn.fetchall()]
+        return [to_text(run_id) for (run_id,) in txn.fetchall()]
 
     # Reads
 
@@ -759,16 +734,16 @@ class PostgresRunStore:
 
     @staticmethod
     def _get_run(txn, run_id):
-        txn.execute(f"SELECT {_SUMMARY_COLUMNS} FROM car_runs WHERE run_id = %s", (_bytes(run_id),))
+        txn.execute(f"SELECT {_SUMMARY_COLUMNS} FROM car_runs WHERE run_id = %s", (to_bytes(run_id),))
         row = txn.fetchone()
-        return None if row is None else _summary(row)
+        return None if row is None else summary_from_row(row)
 
     def read_records(self, run_id, cursor, limit):
         return self._read(self._after_run(run_id), self._read_records, run_id, cursor, limit)
 
     @staticmethod
     def _read_records(txn, run_id, cursor, limit):
-        txn.execute("SELECT seq FROM car_runs WHERE run_id = %s", (_bytes(run_id),))
+        txn.execute("SELECT seq FROM car_runs WHERE run_id = %s", (to_bytes(run_id),))
         row = txn.fetchone()
         if row is None:
             raise RunNotFound(run_id)
@@ -782,7 +757,7 @@ class PostgresRunStore:
 
     def list_runs(self, agent_id, cursor, limit, status):
         try:
-            below = _parse_cursor(cursor)
+            below = parse_seq_cursor(cursor)
         except ValueError as e:
             return fail(e)
         return self._read(list(self._writes), self._list_runs, agent_id, below, limit, status)
@@ -792,7 +767,7 @@ class PostgresRunStore:
         where, args = "seq < %s", [below]
         if agent_id is not None:
             where += " AND agent_id = %s"
-            args.append(_bytes(agent_id))
+            args.append(to_bytes(agent_id))
         if status is not None:
             where += " AND status = %s"
             args.append(status)
@@ -802,12 +777,12 @@ class PostgresRunStore:
             (*args, limit + 1),
         )
         rows = txn.fetchall()
-        page = [_summary(row[1:]) for row in rows[:limit]]
+        page = [summary_from_row(row[1:]) for row in rows[:limit]]
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return page, next_cursor
 
     def count_prunable(self, ended_before):
-        return self._read(list(self._writes), self._count_prunable, _bytes(ended_before))
+        return self._read(list(self._writes), self._count_prunable, to_bytes(ended_before))
 
     @staticmethod
     def _count_prunable(txn, before) -> int:
@@ -823,7 +798,7 @@ class PostgresRunStore:
     @staticmethod
     def _open_runs(txn):
         txn.execute(f"SELECT {_SUMMARY_COLUMNS} FROM car_runs WHERE status = 'in_progress'")
-        return [_summary(row) for row in txn.fetchall()]
+        return [summary_from_row(row) for row in txn.fetchall()]
 
     # Closing
 

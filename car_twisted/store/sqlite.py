@@ -32,13 +32,14 @@ from car_twisted.interfaces import (
     RunExists,
     RunNotFound,
     RunStoreError,
-    RunSummary,
     RunTerminal,
     StoreWriteFailed,
     TurnLimitReached,
     status_of,
 )
+from car_twisted.store.cursors import parse_seq_cursor
 from car_twisted.store.pending import PendingWrite
+from car_twisted.store.rows import summary_from_row, to_bytes, to_text
 
 DATABASE_NAME = "runs.sqlite3"
 #: Beside the database, C{flock()}ed by the one store using it.
@@ -105,7 +106,6 @@ READ_RECORDS = """
     SELECT body FROM records WHERE run = ? AND position >= ? ORDER BY position LIMIT ?
 """
 
-_MAX_SEQ = 2**63 - 1
 #: The key prunes are ordered under (no run id can be it: ids are at most 256 characters).
 _PRUNE_KEY = "\0prune" * 64
 _READERS = 2
@@ -121,26 +121,10 @@ class RunDatabaseError(Exception):
     """The run database cannot be used; the message names the file and why."""
 
 
-def _blob(text):
-    return None if text is None else text.encode("utf-8", "surrogatepass")
 
 
-def _text(blob):
-    return None if blob is None else bytes(blob).decode("utf-8", "surrogatepass")
 
 
-def _summary(row) -> RunSummary:
-    run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turns = row
-    return RunSummary(
-        run_id=_text(run_id),
-        agent_id=_text(agent_id),
-        intent=_text(intent),
-        started_at=_text(started_at),
-        ended_at=_text(ended_at),
-        status=status,
-        outcome_status=outcome_status,
-        turn_count=turns,
-    )
 
 
 def _query(db, query, arguments) -> list:
@@ -162,10 +146,10 @@ def _encode(record: dict) -> str:
 def _start_row(started: dict) -> tuple:
     """The C{runs} columns of a started run, and its record's body."""
     return (
-        _blob(started["run_id"]),
-        _blob(started["agent_id"]),
-        _blob(started["intent"]),
-        _blob(started["started_at"]),
+        to_bytes(started["run_id"]),
+        to_bytes(started["agent_id"]),
+        to_bytes(started["intent"]),
+        to_bytes(started["started_at"]),
         _encode(started),
     )
 
@@ -251,7 +235,7 @@ def _extend_runs(db, writes: list, extend) -> list:
 
     @return: their outcomes.
     """
-    blobs = [_blob(write.run_id) for write in writes]
+    blobs = [to_bytes(write.run_id) for write in writes]
     runs = {
         run_id: [seq, status, None, None, turns, position]
         for run_id, seq, status, turns, position in db.execute(
@@ -295,7 +279,7 @@ def _append(write, run):
 def _end(write, run):
     ended, status, outcome_status = write.payload
     seq, position = run[0], run[5]
-    run[1:4] = status, outcome_status, _blob(ended["ended_at"])
+    run[1:4] = status, outcome_status, to_bytes(ended["ended_at"])
     run[5] = position + 1
     return None, [(seq, position, _encode(ended))]
 
@@ -328,15 +312,6 @@ def _prune_runs(db, writes: list) -> list:
     return outcomes
 
 
-def _parse_cursor(cursor) -> int:
-    """A C{list_runs} cursor: the start sequence the next page starts below."""
-    if cursor is None:
-        return _MAX_SEQ
-    if isinstance(cursor, str) and cursor.isascii() and cursor.isdigit():
-        seq = int(cursor)
-        if 0 < seq <= _MAX_SEQ:
-            return seq
-    raise ValueError(f"unreadable cursor {cursor!r}")
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -712,9 +687,9 @@ class SQLiteRunStore:
     @staticmethod
     def _get_run(db, run_id):
         row = db.execute(
-            f"SELECT {_SUMMARY_COLUMNS} FROM runs WHERE run_id = ?", (_blob(run_id),)
+            f"SELECT {_SUMMARY_COLUMNS} FROM runs WHERE run_id = ?", (to_bytes(run_id),)
         ).fetchone()
-        return None if row is None else _summary(row)
+        return None if row is None else summary_from_row(row)
 
     def read_records(self, run_id, cursor, limit):
         return self._read(
@@ -723,7 +698,7 @@ class SQLiteRunStore:
 
     @staticmethod
     def _read_records(db, run_id, cursor, limit):
-        row = db.execute("SELECT seq FROM runs WHERE run_id = ?", (_blob(run_id),)).fetchone()
+        row = db.execute("SELECT seq FROM runs WHERE run_id = ?", (to_bytes(run_id),)).fetchone()
         if row is None:
             raise RunNotFound(run_id)
         records = [
@@ -734,10 +709,10 @@ class SQLiteRunStore:
 
     def list_runs(self, agent_id, cursor, limit, status):
         try:
-            below = _parse_cursor(cursor)
+            below = parse_seq_cursor(cursor)
         except ValueError as e:
             return fail(e)
-        agent = None if agent_id is None else _blob(agent_id)
+        agent = None if agent_id is None else to_bytes(agent_id)
         return self._read(self._newest_write, self._list_runs, agent, below, limit, status)
 
     @staticmethod
@@ -747,7 +722,7 @@ class SQLiteRunStore:
         else:
             query, args = (LIST_RUNS, (agent,)) if status is None else (LIST_RUNS_WITH_STATUS, (agent, status))
         rows = db.execute(query, (*args, below, limit + 1)).fetchall()
-        page = [_summary(row[1:]) for row in rows[:limit]]
+        page = [summary_from_row(row[1:]) for row in rows[:limit]]
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return page, next_cursor
 
@@ -756,7 +731,7 @@ class SQLiteRunStore:
 
     @staticmethod
     def _open_runs(db):
-        return [_summary(row) for row in db.execute(OPEN_RUNS)]
+        return [summary_from_row(row) for row in db.execute(OPEN_RUNS)]
 
     # Retention
 
@@ -769,17 +744,17 @@ class SQLiteRunStore:
 
         async def prune():
             found = await self._read(
-                self._newest_write, _query, PRUNABLE, (_blob(ended_before), limit)
+                self._newest_write, _query, PRUNABLE, (to_bytes(ended_before), limit)
             )
             if not found:
                 return []
             deleted = await self._submit(_PRUNE_KEY, _prune_runs, [seq for seq, _ in found])
-            return [_text(run_id) for seq, run_id in found if seq in deleted]
+            return [to_text(run_id) for seq, run_id in found if seq in deleted]
 
         return Deferred.fromCoroutine(prune())
 
     def count_prunable(self, ended_before):
-        d = self._read(self._newest_write, _query, COUNT_PRUNABLE, (_blob(ended_before),))
+        d = self._read(self._newest_write, _query, COUNT_PRUNABLE, (to_bytes(ended_before),))
         d.addCallback(lambda rows: rows[0][0])
         return d
 
