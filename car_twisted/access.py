@@ -6,6 +6,7 @@ and the readers (``docs/security.md`` explains the roles).
 from typing import Optional
 
 from car_twisted.interfaces import RunSummary
+from car_twisted.outcomes import then
 from car_twisted.session import Session
 
 
@@ -31,8 +32,14 @@ class AccessPolicy:
             return session.agent_id == agent_id
         return session.authenticated or not self._auth_enabled
 
-    def readable(self, session: Session, summary: Optional[RunSummary]) -> Optional[RunSummary]:
-        """C{summary} if the run exists and C{session} may read it, else None."""
+    def visible_run(self, store, session: Session, run_id: str):
+        """
+        The run's summary from C{store} if it exists and C{session} may read
+        it, else None (an outcome: L{then}).
+        """
+        return then(store.get_run(run_id), lambda summary: self._readable(session, summary))
+
+    def _readable(self, session: Session, summary: Optional[RunSummary]) -> Optional[RunSummary]:
         if summary is None or not self.may_read(session, summary.agent_id):
             return None
         return summary

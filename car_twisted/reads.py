@@ -39,16 +39,12 @@ class RunReader:
             "runs.unsubscribe": self.unsubscribe,
         }
 
-    def _visible_run(self, session: Session, run_id: str):
-        """The run's summary if it exists and the session may read it (an outcome)."""
-        return then(self._store.get_run(run_id), lambda summary: self._policy.readable(session, summary))
-
     def get_trace(self, session: Session, params: dict):
         run_id = id_param(params, "run_id", required=True)
         cursor = int_param(params, "cursor", 0, 0, 2**31)
         limit = int_param(params, "limit", 500, 1, 5000)
         return then(
-            self._visible_run(session, run_id),
+            self._policy.visible_run(self._store, session, run_id),
             lambda summary: self._trace_page(summary, run_id, cursor, limit),
         )
 
@@ -85,7 +81,7 @@ class RunReader:
 
     async def subscribe(self, session: Session, params: dict) -> dict:
         run_id = id_param(params, "run_id", required=True)
-        summary = await as_deferred(self._visible_run(session, run_id))
+        summary = await as_deferred(self._policy.visible_run(self._store, session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id not in session.following and len(session.following) >= MAX_FOLLOWED:

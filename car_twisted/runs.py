@@ -375,7 +375,7 @@ class RunService:
     async def _record_elsewhere(self, session: Session, run_id: str, records: list) -> dict:
         summary = await self._shared.writable(session, run_id)
         if summary is None:
-            ended = await as_deferred(self._visible_run(session, run_id))
+            ended = await as_deferred(self._policy.visible_run(self.store, session, run_id))
             return _dropped(run_id, "run_terminal" if ended else "run_not_found")
         if any(too_large(record) for record in records):
             return _dropped(run_id, "turn_too_large")
@@ -396,7 +396,7 @@ class RunService:
         live = self._live.get(run_id)
         if live is not None and live.producer is not None:
             return
-        summary = await as_deferred(self._visible_run(session, run_id))
+        summary = await as_deferred(self._policy.visible_run(self.store, session, run_id))
         if summary is None or summary.agent_id != session.agent_id or summary.status != "in_progress":
             return
         if not await as_deferred(self._stored(self.store.adopt(run_id))):
@@ -517,13 +517,9 @@ class RunService:
             return live
         return None
 
-    def _visible_run(self, session: Session, run_id: str):
-        """The run's summary if it exists and the session may read it (an outcome)."""
-        return then(self.store.get_run(run_id), lambda summary: self._policy.readable(session, summary))
-
     async def _refuse_write(self, session: Session, run_id: str):
         """Raise the error for a write the session cannot make."""
-        summary = await as_deferred(self._visible_run(session, run_id))
+        summary = await as_deferred(self._policy.visible_run(self.store, session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id in self._live:
@@ -569,7 +565,7 @@ class RunService:
             if self._shared is not None:
                 return Deferred.fromCoroutine(self._record_elsewhere(session, run_id, records))
             return then(
-                self._visible_run(session, run_id),
+                self._policy.visible_run(self.store, session, run_id),
                 lambda ended: _dropped(run_id, "run_terminal" if ended else "run_not_found"),
             )
         if any(too_large(record) for record in records):
@@ -617,7 +613,7 @@ class RunService:
             await as_deferred(self._end_live(session, live, ended))
             log.debug("run {run_id} cancelled", run_id=run_id)
             return {**answer, "status": "cancelled_confirmed"}
-        summary = await as_deferred(self._visible_run(session, run_id))
+        summary = await as_deferred(self._policy.visible_run(self.store, session, run_id))
         if summary is None:
             raise RunRefused(f"unknown run {run_id!r}")
         if run_id in self._live:

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from car_twisted.access import AccessPolicy
 from car_twisted.fanout import TraceFanout
 from car_twisted.interfaces import TURN_RECORDS, RunSummary, RunTerminal, status_of
+from car_twisted.outcomes import as_deferred
 from car_twisted.records import ended_record
 from car_twisted.session import Session
 
@@ -45,7 +46,7 @@ class SharedRuns:
         The summary of an open run this daemon does not produce that
         C{session} may write to (the same agent, as on one daemon), else None.
         """
-        summary = self._policy.readable(session, await self._store.get_run(run_id))
+        summary = await as_deferred(self._policy.visible_run(self._store, session, run_id))
         if (
             summary is None
             or summary.status != "in_progress"
