@@ -78,6 +78,11 @@ def _refuse_compression(offers):
     return None
 
 
+#: Bytes of an HTTP request body on the dashboard port (the login form's
+#: is the only one it reads); past it the request is answered 413 and the
+#: connection closed, before the rest is read.
+MAX_HTTP_BODY = 4096
+
 #: Longest JSON-RPC request id the daemon reads; a longer one is answered
 #: with id null.
 MAX_ID_CHARS = 256

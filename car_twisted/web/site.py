@@ -2,8 +2,11 @@
 The HTTP side's resource tree: which path serves what.
 """
 
-from twisted.web.server import Site
+from io import BytesIO
 
+from twisted.web.server import Request, Site
+
+from car_twisted.limits import MAX_HTTP_BODY
 from car_twisted.web.health import Health, Metrics
 from car_twisted.web.live import LiveSocket
 from car_twisted.web.login import Login
@@ -12,10 +15,50 @@ from car_twisted.web.pages import Assets, Page, RunPages, asset
 ASSETS = ("dashboard.css", "favicon.svg", "rpc.js", "runs.js", "run.js")
 
 
+_TOO_LARGE = b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class DashboardRequest(Request):
+    """
+    A request whose body may be at most L{MAX_HTTP_BODY} bytes, declared or
+    chunked: past it, 413 and the connection closed, the rest unread.
+    """
+
+    _body_bytes = 0
+    _refused = False
+
+    def gotLength(self, length):
+        self.content = BytesIO()  # never a temporary file: the body is small
+        if length is not None and length > MAX_HTTP_BODY:
+            self._refuse()
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_HTTP_BODY:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self):
+        self._refused = True
+        self.channel.transport.write(_TOO_LARGE)
+        self.channel.transport.loseConnection()
+
+
 class DashboardSite(Site):
-    """A L{Site} that shows no tracebacks and keeps no access log."""
+    """
+    A L{Site} that shows no tracebacks, keeps no access log and reads no
+    large request bodies.
+    """
 
     displayTracebacks = False
+    requestFactory = DashboardRequest
 
     def log(self, request):
         """Nothing: a ``/login`` URL carries the host token."""
