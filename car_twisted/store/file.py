@@ -59,6 +59,8 @@ DURABILITIES = ("fsync", "none")
 PAGE_READ_BYTES = 512 * 1024
 #: Runs whose record offsets are kept, the most recently read.
 OFFSETS_KEPT = 256
+#: Agents' indexes kept open to read ended runs back, the most recently read.
+INDEX_FILES_KEPT = 64
 #: Journal bytes after which the next batch begins a new journal file and
 #: the old one is checkpointed.
 CHECKPOINT_BYTES = 4 * 1024 * 1024
@@ -271,6 +273,7 @@ class FileRunStore:
         self._numbered = []  # the AgentRuns by number
         self._everyone = EveryRun()
         self._ids = RunIds()
+        self._index_files = index.IndexFiles(INDEX_FILES_KEPT)
         #: Ids of runs found with damaged lines; their readable records are served.
         self.corrupt_runs = set()
         self._offsets = OrderedDict()  # run_id -> _Offsets, least recently read first
@@ -715,7 +718,7 @@ class FileRunStore:
         places = [self._place(overall) for overall in self._ids.find(hash(run_id))]
         if not places:
             return succeed(None)
-        d = self._in_thread(index.read_runs, places)
+        d = self._in_thread(self._index_files.read_runs, places)
         d.addCallback(lambda found: next((s for s in found if s is not None and s.run_id == run_id), None))
         return d
 
@@ -839,7 +842,7 @@ class FileRunStore:
         places = [self._place(overall) for overall, run in zip(chosen, held) if run is None]
         if not places:
             return succeed((page, cursor))
-        d = self._in_thread(index.read_runs, places)
+        d = self._in_thread(self._index_files.read_runs, places)
         d.addCallback(self._page, page, cursor)
         return d
 
@@ -977,6 +980,7 @@ class FileRunStore:
 
     def _stop_threads(self) -> None:
         self._pool.stop()
+        self._index_files.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

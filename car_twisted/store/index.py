@@ -9,6 +9,8 @@ import itertools
 import json
 import operator
 import os
+import threading
+from collections import OrderedDict
 from array import array
 from dataclasses import dataclass, field
 from typing import Optional
@@ -244,25 +246,53 @@ def read_entries(agent_dir: str, offsets: list) -> list:
         return [None if offset < 0 else _entry_read_at(f.fileno(), offset) for offset in offsets]
 
 
-def read_runs(places: list) -> list:
+class IndexFiles:
     """
-    Read runs' summaries back from their agents' indexes: C{places} holds
-    C{(agent_id, agent_dir, start, end)} per run, the offsets of its start
-    and end entry (-1: none). None for a run whose entries are no longer
-    there, or whose index cannot be read.
+    The agents' indexes, open to read runs back: the most recently read
+    are kept open (a page of every agent's runs may read 50 of them, and an
+    open costs more than the reads). Used from the store's disk threads, one
+    read at a time. An index is only ever appended to while the store runs.
     """
-    by_agent = {}
-    for n, place in enumerate(places):
-        by_agent.setdefault(place[:2], []).append(n)
-    runs = [None] * len(places)
-    for (agent_id, agent_dir), numbers in by_agent.items():
-        try:
-            entries = read_entries(agent_dir, [offset for n in numbers for offset in places[n][2:]])
-        except (OSError, disk.NotRegularFile):
-            continue
-        for k, n in enumerate(numbers):
-            runs[n] = _summary_of(agent_id, entries[2 * k], entries[2 * k + 1], places[n][3])
-    return runs
+
+    def __init__(self, kept: int):
+        self._kept = kept
+        self._files = OrderedDict()  # agent_dir -> open file, least recently read first
+        self._lock = threading.Lock()
+
+    def read_runs(self, places: list) -> list:
+        """
+        Read runs' summaries back: C{places} holds C{(agent_id, agent_dir,
+        start, end)} per run, the offsets of its start and end entry (-1:
+        none). None for a run whose entries are no longer there, or whose
+        index cannot be read.
+        """
+        runs = [None] * len(places)
+        with self._lock:
+            for n, (agent_id, agent_dir, start, end) in enumerate(places):
+                try:
+                    fd = self._file(agent_dir).fileno()
+                except OSError:
+                    continue
+                runs[n] = _summary_of(
+                    agent_id, _entry_read_at(fd, start), None if end < 0 else _entry_read_at(fd, end), end
+                )
+        return runs
+
+    def _file(self, agent_dir: str):
+        f = self._files.get(agent_dir)
+        if f is None:
+            f = self._files[agent_dir] = disk.open_regular(os.path.join(agent_dir, INDEX))
+            if len(self._files) > self._kept:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(agent_dir)
+        return f
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
 
 
 def read_ended(agent_id: str, agent_dir: str, starts, ends, ended_before: str, limit) -> list:
