@@ -187,7 +187,9 @@ class RunIds:
     def remove(self, run_hash: int, position: int) -> None:
         slots, mask = self._slots, len(self._slots) - 1
         slot = run_hash & mask
-        while slots[slot] != position + 1:
+        while (value := slots[slot]) != position + 1:
+            if value == 0:
+                return
             slot = (slot + 1) & mask
         slots[slot] = -1
 
@@ -896,7 +898,7 @@ class FileRunStore:
         """Forget the runs (still prunable) at once, then delete their files."""
         runs = []
         for agent, local, run in candidates:
-            if run.overall is not None:
+            if run.overall is not None:  # held in memory (one read back has none)
                 if self._runs.get(run.run_id) is not run or not _is_prunable(run, ended_before):
                     continue
                 del self._runs[run.run_id], self._held[run.overall]
@@ -1038,18 +1040,20 @@ def _without_duplicates(loaded: list, notes: list) -> list:
     The loaded agents without the runs an earlier agent holds too (found by
     the hash of their id, checked by the id): such a run is not served.
     """
-    hashes = sorted(itertools.chain.from_iterable(agent.hashes for agent in loaded))
-    shared = {h for h, following in zip(hashes, itertools.islice(hashes, 1, None)) if h == following}
-    del hashes
-    if not shared:
+    hashes = array("q", itertools.chain.from_iterable(agent.hashes for agent in loaded))
+    if len(set(hashes)) == len(hashes):
         return loaded
+    hashes = sorted(hashes)
+    shared = {h for h, following in zip(hashes, itertools.islice(hashes, 1, None)) if h == following}
     seen, kept = set(), []
     for agent in loaded:
         positions = [n for n, h in enumerate(agent.hashes) if h in shared]
         entries = index.read_entries(agent.directory, [agent.starts[n] for n in positions])
         doubled = set()
         for n, entry in zip(positions, entries):
-            run_id = entry and entry.get("start")
+            run_id = entry.get("start") if entry is not None else None
+            if not isinstance(run_id, str):
+                continue
             if run_id in seen:
                 path = os.path.join(agent.directory, naming.encode_name(run_id) + naming.RUN_SUFFIX)
                 notes.append(f"{path}: run {run_id!r} is also elsewhere; not served")
