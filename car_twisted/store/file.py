@@ -1040,11 +1040,11 @@ def _without_duplicates(loaded: list, notes: list) -> list:
     The loaded agents without the runs an earlier agent holds too (found by
     the hash of their id, checked by the id): such a run is not served.
     """
-    hashes = array("q", itertools.chain.from_iterable(agent.hashes for agent in loaded))
-    if len(set(hashes)) == len(hashes):
-        return loaded
-    hashes = sorted(hashes)
+    hashes = sorted(itertools.chain.from_iterable(agent.hashes for agent in loaded))
     shared = {h for h, following in zip(hashes, itertools.islice(hashes, 1, None)) if h == following}
+    del hashes
+    if not shared:
+        return loaded
     seen, kept = set(), []
     for agent in loaded:
         positions = [n for n, h in enumerate(agent.hashes) if h in shared]
