@@ -151,6 +151,7 @@ def probe(data_dir: str, agent: str) -> dict:
         capture_output=True,
         text=True,
         timeout=1800,
+        cwd=os.path.dirname(BENCH),
         env={**os.environ, "PYTHONPATH": os.path.dirname(BENCH)},
     ).stdout
     return json.loads(out.strip().splitlines()[-1])

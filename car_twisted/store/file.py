@@ -66,6 +66,10 @@ INDEX_FILES_KEPT = 64
 CHECKPOINT_BYTES = 4 * 1024 * 1024
 
 
+#: Per status code, a bytes.translate table keeping that code (as 1) only.
+_ONLY = [bytes(int(n == code) for n in range(256)) for code in range(len(RUN_STATUSES))]
+
+
 class RunIndex:
     """
     Runs by position in start order, and the positions of those kept, in
@@ -92,7 +96,7 @@ class RunIndex:
         self.size += len(statuses)
         self._present.extend(filed)
         for code, status in enumerate(RUN_STATUSES):
-            self._positions[status].extend(itertools.compress(filed, map(code.__eq__, statuses)))
+            self._positions[status].extend(itertools.compress(filed, statuses.translate(_ONLY[code])))
 
     def remove(self, position: int, status: str) -> None:
         """Forget a pruned run."""
@@ -158,9 +162,13 @@ class RunIds:
         """With C{hashes}, the runs at positions 0, 1, ... have ids of these hashes."""
         self._hashes = array("q") if hashes is None else hashes  # by position
         self._slots = array("q", bytes(8 * self._capacity(len(self._hashes))))  # position + 1; 0 free, -1 freed
-        self._filled = 0  # slots not free
-        for position, run_hash in enumerate(self._hashes):
-            self._place(run_hash, position + 1)
+        slots, mask = self._slots, len(self._slots) - 1
+        for value, run_hash in enumerate(self._hashes, 1):  # _place, inlined: a million runs at start
+            slot = run_hash & mask
+            while slots[slot]:
+                slot = (slot + 1) & mask
+            slots[slot] = value
+        self._filled = len(self._hashes)  # slots not free
 
     @staticmethod
     def _capacity(runs: int) -> int:
