@@ -376,7 +376,7 @@ class FileRunStore:
             runs.starts, runs.ends = agent.starts, agent.ends
             runs.fill(agent.statuses)
         started = list(itertools.chain.from_iterable(json.loads(agent.started_at) for agent in loaded))
-        order = sorted(range(len(started)), key=started.__getitem__)
+        order = array("I", sorted(range(len(started)), key=started.__getitem__))
         del started
         # Each run (in the agents' order, as loaded) is the n-th of its agent's.
         agent_of, local_of = array("I"), array("I")
