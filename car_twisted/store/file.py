@@ -12,6 +12,8 @@ share flushes. A checkpoint syncs the run files in the background and
 drops the journal; start-up replays what a crash left in it.
 A write the disk refuses is undone on disk and in memory, with the writes
 queued behind it on the same run, and fails with L{StoreWriteFailed}.
+Only open runs are held in memory whole; an ended run is kept as offsets
+of its entries in its agent's index, and read back from there.
 See docs/storage.md.
 """
 
