@@ -1038,8 +1038,11 @@ def _stored_prunable(agents: list, ended_before: str, limit) -> list:
     found = []
     for agent, starts, ends in agents:
         left = None if limit is None else limit - len(found)
-        for local, run in index.read_ended(agent.agent_id, agent.directory, starts, ends, ended_before, left):
-            found.append((agent, local, run))
+        try:
+            ended = index.read_ended(agent.agent_id, agent.directory, starts, ends, ended_before, left)
+        except OSError:
+            continue  # an index gone since start: its runs are not listed either
+        found.extend((agent, local, run) for local, run in ended)
         if len(found) == limit:
             break
     return found
