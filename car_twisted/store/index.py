@@ -129,14 +129,21 @@ def read_index(agent_dir: str) -> "tuple[AgentLoad, list, bytes]":
             raise TypeError("started_at")
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise StaleIndex(f"damaged ({e.__class__.__name__})")
-    loaded = AgentLoad(agent_id, agent_dir)
-    kept = [n for n in range(len(run_ids)) if n not in dropped] if dropped else range(len(run_ids))
-    loaded.hashes = array("q", [hash(run_ids[n]) for n in kept])
-    loaded.statuses = bytearray(statuses[n] for n in kept)
-    loaded.started_at = json.dumps([started[n] for n in kept])
-    loaded.starts = array("q", [starts[n] for n in kept])
-    loaded.ends = array("q", [ends[n] for n in kept])
-    return loaded, [run_ids[n] for n in kept], data
+    if dropped:
+        kept = [n for n in range(len(run_ids)) if n not in dropped]
+        run_ids, started, starts, ends, statuses = (
+            [values[n] for n in kept] for values in (run_ids, started, starts, ends, statuses)
+        )
+    loaded = AgentLoad(
+        agent_id,
+        agent_dir,
+        array("q", map(hash, run_ids)),
+        bytearray(statuses),
+        array("q", starts),
+        array("q", ends),
+        json.dumps(started),
+    )
+    return loaded, run_ids, data
 
 
 _scan = json.JSONDecoder().scan_once
