@@ -25,6 +25,9 @@ Sections:
               all are ended incomplete, and the daemon's delayed calls left
   list        (not in the default run) SQLite list_runs at 100 vs --list-runs
               runs, via bench/bench_sqlite_list.py
+  filelist    (not in the default run) the file store holding --list-runs runs:
+              open time, RSS and list_runs against 100 runs, via
+              bench/bench_file_list.py
   auth        (not in the default run) bench/auth_sessions.py
   export      (not in the default run) car-twisted export's peak RSS at 10k vs
               100k runs, SQLite and file stores, via bench/bench_export.py
@@ -60,8 +63,8 @@ sys.path.insert(0, ROOT)
 from tests import postgres_server  # noqa: E402
 
 DEFAULT_SECTIONS = ["throughput", "latency", "stores", "sessions", "storm"]
-EXTRA_SECTIONS = ["list", "auth", "export", "postgresql"]
-SECTION_METHODS = {"list": "sqlite_list"}
+EXTRA_SECTIONS = ["list", "filelist", "auth", "export", "postgresql"]
+SECTION_METHODS = {"list": "sqlite_list", "filelist": "file_list"}
 LISTEN = "tcp:0:interface=127.0.0.1:backlog=1024"
 #: Descriptors and connections a server needs beyond one per held session
 #: (its listener, log, data, the storm's watcher).
@@ -350,6 +353,10 @@ class Suite:
 
     def sqlite_list(self) -> None:
         script = os.path.join(BENCH, "bench_sqlite_list.py")
+        subprocess.run([sys.executable, script, "--runs", str(self.args.list_runs)], check=True, timeout=1800)
+
+    def file_list(self) -> None:
+        script = os.path.join(BENCH, "bench_file_list.py")
         subprocess.run([sys.executable, script, "--runs", str(self.args.list_runs)], check=True, timeout=1800)
 
     def auth(self) -> None:
@@ -664,7 +671,7 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=5000, help="sequential round trips (latency)")
     parser.add_argument("--sessions", type=int, default=5000, help="sessions (sessions, storm)")
     parser.add_argument("--grace", type=float, default=None, help="--grace of the sessions/storm daemon")
-    parser.add_argument("--list-runs", type=int, default=1_000_000, help="runs of the large agent (list)")
+    parser.add_argument("--list-runs", type=int, default=1_000_000, help="runs of the large agent (list) or store (filelist)")
     parser.add_argument("--dsn", default=None, help="PostgreSQL server of the postgresql section [default: $CAR_DATABASE_URL, else a throwaway one]")
     parser.add_argument("--daemon-arg", action="append", default=[], help="extra daemon option (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="every default section, tiny and short")

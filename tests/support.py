@@ -7,6 +7,7 @@ Both run the run service on a L{Clock}, so tests move the grace window by
 hand, while the sockets use the real reactor.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from car_twisted.auth import HOST_TOKEN_FILE, SECRET_FILE, Authenticator, agent_
 from car_twisted.jsonrpc import Dispatcher
 from car_twisted.limits import WireLimits
 from car_twisted.protocol import RunTracingFactory
+from car_twisted.store import naming
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.tap import assemble
 
@@ -403,3 +405,10 @@ class AuthDaemon:
 def _read(path):
     with open(path) as f:
         return f.read().strip()
+
+
+def run_file(store, run_id: str) -> str:
+    """The path of a file-store run's file, whether the store holds the run in memory or not."""
+    name = naming.encode_name(run_id) + naming.RUN_SUFFIX
+    [path] = glob.glob(os.path.join(glob.escape(store.runs_dir), "*", name))
+    return path

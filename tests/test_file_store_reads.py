@@ -16,7 +16,7 @@ from car_twisted.records import ended_record
 from car_twisted.store import naming, runfiles
 from car_twisted.store.file import PAGE_READ_BYTES, FileRunStore
 from tests.store_conformance import started, turn
-from tests.support import SUCCESS_OUTCOME, InProcessDaemon
+from tests.support import SUCCESS_OUTCOME, InProcessDaemon, run_file
 
 #: A bounded wait for what a FIFO could block for ever.
 FIFO_PATIENCE = 5.0
@@ -94,7 +94,7 @@ class FileStoreReadTests(unittest.TestCase):
         serves its readable records (none) and runs.subscribe refuses it
         with a message saying so, not an internal error."""
         store, reader, session, run_id = await self.daemon_with_run([{"prompt": "a"}])
-        os.truncate(store._runs[run_id].path, 0)
+        os.truncate(run_file(store, run_id), 0)
         trace = await reader.get_trace(session, {"run_id": run_id})
         self.assertEqual((trace["records"], trace["cursor"]), ([], 0))
         with self.assertRaisesRegex(RunRefused, "no readable records"):
@@ -218,7 +218,7 @@ class FileStoreReadTests(unittest.TestCase):
         the start and again at an earlier position."""
         store = await self.open()
         run_id = await self.big_run(store, 300, 4096)
-        self.assertGreater(os.path.getsize(store._runs[run_id].path), 1_200_000)
+        self.assertGreater(os.path.getsize(run_file(store, run_id)), 1_200_000)
         page_bytes = 10 * 4200
         for cursor in list(range(0, 300, 10)) + [150, 20]:
             before = bytes_read()
@@ -232,7 +232,7 @@ class FileStoreReadTests(unittest.TestCase):
         those that fit; paging on returns every record once, in order."""
         store = await self.open()
         run_id = await self.big_run(store, 300, 8192)
-        with open(store._runs[run_id].path, "rb") as f:
+        with open(run_file(store, run_id), "rb") as f:
             expected = [runfiles.parse_record(line) for line in f]
         records, cursor = [], 0
         while True:
@@ -251,7 +251,7 @@ class FileStoreReadTests(unittest.TestCase):
         reading a bounded part of it, not the whole file."""
         turns = [{"prompt": "y" * 20_000} for _ in range(300)]
         store, reader, session, run_id = await self.daemon_with_run(turns)
-        size = os.path.getsize(store._runs[run_id].path)
+        size = os.path.getsize(run_file(store, run_id))
         self.assertGreater(size, 4_000_000)
         before = bytes_read()
         with self.assertRaisesRegex(RunRefused, "too large"):

@@ -14,7 +14,7 @@ from car_twisted.records import ended_record
 from car_twisted.store import journal, runfiles
 from car_twisted.store.file import FileRunStore
 from tests.store_conformance import started, turn
-from tests.support import SUCCESS_OUTCOME, wait_for
+from tests.support import SUCCESS_OUTCOME, wait_for, run_file
 
 
 def journal_names(runs_dir):
@@ -155,7 +155,7 @@ class StoreJournalTests(unittest.TestCase):
         await store.append_turns(run_id, [turn("0"), turn("1")], 10)
         await store.append_turns(run_id, [turn("2")], 10)
         await store.end_run(run_id, ended_record("outcome", outcome=SUCCESS_OUTCOME))
-        return run_id, store._runs[run_id].path
+        return run_id, run_file(store, run_id)
 
     async def test_restart_over_the_journal_never_duplicates(self):
         """Restarted over the journal a crash left, the store replays it

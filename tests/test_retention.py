@@ -126,7 +126,7 @@ class FileRetentionTests(RetentionMixin, unittest.TestCase):
         self.assertEqual(
             sorted(os.listdir(agent_dir)), [".index", naming.encode_name(kept) + ".jsonl"]
         )
-        self.assertEqual([run.run_id for run in index.read_index(agent_dir)[1]], [kept])
+        self.assertEqual(index.read_index(agent_dir)[1], [kept])
         store = await opened(FileRunStore(reactor, data_dir))
         self.addCleanup(store.close)
         self.assertIsNone(await store.get_run(old))

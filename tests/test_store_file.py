@@ -8,14 +8,16 @@ import json
 import os
 import re
 import stat
+from array import array
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
+from car_twisted.interfaces import RunExists, RunNotFound, RunTerminal
 from car_twisted.records import ended_record
 from car_twisted.store import journal, naming, runfiles
-from car_twisted.store.file import FileRunStore
+from car_twisted.store.file import FileRunStore, RunIds
 from tests.store_conformance import HOSTILE_IDS, RunStoreConformance, started, turn
 from tests.support import InProcessDaemon
 
@@ -29,7 +31,9 @@ class FileRunStoreConformanceTests(RunStoreConformance, unittest.TestCase):
         return store
 
 
-class FileRunStoreTests(unittest.TestCase):
+class FileStoreCase(unittest.TestCase):
+    """A file store in a fresh directory, and helpers to look at it."""
+
     def setUp(self):
         self.data_dir = self.mktemp()
 
@@ -70,6 +74,9 @@ class FileRunStoreTests(unittest.TestCase):
             await store.list_runs(agent_id, None, 100, None),
         )
 
+
+
+class FileRunStoreTests(FileStoreCase):
     async def test_restart_serves_reads_from_disk(self):
         """A new store on the same directory serves the same summaries,
         records and listing as the store that wrote them."""
@@ -384,3 +391,184 @@ class FileRunStoreTests(unittest.TestCase):
                 ("incomplete", "daemon restarted"),
             )
         self.assertEqual(await InProcessDaemon(store).runs.recover(), 0)
+
+
+class HeldRunsTests(FileStoreCase):
+    """
+    Only open runs are held in memory; ended runs are listed and read back
+    from their agent's index (docs/storage.md, "What is held in memory").
+    """
+
+    async def mixed(self, store):
+        """Eight runs of two agents, started a second apart: five end (two
+        statuses), three stay open. Their ids, and the open ones."""
+        ids, open_ids = [], set()
+        for i in range(8):
+            record = started(agent_id=f"agent-{i % 2}")
+            record["started_at"] = f"2026-11-25T01:00:0{i}.000Z"
+            await store.start_run(record)
+            ids.append(record["run_id"])
+            if i in (1, 4, 6):
+                open_ids.add(record["run_id"])
+            elif i % 3:
+                await store.end_run(record["run_id"], ended_record("outcome", outcome=OUTCOME))
+            else:
+                await store.append_turns(record["run_id"], [turn("1")], 10)
+                await store.end_run(record["run_id"], ended_record("cancelled", reason="x"))
+        return ids, open_ids
+
+    async def pages(self, store, agent_id, status, limit=3):
+        """Every page of a listing, by cursor: the run ids."""
+        listed, cursor = [], None
+        while True:
+            page, cursor = await store.list_runs(agent_id, cursor, limit, status)
+            listed.extend(s.run_id for s in page)
+            if cursor is None:
+                return listed
+
+    async def listings(self, store):
+        return {
+            (agent_id, status): await self.pages(store, agent_id, status)
+            for agent_id in (None, "agent-0", "agent-1")
+            for status in (None, "in_progress", "completed", "cancelled")
+        }
+
+    async def test_only_open_runs_are_held(self):
+        """Once its end is durable a run leaves memory, and after a restart
+        only the open runs are loaded whole, yet every listing (each
+        agent's and everyone's, by status, page by page), get_run and
+        read_records serve the ended runs as before."""
+        store = await self.open()
+        ids, open_ids = await self.mixed(store)
+        self.assertEqual(set(store._runs), open_ids)
+        summaries = [await store.get_run(run_id) for run_id in ids]
+        self.assertEqual([s.status for s in summaries].count("in_progress"), 3)
+        self.assertEqual(summaries[0].turn_count, 1)
+        listings = await self.listings(store)
+        self.assertEqual(listings[None, None], ids[::-1])
+        self.assertEqual(listings["agent-1", None], ids[1::2][::-1])
+        self.assertEqual(listings[None, "cancelled"], [ids[3], ids[0]])
+        self.assertEqual(listings["agent-0", "in_progress"], [ids[6], ids[4]])
+        records = [await store.read_records(run_id, 0, 10) for run_id in ids]
+        store = await self.reopen(store)
+        self.assertEqual(set(store._runs), open_ids)
+        self.assertEqual(await self.listings(store), listings)
+        self.assertEqual([await store.get_run(run_id) for run_id in ids], summaries)
+        self.assertEqual([await store.read_records(run_id, 0, 10) for run_id in ids], records)
+        with self.assertRaises(RunTerminal):
+            await store.append_turns(ids[0], [turn()], 10)
+        with self.assertRaises(RunExists):
+            await store.start_run(started(run_id=ids[0], agent_id="agent-2"))
+
+    async def test_pruned_runs_leave_the_index_across_restart(self):
+        """Pruning ended runs read back from the index takes them out of
+        every listing, get_run and read_records; cursors handed out
+        before stay valid; a restart agrees; and a pruned id can start
+        again."""
+        store = await self.open()
+        ids, open_ids = await self.mixed(store)
+        store = await self.reopen(store)
+        _, cursor = await store.list_runs(None, None, 3, None)
+        self.assertEqual(await store.count_prunable("2099-01-01T00:00:00.000Z"), 5)
+        pruned = await store.prune_runs("2099-01-01T00:00:00.000Z", 2)
+        pruned += await store.prune_runs("2099-01-01T00:00:00.000Z", 10)
+        self.assertEqual(sorted(pruned), sorted(set(ids) - open_ids))
+        self.assertEqual(await store.count_prunable("2099-01-01T00:00:00.000Z"), 0)
+        expected = [run_id for run_id in ids[::-1] if run_id in open_ids]
+        self.assertEqual(await self.pages(store, None, None), expected)
+        rest, _ = await store.list_runs(None, cursor, 10, None)
+        self.assertEqual([s.run_id for s in rest], expected[1:])
+        self.assertIsNone(await store.get_run(ids[0]))
+        with self.assertRaises(RunNotFound):
+            await store.read_records(ids[0], 0, 10)
+        listings = await self.listings(store)
+        store = await self.reopen(store)
+        self.assertEqual(await self.listings(store), listings)
+        self.assertIsNone(await store.get_run(ids[0]))
+        await store.start_run(started(run_id=ids[0], agent_id="agent-2"))
+        self.assertEqual((await store.get_run(ids[0])).agent_id, "agent-2")
+
+    async def test_runs_ended_while_running_are_read_back_after_prune(self):
+        """Runs that end while the store runs are read back from the index
+        by the offsets the disk thread noted, next to pruned ones."""
+        store = await self.open()
+        ids, open_ids = await self.mixed(store)
+        await store.prune_runs("2099-01-01T00:00:00.000Z", 1)
+        for run_id in sorted(open_ids):
+            await store.end_run(run_id, ended_record("incomplete", reason="x"))
+        self.assertEqual(store._runs, {})
+        page, _ = await store.list_runs(None, None, 10, "incomplete")
+        self.assertEqual({s.run_id for s in page}, open_ids)
+        self.assertEqual({s.status for s in page}, {"incomplete"})
+        self.assertEqual(len(await self.pages(store, None, None)), 7)
+
+    async def test_a_run_in_two_agents_is_served_once(self):
+        """A run file copied into another agent's directory (and index)
+        is found at start, by its id, and not served twice."""
+        store = await self.open()
+        ids, _ = await self.mixed(store)
+        await store.close()
+        source = self.run_path("agent-0", ids[0])
+        with open(source, "rb") as f:
+            records = [json.loads(line) for line in f]
+        records[0]["agent_id"] = "agent-1"
+        with open(self.run_path("agent-1", ids[0]), "wb") as f:
+            f.write(b"".join(runfiles.encode_line(r) for r in records))
+        os.unlink(self.index_path("agent-1"))  # rebuilt with the copy
+        store = await self.open()
+        everyone = await self.pages(store, None, None)
+        self.assertEqual(sorted(everyone), sorted(ids))
+        self.assertEqual((await store.get_run(ids[0])).agent_id, "agent-0")
+
+    async def test_an_index_line_of_two_entries_is_rebuilt(self):
+        """An index line that is not exactly one entry makes the index
+        stale (entries are found by their line's offset): it is rebuilt."""
+        store = await self.open()
+        ids, _ = await self.mixed(store)
+        listings = await self.listings(store)
+        await store.close()
+        with open(self.index_path("agent-0"), "rb") as f:
+            lines = f.read().split(b"\n")
+        lines[1:3] = [lines[1] + b"," + lines[2]]
+        with open(self.index_path("agent-0"), "wb") as f:
+            f.write(b"\n".join(lines))
+        store = await self.open()
+        self.assertEqual(await self.listings(store), listings)
+
+    async def test_an_index_changed_under_the_store(self):
+        """An index cut short while the store runs loses the ended runs it
+        no longer holds from listings (with a warning) and get_run, and
+        fails nothing."""
+        store = await self.open()
+        ids, open_ids = await self.mixed(store)
+        store = await self.reopen(store)
+        with open(self.index_path("agent-0"), "rb") as f:
+            header = f.readline()
+        with open(self.index_path("agent-0"), "wb") as f:
+            f.write(header)
+        listed = await self.pages(store, None, None)
+        self.assertEqual(listed, [r for r in ids[::-1] if r in open_ids or ids.index(r) % 2])
+        self.assertIsNone(await store.get_run(ids[0]))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+class RunIdsTests(unittest.TestCase):
+    """The store's compact id table: hashes to positions."""
+
+    def test_finds_every_position_of_a_hash_through_growth_and_removal(self):
+        ids = RunIds()
+        hashes = [(n * 0x9E3779B97F4A7C15) % 2**63 - 2**62 for n in range(5000)]
+        hashes[4999] = hashes[18]  # two runs whose ids hash alike
+        for position, run_hash in enumerate(hashes):
+            ids.add(run_hash, position)
+        self.assertEqual(ids.find(hashes[18]), [18, 4999])
+        self.assertEqual(ids.find(12345), [])
+        for position in range(0, 5000, 3):
+            ids.remove(hashes[position], position)
+        for position in range(3000):
+            ids.add(position, 5000 + position)  # grows past the removed slots
+        for position, run_hash in enumerate(hashes[:4999]):
+            found = ids.find(run_hash)
+            self.assertEqual(position in found, position % 3 != 0, position)
+        self.assertEqual(ids.find(hashes[18]), [4999])
+        self.assertEqual(RunIds(array("q", hashes)).find(hashes[18]), [18, 4999])

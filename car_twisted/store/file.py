@@ -12,14 +12,19 @@ share flushes. A checkpoint syncs the run files in the background and
 drops the journal; start-up replays what a crash left in it.
 A write the disk refuses is undone on disk and in memory, with the writes
 queued behind it on the same run, and fails with L{StoreWriteFailed}.
+Only open runs are held in memory whole; an ended run is kept as offsets
+of its entries in its agent's index, and read back from there.
 See docs/storage.md.
 """
 
 import bisect
+import ctypes
 import fcntl
 import itertools
+import json
 import os
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -56,63 +61,164 @@ DURABILITIES = ("fsync", "none")
 PAGE_READ_BYTES = 512 * 1024
 #: Runs whose record offsets are kept, the most recently read.
 OFFSETS_KEPT = 256
+#: Agents' indexes kept open to read ended runs back, the most recently read.
+INDEX_FILES_KEPT = 64
 #: Journal bytes after which the next batch begins a new journal file and
 #: the old one is checkpointed.
 CHECKPOINT_BYTES = 4 * 1024 * 1024
 
 
+#: Per status code, a bytes.translate table keeping that code (as 1) only.
+_ONLY = [bytes(int(n == code) for n in range(256)) for code in range(len(RUN_STATUSES))]
+
+
 class RunIndex:
-    """Durable runs in start order, with positions by status."""
+    """
+    Runs by position in start order, and the positions of those kept, in
+    all and by status, in arrays (4 bytes a run each). A pruned run leaves
+    its position unused, so cursors stay valid.
+    """
 
     def __init__(self):
-        #: The runs by position; a pruned run leaves None, so cursors stay valid.
-        self.runs = []
-        self._position = {}  # run_id -> position in self.runs
-        self._present = []  # positions of the runs not pruned
-        self._positions = {status: [] for status in RUN_STATUSES}
+        self.size = 0
+        self._present = array("I")
+        self._positions = {status: array("I") for status in RUN_STATUSES}
 
-    def add(self, run: RunState) -> None:
-        position = self._position[run.run_id] = len(self.runs)
-        self.runs.append(run)
+    def add(self, status: str) -> int:
+        """File a run: its position."""
+        position = self.size
+        self.size += 1
         self._present.append(position)
-        self._positions[run.status].append(position)
+        self._positions[status].append(position)
+        return position
 
-    def remove(self, run: RunState) -> None:
+    def fill(self, statuses: bytes) -> None:
+        """File runs of these status codes (L{index.STATUS_CODES}), in order."""
+        filed = range(self.size, self.size + len(statuses))
+        self.size += len(statuses)
+        self._present.extend(filed)
+        for code, status in enumerate(RUN_STATUSES):
+            self._positions[status].extend(itertools.compress(filed, statuses.translate(_ONLY[code])))
+
+    def remove(self, position: int, status: str) -> None:
         """Forget a pruned run."""
-        position = self._position.pop(run.run_id, None)
-        if position is None:
-            return
-        self.runs[position] = None
-        for positions in (self._present, self._positions[run.status]):
+        for positions in (self._present, self._positions[status]):
             del positions[bisect.bisect_left(positions, position)]
 
-    def moved(self, run: RunState, old_status: str) -> None:
+    def moved(self, position: int, old_status: str, status: str) -> None:
         """Re-file a run whose status changed."""
-        position = self._position.get(run.run_id)
-        if position is None:
-            return
         positions = self._positions[old_status]
         del positions[bisect.bisect_left(positions, position)]
-        bisect.insort(self._positions[run.status], position)
+        bisect.insort(self._positions[status], position)
 
-    def page(self, cursor, limit: int, status: Optional[str]):
-        """Newest first from below C{cursor}; cost grows with C{limit} only."""
-        below = parse_position_cursor(cursor, len(self.runs))
+    def chosen(self, cursor, limit: int, status: Optional[str]):
+        """
+        The positions of a page, newest first from below C{cursor}, and the
+        next cursor; the cost grows with C{limit} only.
+        """
+        below = parse_position_cursor(cursor, self.size)
         positions = self._present if status is None else self._positions[status]
         end = bisect.bisect_left(positions, below)
-        chosen = positions[max(end - limit, 0) : end][::-1]
-        more = end - limit > 0
-        page = [self.runs[position].summary() for position in chosen]
-        return page, (str(chosen[-1]) if more else None)
+        chosen = positions[max(end - limit, 0) : end].tolist()[::-1]
+        return chosen, (str(chosen[-1]) if end - limit > 0 else None)
 
 
 class AgentRuns(RunIndex):
-    """One agent's durable runs, and the directory they are kept in."""
+    """
+    One agent's runs, the directory they are kept in, and where each run's
+    entries lie in the agent's index.
+    """
 
     def __init__(self, agent_id: str, directory: str):
         super().__init__()
         self.agent_id = agent_id
         self.directory = directory
+        #: Its place in the store's list of agents, once filed.
+        self.number = None
+        #: Per run, the offset of its start and end entry in the index (-1:
+        #: none, or not known), and its position among every agent's runs.
+        self.starts = array("q")
+        self.ends = array("q")
+        self.overall = array("I")
+
+
+class EveryRun(RunIndex):
+    """Every agent's runs in start order: each run's agent and its position there."""
+
+    def __init__(self):
+        super().__init__()
+        self.agents = array("I")
+        self.locals = array("I")
+
+
+class RunIds:
+    """
+    Which positions hold a run id: an open-addressed hash table in arrays
+    (8 bytes a slot, at most two thirds of them used, and 8 bytes a run), the
+    compact stand-in for a dict of a million ids. Runs are known by the
+    64-bit hash of their id (keyed anew by each process), so a lookup names
+    candidates, which the caller checks against the runs themselves.
+    """
+
+    def __init__(self, hashes: array = None):
+        """With C{hashes}, the runs at positions 0, 1, ... have ids of these hashes."""
+        self._hashes = array("q") if hashes is None else hashes  # by position
+        self._slots = array("q", bytes(8 * self._capacity(len(self._hashes))))  # position + 1; 0 free, -1 freed
+        slots, mask = self._slots, len(self._slots) - 1
+        for value, run_hash in enumerate(self._hashes, 1):  # _place, inlined: a million runs at start
+            slot = run_hash & mask
+            while slots[slot]:
+                slot = (slot + 1) & mask
+            slots[slot] = value
+        self._filled = len(self._hashes)  # slots not free
+
+    @staticmethod
+    def _capacity(runs: int) -> int:
+        """Room for half as many runs again, at least, before the table grows."""
+        return max(1024, 1 << (2 * runs).bit_length())
+
+    def add(self, run_hash: int, position: int) -> None:
+        if position != len(self._hashes):
+            raise ValueError("positions are added in order")
+        self._hashes.append(run_hash)
+        if 3 * (self._filled + 1) > 2 * len(self._slots):
+            self._grow()
+        self._place(run_hash, position + 1)
+
+    def find(self, run_hash: int) -> list:
+        slots, mask = self._slots, len(self._slots) - 1
+        found, slot = [], run_hash & mask
+        while (value := slots[slot]) != 0:
+            if value > 0 and self._hashes[value - 1] == run_hash:
+                found.append(value - 1)
+            slot = (slot + 1) & mask
+        return found
+
+    def remove(self, run_hash: int, position: int) -> None:
+        slots, mask = self._slots, len(self._slots) - 1
+        slot = run_hash & mask
+        while (value := slots[slot]) != position + 1:
+            if value == 0:
+                return
+            slot = (slot + 1) & mask
+        slots[slot] = -1
+
+    def _place(self, run_hash: int, value: int) -> None:
+        slots, mask = self._slots, len(self._slots) - 1
+        slot = run_hash & mask
+        while slots[slot] > 0:
+            slot = (slot + 1) & mask
+        if slots[slot] == 0:
+            self._filled += 1
+        slots[slot] = value
+
+    def _grow(self) -> None:
+        """Rehash the runs kept (not the freed slots) into a table with room."""
+        kept = [value for value in self._slots if value > 0]
+        self._slots = array("q", bytes(8 * self._capacity(len(kept))))
+        self._filled = 0
+        for value in kept:
+            self._place(self._hashes[value - 1], value)
 
 
 @dataclass(eq=False)
@@ -136,6 +242,8 @@ class _Write(PendingWrite):
     #: Set for a start: the agent whose directory holds the new file.
     agent: Optional[AgentRuns] = None
     index_entry: Optional[bytes] = None
+    #: Where the disk thread appended C{index_entry} in the agent's index.
+    index_offset: Optional[int] = None
     #: The run's summary before this write changed it (None for a start):
     #: restored if the write fails.
     previous: Optional[RunSummary] = None
@@ -169,9 +277,15 @@ class FileRunStore:
         self.data_dir = data_dir
         self.runs_dir = os.path.join(data_dir, naming.RUNS)
         self._sync = durability == "fsync"
+        #: The runs held in memory: open, or with a write on its way (the
+        #: others are read back from their agent's index).
         self._runs = {}  # run_id -> RunState
+        self._held = {}  # position among every agent's runs -> RunState
         self._agents = {}  # agent_id -> AgentRuns
-        self._everyone = RunIndex()  # every agent's runs
+        self._numbered = []  # the AgentRuns by number
+        self._everyone = EveryRun()
+        self._ids = RunIds()
+        self._index_files = index.IndexFiles(INDEX_FILES_KEPT)
         #: Ids of runs found with damaged lines; their readable records are served.
         self.corrupt_runs = set()
         self._offsets = OrderedDict()  # run_id -> _Offsets, least recently read first
@@ -241,39 +355,73 @@ class FileRunStore:
                 findings.notes.append(f"{entry.path}: unreadable ({e}); its runs are not served")
                 continue
             if agent is not None:
-                loaded.append((entry.path, *agent))
+                loaded.append(agent)
+        self._file_loaded(_without_duplicates(loaded, findings.notes))
+        del loaded
+        _give_back_memory()
         if self._sync:
             self._journal = journal.Journal(self.runs_dir, number, self._journal_bytes())
-        return loaded, findings
+        return findings
 
-    def _loaded(self, result):
-        loaded, findings = result
-        for directory, agent_id, runs in loaded:
-            agent = self._agents[agent_id] = AgentRuns(agent_id, directory)
-            for run in runs:
-                if run.run_id in self._runs:
-                    findings.notes.append(f"{run.path}: run {run.run_id!r} is also elsewhere; not served")
-                    continue
-                self._runs[run.run_id] = run
-                agent.add(run)
-        # Sorting is stable: runs of one agent started in one millisecond keep their order.
-        for run in sorted(self._runs.values(), key=lambda run: run.started_at):
-            self._everyone.add(run)
+    def _file_loaded(self, loaded: list) -> None:
+        """
+        On the disk thread, before anything uses the store: file the
+        loaded runs, every agent's in start order. (Sorting is stable: runs
+        of one agent started in one millisecond keep their order.)
+        """
+        # The long-lived objects first, then the transient ones: freed
+        # together, their memory goes back to the system.
+        for agent in loaded:
+            runs = self._agents[agent.agent_id] = AgentRuns(agent.agent_id, agent.directory)
+            runs.number = len(self._numbered)
+            self._numbered.append(runs)
+            runs.starts, runs.ends = agent.starts, agent.ends
+            runs.fill(agent.statuses)
+        started = list(itertools.chain.from_iterable(json.loads(agent.started_at) for agent in loaded))
+        order = array("I", sorted(range(len(started)), key=started.__getitem__))
+        del started
+        # Each run (in the agents' order, as loaded) is the n-th of its agent's.
+        agent_of, local_of = array("I"), array("I")
+        for agent, runs in zip(loaded, self._numbered):
+            agent_of.extend(itertools.repeat(runs.number, len(agent)))
+            local_of.extend(range(len(agent)))
+        overall_of = array("I", bytes(4 * len(order)))
+        for overall, n in enumerate(order):
+            overall_of[n] = overall
+        base = 0
+        for agent, runs in zip(loaded, self._numbered):
+            runs.overall = overall_of[base : base + len(agent)]
+            base += len(agent)
+        everyone = self._everyone
+        everyone.agents = array("I", map(agent_of.__getitem__, order))
+        everyone.locals = array("I", map(local_of.__getitem__, order))
+        hashes = array("q", itertools.chain.from_iterable(agent.hashes for agent in loaded))
+        self._ids = RunIds(array("q", map(hashes.__getitem__, order)))
+        statuses = bytes(itertools.chain.from_iterable(agent.statuses for agent in loaded))
+        everyone.fill(bytes(map(statuses.__getitem__, order)))
+        del order
+        for agent, runs in zip(loaded, self._numbered):
+            for local, run in agent.held.items():
+                run.overall = runs.overall[local]
+                self._runs[run.run_id] = self._held[run.overall] = run
+
+    def _loaded(self, findings):
         self.corrupt_runs |= findings.corrupt
         for note in findings.notes:
             log.warn("file store: {note}", note=note)
         log.info(
-            "file store: {runs} runs of {agents} agents in {path}",
-            runs=len(self._runs),
+            "file store: {runs} runs of {agents} agents in {path} ({held} held in memory)",
+            runs=self._everyone.size,
             agents=len(self._agents),
             path=self.runs_dir,
+            held=len(self._runs),
         )
 
     # Writes
 
     def start_run(self, started):
         run_id = started["run_id"]
-        if run_id in self._runs:
+        if run_id in self._runs or self._ids.find(hash(run_id)):
             return fail(RunExists(run_id))
         agent_id = started["agent_id"]
         agent = self._agents.get(agent_id)
@@ -294,8 +442,22 @@ class FileRunStore:
         return d
 
     def _started(self, _, write: _Write):
-        self._agents.setdefault(write.run.agent_id, write.agent).add(write.run)
-        self._everyone.add(write.run)
+        """File a run once its start is durable (it stays held: it is open)."""
+        run = write.run
+        agent = self._agents.get(run.agent_id)
+        if agent is None:
+            agent = self._agents[run.agent_id] = write.agent
+            agent.number = len(self._numbered)
+            self._numbered.append(agent)
+        local = agent.add(run.status)
+        run.overall = self._everyone.add(run.status)
+        agent.starts.append(-1 if write.index_offset is None else write.index_offset)
+        agent.ends.append(-1)
+        agent.overall.append(run.overall)
+        self._everyone.agents.append(agent.number)
+        self._everyone.locals.append(local)
+        self._ids.add(hash(run.run_id), run.overall)
+        self._held[run.overall] = run
 
     def _not_started(self, failure, write: _Write):
         if self._runs.get(write.run.run_id) is write.run:
@@ -307,7 +469,8 @@ class FileRunStore:
     def _open_run(self, run_id) -> RunState:
         run = self._runs.get(run_id)
         if run is None:
-            raise RunNotFound(run_id)
+            # Every run not held in memory has ended.
+            raise RunTerminal(run_id) if self._ids.find(hash(run_id)) else RunNotFound(run_id)
         if run.status != "in_progress":
             raise RunTerminal(run_id)
         return run
@@ -338,22 +501,33 @@ class FileRunStore:
         if ended["termination"] == "outcome":
             run.outcome_status = ended["outcome"]["status"]
         self._moved(run, "in_progress")
-        return self._submit(
-            _Write(
-                run,
-                runfiles.encode_line(ended),
-                position,
-                index_entry=run.end_entry(),
-                previous=previous,
-            )
+        write = _Write(
+            run, runfiles.encode_line(ended), position, index_entry=run.end_entry(), previous=previous
         )
+        d = self._submit(write)
+        d.addCallback(self._ended, write)
+        return d
+
+    def _ended(self, value, write: _Write):
+        """
+        Let an ended run go from memory once its end is durable and both
+        its index entries are known: it is read back from the index.
+        """
+        run = write.run
+        if run.overall is not None and write.index_offset is not None and self._runs.get(run.run_id) is run:
+            agent = self._agents[run.agent_id]
+            local = self._everyone.locals[run.overall]
+            if agent.starts[local] >= 0:
+                agent.ends[local] = write.index_offset
+                del self._runs[run.run_id], self._held[run.overall]
+        return value
 
     def _moved(self, run: RunState, old_status: str) -> None:
-        """Re-file a run whose status changed in the indexes that hold it."""
-        agent = self._agents.get(run.agent_id)
-        if agent is not None:
-            agent.moved(run, old_status)
-        self._everyone.moved(run, old_status)
+        """Re-file a run whose status changed in the indexes, once filed."""
+        if run.overall is not None:
+            local = self._everyone.locals[run.overall]
+            self._agents[run.agent_id].moved(local, old_status, run.status)
+            self._everyone.moved(run.overall, old_status, run.status)
 
     def _submit(self, write: _Write) -> Deferred:
         if self._closed is not None:
@@ -512,13 +686,17 @@ class FileRunStore:
         entries = {}
         for write, error in zip(batch, errors):
             if error is None and write.index_entry is not None:
-                entries.setdefault(os.path.dirname(write.run.path), []).append(write.index_entry)
+                entries.setdefault(os.path.dirname(write.run.path), []).append(write)
         notes = []
-        for directory, lines in entries.items():
+        for directory, writes in entries.items():
             try:
-                index.append_to_index(directory, b"".join(lines))
+                offset = index.append_to_index(directory, b"".join(w.index_entry for w in writes))
             except OSError as e:
                 notes.append(f"{directory}: index not updated ({e}); rebuilt at next start")
+                continue
+            for write in writes:
+                write.index_offset = offset
+                offset += len(write.index_entry)
         return notes
 
     def _prepare(self, agent: AgentRuns, directories: set) -> None:
@@ -543,20 +721,49 @@ class FileRunStore:
 
     def get_run(self, run_id):
         run = self._runs.get(run_id)
-        return succeed(run.summary() if run is not None else None)
+        if run is not None:
+            return succeed(run.summary())
+        return self._stored(run_id)
+
+    def _stored(self, run_id) -> Deferred:
+        """The summary of a run not held in memory, read back from its index; None if none."""
+        places = [self._place(overall) for overall in self._ids.find(hash(run_id))]
+        if not places:
+            return succeed(None)
+        d = self._in_thread(self._index_files.read_runs, places)
+        d.addCallback(lambda found: next((s for s in found if s is not None and s.run_id == run_id), None))
+        return d
+
+    def _place(self, overall: int) -> tuple:
+        """Where a run's index entries lie: C{(agent_id, directory, start, end)}."""
+        agent = self._numbered[self._everyone.agents[overall]]
+        local = self._everyone.locals[overall]
+        return agent.agent_id, agent.directory, agent.starts[local], agent.ends[local]
 
     def read_records(self, run_id, cursor, limit):
         run = self._runs.get(run_id)
-        if run is None:
-            return fail(RunNotFound(run_id))
-        d = Deferred.fromCoroutine(self._read_records(run, cursor, limit))
-        d.addErrback(self._pruned_while_read, run)
+        if run is not None:
+            d = Deferred.fromCoroutine(self._read_records(run, cursor, limit))
+        else:
+            d = self._stored(run_id)
+            d.addCallback(self._read_stored_records, run_id, cursor, limit)
+        d.addErrback(self._pruned_while_read, run_id)
         return d
 
-    def _pruned_while_read(self, failure, run: RunState):
-        if failure.check(FileNotFoundError) and self._runs.get(run.run_id) is not run:
-            return fail(RunNotFound(run.run_id))
+    def _read_stored_records(self, summary: Optional[RunSummary], run_id, cursor: int, limit: int):
+        if summary is None:
+            raise RunNotFound(run_id)
+        run = index.run_of(summary, self._agents[summary.agent_id].directory)
+        return Deferred.fromCoroutine(self._read_records(run, cursor, limit))
+
+    def _pruned_while_read(self, failure, run_id):
+        if failure.check(FileNotFoundError) and not self._known(run_id):
+            return fail(RunNotFound(run_id))
         return failure
+
+    def _known(self, run_id) -> bool:
+        """Whether the store may hold C{run_id} (held, or an id of its hash kept)."""
+        return run_id in self._runs or bool(self._ids.find(hash(run_id)))
 
     async def _read_records(self, run: RunState, cursor: int, limit: int):
         """
@@ -566,7 +773,7 @@ class FileRunStore:
         """
         if run.last_write is not None and not run.last_write.settled:
             await run.last_write.wait()
-            if self._runs.get(run.run_id) is not run:
+            if run.overall is None and self._runs.get(run.run_id) is not run:
                 raise RunNotFound(run.run_id)  # its start failed
         try:
             for _ in range(2):
@@ -637,9 +844,32 @@ class FileRunStore:
             if runs is None:
                 parse_position_cursor(cursor, 0)
                 return succeed(([], None))
-            return succeed(runs.page(cursor, limit, status))
+            chosen, cursor = runs.chosen(cursor, limit, status)
         except ValueError as e:
             return fail(e)
+        if runs is not self._everyone:
+            chosen = [runs.overall[local] for local in chosen]
+        held = [self._held.get(overall) for overall in chosen]
+        page = [None if run is None else run.summary() for run in held]
+        places = [self._place(overall) for overall, run in zip(chosen, held) if run is None]
+        if not places:
+            return succeed((page, cursor))
+        d = self._in_thread(self._index_files.read_runs, places)
+        d.addCallback(self._page, page, cursor)
+        return d
+
+    def _page(self, stored: list, page: list, cursor):
+        """A page with the runs read back from the indexes filled in."""
+        stored = iter(stored)
+        filled = []
+        for summary in page:
+            if summary is None:
+                summary = next(stored)
+                if summary is None:
+                    log.warn("file store: an index no longer holds a run it held at start; not listed")
+                    continue
+            filled.append(summary)
+        return filled, cursor
 
     def open_runs(self):
         return succeed(
@@ -651,25 +881,47 @@ class FileRunStore:
     def prune_runs(self, ended_before, limit):
         if self._closed is not None:
             return fail(RuntimeError("the file store is closed"))
-        # The scan runs on a disk thread over a snapshot (a C-speed copy), so
-        # a store of millions of runs never holds the reactor for long.
-        d = self._in_thread(_prunable, list(self._runs.values()), ended_before, limit)
+        d = self._prunable(ended_before, limit)
         d.addCallback(self._prune, ended_before)
+        return d
+
+    def _prunable(self, ended_before: str, limit) -> Deferred:
+        """
+        The runs ended before the cut: C{(agent, position, run)} each, the
+        held ones first, then those read from the indexes on a disk thread
+        (over copies of the offsets: a C-speed copy, so a store of millions
+        of runs never holds the reactor for long).
+        """
+        found = []
+        for run in self._runs.values():
+            if run.overall is not None and _is_prunable(run, ended_before):
+                found.append((self._agents[run.agent_id], self._everyone.locals[run.overall], run))
+        if limit is not None and len(found) >= limit:
+            return succeed(found[:limit])
+        agents = [(agent, array("q", agent.starts), array("q", agent.ends)) for agent in self._numbered]
+        more = None if limit is None else limit - len(found)
+        d = self._in_thread(_stored_prunable, agents, ended_before, more)
+        d.addCallback(lambda stored: found + stored)
         return d
 
     def _prune(self, candidates, ended_before):
         """Forget the runs (still prunable) at once, then delete their files."""
-        runs = [
-            run
-            for run in candidates
-            if self._runs.get(run.run_id) is run and _is_prunable(run, ended_before)
-        ]
-        for run in runs:
-            del self._runs[run.run_id]
+        runs = []
+        for agent, local, run in candidates:
+            if run.overall is not None:  # held in memory (one read back has none)
+                if self._runs.get(run.run_id) is not run or not _is_prunable(run, ended_before):
+                    continue
+                del self._runs[run.run_id], self._held[run.overall]
+            elif agent.ends[local] < 0:
+                continue  # pruned meanwhile
+            overall = agent.overall[local]
+            agent.remove(local, run.status)
+            self._everyone.remove(overall, run.status)
+            agent.starts[local] = agent.ends[local] = -1
+            self._ids.remove(hash(run.run_id), overall)
             self.corrupt_runs.discard(run.run_id)
             self._offsets.pop(run.run_id, None)
-            self._agents[run.agent_id].remove(run)
-            self._everyone.remove(run)
+            runs.append(run)
         d = self._in_thread(self._delete_runs, runs)
         d.addCallback(self._deleted, runs)
         return d
@@ -709,7 +961,7 @@ class FileRunStore:
         return [run.run_id for run in runs]
 
     def count_prunable(self, ended_before):
-        d = self._in_thread(_prunable, list(self._runs.values()), ended_before, None)
+        d = self._prunable(ended_before, None)
         d.addCallback(len)
         return d
 
@@ -740,6 +992,7 @@ class FileRunStore:
 
     def _stop_threads(self) -> None:
         self._pool.stop()
+        self._index_files.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -765,5 +1018,59 @@ def _is_prunable(run: RunState, ended_before: str) -> bool:
     )
 
 
-def _prunable(runs, ended_before: str, limit) -> list:
-    return list(itertools.islice((r for r in runs if _is_prunable(r, ended_before)), limit))
+def _give_back_memory() -> None:
+    """
+    Hand back to the system the memory loading freed: the C allocator
+    (glibc's) keeps it otherwise, about as much again as a store of a
+    million runs holds. Elsewhere, nothing to do.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _stored_prunable(agents: list, ended_before: str, limit) -> list:
+    """
+    On a disk thread: up to C{limit} runs read back from the indexes that
+    ended before the cut, C{(agent, position, run)} each.
+    """
+    found = []
+    for agent, starts, ends in agents:
+        left = None if limit is None else limit - len(found)
+        try:
+            ended = index.read_ended(agent.agent_id, agent.directory, starts, ends, ended_before, left)
+        except OSError:
+            continue  # an index gone since start: its runs are not listed either
+        found.extend((agent, local, run) for local, run in ended)
+        if len(found) == limit:
+            break
+    return found
+
+
+def _without_duplicates(loaded: list, notes: list) -> list:
+    """
+    The loaded agents without the runs an earlier agent holds too (found by
+    the hash of their id, checked by the id): such a run is not served.
+    """
+    hashes = sorted(itertools.chain.from_iterable(agent.hashes for agent in loaded))
+    shared = {h for h, following in zip(hashes, itertools.islice(hashes, 1, None)) if h == following}
+    del hashes
+    if not shared:
+        return loaded
+    seen, kept = set(), []
+    for agent in loaded:
+        positions = [n for n, h in enumerate(agent.hashes) if h in shared]
+        entries = index.read_entries(agent.directory, [agent.starts[n] for n in positions])
+        doubled = set()
+        for n, entry in zip(positions, entries):
+            run_id = entry.get("start") if entry is not None else None
+            if not isinstance(run_id, str):
+                continue
+            if run_id in seen:
+                path = os.path.join(agent.directory, naming.encode_name(run_id) + naming.RUN_SUFFIX)
+                notes.append(f"{path}: run {run_id!r} is also elsewhere; not served")
+                doubled.add(n)
+            seen.add(run_id)
+        kept.append(agent.without(doubled) if doubled else agent)
+    return kept

@@ -9,6 +9,7 @@ lie.
 """
 
 import hashlib
+import re
 from typing import Optional
 
 RUNS = "runs"
@@ -25,6 +26,8 @@ _HEX = frozenset("0123456789abcdef")
 #: name at 255 bytes. "~" never appears in a plain encoding.
 _LONGEST_PLAIN = 120
 _HASHED_PREFIX = 64
+#: An id that is its own name (most are): loading checks a million names.
+_OWN_NAME = re.compile(r"[a-z0-9_-]{1,120}")
 
 
 def encode_name(identifier: str) -> str:
@@ -34,6 +37,8 @@ def encode_name(identifier: str) -> str:
     L{decode_name}; a hashed (long) name is reversed by the record inside:
     the index header names its agent, the ``started`` record its run.
     """
+    if _OWN_NAME.fullmatch(identifier):
+        return identifier
     raw = identifier.encode("utf-8", "surrogatepass")
     name = "".join(chr(b) if b in _PLAIN else f"%{b:02x}" for b in raw) or "%"
     if len(name) > _LONGEST_PLAIN:

@@ -21,7 +21,10 @@ def encode_line(record: dict) -> bytes:
 
 @dataclass(eq=False)
 class RunState:
-    """What the store keeps in memory about one run: its summary and file."""
+    """
+    A run's summary and file: what the store keeps in memory about an open
+    run, and reads back from the index for another.
+    """
 
     run_id: str
     agent_id: str
@@ -34,6 +37,8 @@ class RunState:
     turn_count: int = 0
     #: The last write to this run handed to the disk thread (reads wait for it).
     last_write: object = None
+    #: Its position among every agent's runs, once the store filed it.
+    overall: Optional[int] = None
 
     def summary(self) -> RunSummary:
         return RunSummary(
