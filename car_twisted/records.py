@@ -56,8 +56,9 @@ class _RunIdMinter:
         self._counter = 0
         #: The text of the current millisecond and the version digit.
         self._prefix = ""
-        # Random bits read 512 ids at a time: one system call, not one per id.
-        self._random = b""
+        # Random bits read 512 ids at a time, as hex text: one system call,
+        # not one per id, and no number to format per id.
+        self._random = ""
         self._used = 0
 
     def __call__(self) -> str:
@@ -69,21 +70,23 @@ class _RunIdMinter:
                 self._counter += 1
                 if self._counter > 0xFFF:
                     self._next_ms(self._last_ms + 1)
-            prefix, counter = self._prefix, self._counter
-            if self._used == len(self._random):
-                self._random, self._used = os.urandom(4096), 0
-            # 62 random bits under the variant bits 0b10.
-            rand = int.from_bytes(self._random[self._used : self._used + 8], "big") & (2**62 - 1) | 2**63
-            self._used += 8
-        # The canonical 8-4-4-4-12 form, without building a uuid.UUID.
-        r = f"{rand:016x}"
-        return f"{prefix}{counter:03x}-{r[:4]}-{r[4:]}"
+            prefix, counter, used = self._prefix, self._counter, self._used
+            if used == len(self._random):
+                self._random, used = os.urandom(4096).hex(), 0
+            self._used = used + 16
+            r = self._random[used : used + 16]
+        # The canonical 8-4-4-4-12 form, without building a uuid.UUID: 62
+        # random bits under the variant bits 0b10.
+        return f"{prefix}{counter:03x}-{_VARIANT[r[0]]}{r[1:4]}-{r[4:]}"
 
     def _next_ms(self, ms: int) -> None:
         self._last_ms, self._counter = ms, 0
         h = f"{ms:012x}"
         self._prefix = f"{h[:8]}-{h[8:]}-7"
 
+
+#: A hex digit -> the digit with its top two bits set to the variant 0b10.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 new_run_id = _RunIdMinter()
 
