@@ -156,29 +156,24 @@ class Dispatcher:
                 Reply(encode(error_response(id_, InvalidRequest.code, self._too_deep))),
                 InvalidRequest.code,
             )
-        if type(message) is dict:
+        if not isinstance(message, list):
             return self._answer_request(session, message)
+        if not message:
+            return self._refuse(self._empty_batch, InvalidRequest.code)
+        if len(message) > self._max_batch:
+            return self._refuse(self._long_batch, InvalidRequest.code)
         closing = []  # the errors of this frame that close the connection
-        if isinstance(message, list):
-            if not message:
-                return self._refuse(self._empty_batch, InvalidRequest.code)
-            if len(message) > self._max_batch:
-                return self._refuse(self._long_batch, InvalidRequest.code)
-            answers = [self._handle(session, m, closing) for m in message]
-            if any(isinstance(a, Deferred) for a in answers):
-                d = gatherResults([as_deferred(a) for a in answers])
-                d.addCallback(lambda rs: _reply(self._batch_frame(rs), closing))
-                return d
-            return _reply(self._batch_frame(answers), closing)
-        answer = self._handle(session, message, closing)
-        if isinstance(answer, Deferred):
-            return answer.addCallback(lambda r: _reply(None if r is None else self._frame(r), closing))
-        return _reply(None if answer is None else self._frame(answer), closing)
+        answers = [self._handle(session, m, closing) for m in message]
+        if any(isinstance(a, Deferred) for a in answers):
+            d = gatherResults([as_deferred(a) for a in answers])
+            d.addCallback(lambda rs: _reply(self._batch_frame(rs), closing))
+            return d
+        return _reply(self._batch_frame(answers), closing)
 
-    def _answer_request(self, session, request: dict):
+    def _answer_request(self, session, request):
         """
-        A frame of one request object: L{_handle} and the frame in one step,
-        without a closure when the method's outcome is a value.
+        A frame of one request (not a batch): L{_handle} and the frame in
+        one step, without a closure when the method answers with a dict.
         """
         id_ = _request_id(request)
         try:
