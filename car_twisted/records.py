@@ -78,10 +78,9 @@ class _RunIdMinter:
                 self._random, used = os.urandom(4096).hex(), 0
             self._used = used + 16
             r = self._random[used : used + 16]
-        # The canonical 8-4-4-4-12 form, without building a uuid.UUID: 62
-        # random bits under the variant bits 0b10.
-        # hex() of the counter over a 13th bit: three digits, and faster
-        # than a format spec.
+        # The canonical 8-4-4-4-12 form, without building a uuid.UUID: the
+        # counter's three digits by hex() over a 13th bit (a format spec
+        # costs more), then 62 random bits under the variant bits 0b10.
         return f"{prefix}{hex(0x1000 | counter)[3:]}-{_VARIANT[r[0]]}{r[1:4]}-{r[4:]}"
 
     def _next_ms(self, ms: int) -> None:

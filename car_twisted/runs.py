@@ -472,7 +472,7 @@ class RunService:
         )
         outcome = self._stored(self.store.start_run(record))
         if outcome is not None:
-            # Not stored yet, or refused.
+            # Not stored yet, or refused (a stored write fires with None).
             return then(
                 outcome,
                 lambda _: self._started(run_id, agent_id),
@@ -672,10 +672,10 @@ def _start_params(params: dict) -> tuple:
     L{RunService._resolve_agent} to check), as L{text_param} and
     L{id_param} read them; the common case in one pass.
     """
-    get = params.get
-    intent, description, key, agent_id = (
-        get("intent"), get("outcome_description"), get("idempotency_key"), get("agent_id")
-    )  # fmt: skip
+    intent = params.get("intent")
+    description = params.get("outcome_description")
+    key = params.get("idempotency_key")
+    agent_id = params.get("agent_id")
     if not (type(intent) is str and intent):
         intent = text_param(params, "intent", required=True)
     if not (description is None or type(description) is str and description):
