@@ -156,19 +156,42 @@ class Dispatcher:
                 Reply(encode(error_response(id_, InvalidRequest.code, self._too_deep))),
                 InvalidRequest.code,
             )
+        if not isinstance(message, list):
+            return self._answer_request(session, message)
+        if not message:
+            return self._refuse(self._empty_batch, InvalidRequest.code)
+        if len(message) > self._max_batch:
+            return self._refuse(self._long_batch, InvalidRequest.code)
         closing = []  # the errors of this frame that close the connection
-        if isinstance(message, list):
-            if not message:
-                return self._refuse(self._empty_batch, InvalidRequest.code)
-            if len(message) > self._max_batch:
-                return self._refuse(self._long_batch, InvalidRequest.code)
-            answers = [self._handle(session, m, closing) for m in message]
-            if any(isinstance(a, Deferred) for a in answers):
-                d = gatherResults([as_deferred(a) for a in answers])
-                d.addCallback(lambda rs: _reply(self._batch_frame(rs), closing))
-                return d
-            return _reply(self._batch_frame(answers), closing)
-        answer = self._handle(session, message, closing)
+        answers = [self._handle(session, m, closing) for m in message]
+        if any(isinstance(a, Deferred) for a in answers):
+            d = gatherResults([as_deferred(a) for a in answers])
+            d.addCallback(lambda rs: _reply(self._batch_frame(rs), closing))
+            return d
+        return _reply(self._batch_frame(answers), closing)
+
+    def _answer_request(self, session, request):
+        """
+        A frame of one request (not a batch): L{_handle} and the frame in
+        one step, without a closure when the method answers with a dict.
+        """
+        id_ = _request_id(request)
+        try:
+            name, params = _parse(request, id_)
+        except InvalidRequest as e:
+            self._on_error(e.code)
+            return Reply(self._frame(error_response(None if id_ is _NO_ID else id_, e.code, e.message)))
+        try:
+            outcome = self._call(name, session, params)
+        except BaseException:
+            outcome = Failure()
+        else:
+            if type(outcome) is dict:  # the common case, known at once
+                if id_ is _NO_ID:
+                    return Reply(None)
+                return Reply(self._frame({"jsonrpc": "2.0", "result": outcome, "id": id_}))
+        closing = []
+        answer = self._outcome(outcome, id_, closing)
         if isinstance(answer, Deferred):
             return answer.addCallback(lambda r: _reply(None if r is None else self._frame(r), closing))
         return _reply(None if answer is None else self._frame(answer), closing)
@@ -233,6 +256,10 @@ class Dispatcher:
             outcome = self._call(name, session, params)
         except BaseException:
             outcome = Failure()
+        return self._outcome(outcome, id_, closing)
+
+    def _outcome(self, outcome, id_, closing: list):
+        """A called request's response dict (None for a notification), or a Deferred of it."""
         if id_ is _NO_ID:
             return then(outcome, _nothing, lambda failure: self._notification_failed(failure, closing))
         return then(

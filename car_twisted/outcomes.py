@@ -20,20 +20,22 @@ def then(outcome, callback, errback=None):
     L{Failure}; without one, a failure passes on as it is).
 
     A Deferred that has already fired counts as known: its result is taken
-    from it by a callback that runs at once, the way
-    C{SynchronousTestCase.successResultOf} reads it. A known outcome is
-    continued now: the step's return value is returned, or the L{Failure} of
-    what it raised. A pending one gets the step added to its callbacks and
-    is returned.
+    from it through the await protocol, as C{await} does when there is
+    nothing to wait for (a value comes back, a failure is raised and no
+    longer logged as unhandled). A known outcome is continued now: the
+    step's return value is returned, or the L{Failure} of what it raised. A
+    pending one gets the step added to its callbacks and is returned.
     """
     if isinstance(outcome, Deferred):
-        known = []
-        outcome.addBoth(known.append)
-        if not known:
-            # Fires later: give the chain its result back, then go on.
-            outcome.addBoth(lambda _: known[0])
+        try:
+            next(outcome.__await__())
+        except StopIteration as fired:
+            outcome = fired.value
+        except BaseException:
+            outcome = Failure()
+        else:
+            # Fires later.
             return outcome.addCallbacks(callback, errback)
-        outcome = known[0]
     try:
         if isinstance(outcome, Failure):
             return outcome if errback is None else errback(outcome)

@@ -103,7 +103,8 @@ class Outbox:
 
     def answer(self, frame: bytes) -> None:
         if not self._paused:
-            self._hand(frame)
+            self._written += len(frame)
+            self._write(frame)
             return
         if self._answers is _NOTHING_WAITING:
             self._answers = deque()
@@ -261,7 +262,7 @@ class RunTracingProtocol(WebSocketServerProtocol):
         self.in_flight += 1
         try:
             reply = self.factory.dispatcher.answer(self.session, payload)
-            if not isinstance(reply, Reply):
+            if type(reply) is not Reply:
                 reply.addCallback(self._answer)
                 reply.addErrback(self._failed)
                 reply.addBoth(self._settled)

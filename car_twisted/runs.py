@@ -36,7 +36,7 @@ from car_twisted.interfaces import (
     end_position,
     status_of,
 )
-from car_twisted.limits import MAX_TURN_BYTES, MAX_TURNS_PER_RUN
+from car_twisted.limits import MAX_ID, MAX_TURN_BYTES, MAX_TURNS_PER_RUN
 from car_twisted.metrics import DaemonMetrics
 from car_twisted.outcomes import as_deferred, then
 from car_twisted.records import (
@@ -452,29 +452,33 @@ class RunService:
         )
 
     def start(self, session: Session, params: dict):
-        intent = text_param(params, "intent", required=True)
-        description = text_param(params, "outcome_description")
-        idempotency_key = id_param(params, "idempotency_key")
-        agent_id = self._resolve_agent(session, params)
+        intent, description, idempotency_key, agent_id = _start_params(params)
+        if agent_id is None or session.role is not None or session.agent_id is not None:
+            agent_id = self._resolve_agent(session, params)
         run_id = keyed_run_id(agent_id, idempotency_key) if idempotency_key else new_run_id()
         if run_id in self._live:
             return self._restart(session, run_id, self._live[run_id].agent_id, agent_id)
-        live = LiveRun(run_id=run_id, agent_id=agent_id, producer=session, client_id=session.client_id)
+        client_id = session.client_id
+        live = LiveRun(run_id, agent_id, session, client_id)
         self._live[run_id] = live
         session.producing.add(run_id)
         session.current_run_id = run_id
         record = started_record(
             run_id,
             agent_id,
-            session.client_id,
+            client_id,
             clip_text(intent),
             clip_text(description) if description is not None else None,
         )
-        return then(
-            self._stored(self.store.start_run(record)),
-            lambda _: self._started(run_id, agent_id),
-            lambda failure: self._start_failed(failure, session, live),
-        )
+        outcome = self._stored(self.store.start_run(record))
+        if outcome is not None:
+            # Not stored yet, or refused (a stored write fires with None).
+            return then(
+                outcome,
+                lambda _: self._started(run_id, agent_id),
+                lambda failure: self._start_failed(failure, session, live),
+            )
+        return self._started(run_id, agent_id)
 
     def _start_failed(self, failure, session: Session, live: LiveRun):
         """Undo a start the store refused; a run id it holds already is restarted."""
@@ -659,6 +663,28 @@ class RunService:
             "client_id": session.client_id,
             "resumed_from_client_id": resumed_from,
         }
+
+
+def _start_params(params: dict) -> tuple:
+    """
+    The parameters of ``runs.start``: intent, outcome_description,
+    idempotency_key and agent_id (None when absent, else for
+    L{RunService._resolve_agent} to check), as L{text_param} and
+    L{id_param} read them; the common case in one pass.
+    """
+    intent = params.get("intent")
+    description = params.get("outcome_description")
+    key = params.get("idempotency_key")
+    agent_id = params.get("agent_id")
+    if not (type(intent) is str and intent):
+        intent = text_param(params, "intent", required=True)
+    if not (description is None or type(description) is str and description):
+        description = text_param(params, "outcome_description")
+    if not (key is None or type(key) is str and 0 < len(key) <= MAX_ID):
+        key = id_param(params, "idempotency_key")
+    if not (type(agent_id) is str and 0 < len(agent_id) <= MAX_ID):
+        agent_id = None
+    return intent, description, key, agent_id
 
 
 def _cancel_expiry(live: LiveRun) -> None:

@@ -1,5 +1,6 @@
 """Run ids and the other values records are made of."""
 
+import itertools
 import time
 import uuid
 from datetime import datetime, timezone
@@ -8,7 +9,9 @@ from types import SimpleNamespace
 from twisted.trial import unittest
 
 from car_twisted import records
-from car_twisted.records import agent_slug, new_run_id, now
+from car_twisted.errors import RPCError
+from car_twisted.records import agent_slug, id_param, new_run_id, now, text_param
+from tests.support import InProcessDaemon
 
 
 class RunIdTests(unittest.TestCase):
@@ -52,3 +55,60 @@ class ValueTests(unittest.TestCase):
         expected = [stamp.replace("+00:00", "Z") for stamp in expected]
         self.assertEqual(stamps, expected)
         self.assertEqual(stamps[2], "2023-11-14T22:13:21.000Z")
+
+
+class StartParamsTests(unittest.TestCase):
+    def test_runs_start_reads_params_as_the_general_readers(self):
+        """runs.start reads its parameters in one pass, yet answers every
+        combination of well-formed and malformed intent, outcome_description,
+        idempotency_key and agent_id, from an unbound, an agent-bound and a
+        host session, exactly as text_param, id_param and the agent
+        resolution give it in that order: the same error, or the same agent
+        and stored texts."""
+        values = [ABSENT, None, "", "x", 7, ["x"], "k" * 256, "k" * 257]
+        sessions = [(None, None), (None, "bound-agent"), ("agent", "bound-agent"), ("host", None)]
+        checked = 0
+        for intent, description, key, agent_id in itertools.product(values, repeat=4):
+            params = {
+                name: value
+                for name, value in (
+                    ("intent", intent),
+                    ("outcome_description", description),
+                    ("idempotency_key", key),
+                    ("agent_id", agent_id),
+                )
+                if value is not ABSENT
+            }
+            for role, bound in sessions:
+                daemon = InProcessDaemon(environ={})
+                session = daemon.session()
+                session.role, session.agent_id = role, bound
+                expected = _read_start(daemon, session, params)
+                try:
+                    got = daemon.runs.start(session, params)
+                except RPCError as e:
+                    got = e.message
+                else:
+                    summary = self.successResultOf(daemon.store.get_run(got["run_id"]))
+                    records_, _ = self.successResultOf(daemon.store.read_records(got["run_id"], 0, 1))
+                    got = (summary.agent_id, records_[0]["intent"], records_[0]["outcome_description"])
+                self.assertEqual(got, expected, (params, role))
+                checked += 1
+        self.assertEqual(checked, len(values) ** 4 * len(sessions))
+
+
+#: A parameter left out.
+ABSENT = object()
+
+
+def _read_start(daemon, session, params):
+    """What runs.start must answer, by the general readers: the error's
+    message, or (agent_id, intent, outcome_description)."""
+    try:
+        intent = text_param(params, "intent", required=True)
+        description = text_param(params, "outcome_description")
+        id_param(params, "idempotency_key")
+        agent_id = daemon.runs._resolve_agent(session, params)
+    except RPCError as e:
+        return e.message
+    return agent_id, intent, description

@@ -22,7 +22,6 @@ class MemoryRunStore:
 
     def __init__(self):
         self._records = {}  # run_id -> [record]
-        self._turns = {}  # run_id -> number of turn records
         # agent_id -> [run_id] in start order, and every run_id in start
         # order; a pruned run leaves None, so cursors stay valid.
         self._by_agent = {}
@@ -36,7 +35,6 @@ class MemoryRunStore:
         if run_id in self._records:
             return fail(RunExists(run_id))
         self._records[run_id] = [dict(started)]
-        self._turns[run_id] = 0
         self._by_agent.setdefault(started["agent_id"], []).append(run_id)
         self._started.append(run_id)
         return succeed(None)
@@ -54,12 +52,11 @@ class MemoryRunStore:
             records = self._open(run_id)
         except (RunNotFound, RunTerminal) as e:
             return fail(e)
-        base = self._turns[run_id]
+        base = len(records) - 1  # the started record, then the turns
         if base + len(turns) > max_turns:
             return fail(TurnLimitReached(run_id))
         stamped = [dict(t, index=base + i) for i, t in enumerate(turns)]
         records.extend(stamped)
-        self._turns[run_id] = base + len(turns)
         return succeed([dict(r) for r in stamped])
 
     def end_run(self, run_id, ended):
@@ -115,7 +112,6 @@ class MemoryRunStore:
         pruned = list(itertools.islice(self._prunable(ended_before), limit))
         for run_id in pruned:
             records = self._records.pop(run_id)
-            del self._turns[run_id]
             for run_ids in (self._by_agent[records[0]["agent_id"]], self._started):
                 run_ids[run_ids.index(run_id)] = None
         return succeed(pruned)
