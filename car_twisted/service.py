@@ -168,6 +168,8 @@ class DaemonService(MultiService):
         #: Called with the failure if the daemon cannot start (C{ready}
         #: fails too).
         self.start_failed = None
+        #: Called once the daemon serves, before C{ready} fires.
+        self.serving = None
 
     def share(self, sharing: SharedStoreService) -> None:
         """Join the other daemons of a shared store once it is recovered."""
@@ -228,9 +230,12 @@ class DaemonService(MultiService):
         self.listeners.startService()
         self.http.startService()
         try:
-            return await gatherResults([e.listened for e in self._endpoints], consumeErrors=True)
+            ports = await gatherResults([e.listened for e in self._endpoints], consumeErrors=True)
         except FirstError as e:
             e.subFailure.raiseException()
+        if self.serving is not None:
+            self.serving()
+        return ports
 
     def stopService(self):
         Service.stopService(self)

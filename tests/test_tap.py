@@ -1,6 +1,7 @@
 """``twistd car``: option parsing, the service it builds, the auth secrets
 it makes at start, and what it logs."""
 
+import gc
 import os
 import sys
 
@@ -167,14 +168,17 @@ class OpenFileLimitTests(unittest.TestCase):
 class ServiceTests(unittest.TestCase):
     async def test_service_serves_and_stops(self):
         """The service listens on its endpoint, answers JSON-RPC, and stops
-        listening when stopped."""
+        listening when stopped. Once it serves, the objects made at start-up
+        are frozen out of garbage collection (twistd's daemon only)."""
         options = Options()
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--http", "none", "--store", "memory", "--no-auth", "--data-dir", self.mktemp()])
         service = makeService(options)
+        self.addCleanup(gc.unfreeze)
         service.startService()
         (listening,) = await service.ready
         port = listening.getHost().port
         ws = await RPCClient.connect(port)
+        self.assertGreater(gc.get_freeze_count(), 0)
         started = await ws.call("runs.start", {"agent_id": "a", "intent": "x"})
         self.assertEqual(started["agent_id"], "a")
         await ws.close()
