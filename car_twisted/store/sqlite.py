@@ -23,6 +23,7 @@ import orjson
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -41,6 +42,8 @@ from car_twisted.store.cursors import parse_seq_cursor
 from car_twisted.store.pending import PendingWrite
 from car_twisted.store.rows import summary_from_row, to_bytes, to_text
 
+log = Logger()
+
 DATABASE_NAME = "runs.sqlite3"
 #: Beside the database, C{flock()}ed by the one store using it.
 LOCK_SUFFIX = ".lock"
@@ -49,7 +52,11 @@ LOCK_SUFFIX = ".lock"
 FULL_CHECK_BYTES = 256 * 2**20
 
 #: The schema version this code writes and understands (C{PRAGMA user_version}).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The page size of a database this code creates (an existing one keeps its
+#: own): a start dirties a leaf page of the agent's index, so at 50 agents a
+#: commit writes dozens of mostly unchanged pages to the WAL (docs/storage.md).
+PAGE_SIZE = 2048
 
 # Ids and texts come from the network and may hold lone surrogates, which
 # UTF-8 cannot encode: they are kept as BLOBs of their surrogate-passing
@@ -68,8 +75,8 @@ CREATE TABLE runs (
     record_count INTEGER NOT NULL
 );
 CREATE INDEX runs_by_agent ON runs (agent_id, seq);
-CREATE INDEX runs_by_agent_status ON runs (agent_id, status, seq);
-CREATE INDEX runs_open ON runs (seq) WHERE status = 'in_progress';
+CREATE INDEX runs_ended_by_agent ON runs (agent_id, status, seq) WHERE status != 'in_progress';
+CREATE INDEX runs_open ON runs (seq, agent_id) WHERE status = 'in_progress';
 CREATE TABLE records (
     run INTEGER NOT NULL REFERENCES runs (seq),
     position INTEGER NOT NULL,
@@ -78,6 +85,19 @@ CREATE TABLE records (
 ) WITHOUT ROWID;
 """
 
+#: The statements bringing a database of each older version to the next
+#: one, run at open in the opening transaction (docs/storage.md, "Schema
+#: versions"). Version 2: a start no longer writes a status index entry,
+#: only an end does; open runs carry their agent for a filtered listing.
+MIGRATIONS = {
+    1: """
+DROP INDEX runs_by_agent_status;
+DROP INDEX runs_open;
+CREATE INDEX runs_ended_by_agent ON runs (agent_id, status, seq) WHERE status != 'in_progress';
+CREATE INDEX runs_open ON runs (seq, agent_id) WHERE status = 'in_progress';
+""",
+}
+
 _SUMMARY_COLUMNS = (
     "run_id, agent_id, intent, started_at, ended_at, status, outcome_status, turn_count"
 )
@@ -85,9 +105,16 @@ LIST_RUNS = f"""
     SELECT seq, {_SUMMARY_COLUMNS} FROM runs
     WHERE agent_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?
 """
-LIST_RUNS_WITH_STATUS = f"""
+LIST_ENDED_RUNS = f"""
     SELECT seq, {_SUMMARY_COLUMNS} FROM runs
-    WHERE agent_id = ? AND status = ? AND seq < ? ORDER BY seq DESC LIMIT ?
+    WHERE agent_id = ? AND status = ? AND status != 'in_progress' AND seq < ?
+    ORDER BY seq DESC LIMIT ?
+"""
+# The open runs of all agents are few (at most the live ones, and those a
+# crash left), an agent's runs may be millions: search the former.
+LIST_OPEN_RUNS = f"""
+    SELECT seq, {_SUMMARY_COLUMNS} FROM runs INDEXED BY runs_open
+    WHERE agent_id = ? AND status = 'in_progress' AND seq < ? ORDER BY seq DESC LIMIT ?
 """
 LIST_ALL_RUNS = f"""
     SELECT seq, {_SUMMARY_COLUMNS} FROM runs WHERE seq < ? ORDER BY seq DESC LIMIT ?
@@ -119,12 +146,6 @@ _WRITES_PER_STATEMENT = 256
 
 class RunDatabaseError(Exception):
     """The run database cannot be used; the message names the file and why."""
-
-
-
-
-
-
 
 
 def _query(db, query, arguments) -> list:
@@ -312,8 +333,6 @@ def _prune_runs(db, writes: list) -> list:
     return outcomes
 
 
-
-
 def _connect(path: str) -> sqlite3.Connection:
     # isolation_level=None: this module issues BEGIN / COMMIT itself.
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -384,6 +403,9 @@ def _create(path: str) -> None:
 
 def _prepare(connection: sqlite3.Connection, path: str) -> None:
     try:
+        # Takes effect only on an empty database (and only outside a
+        # transaction): one with pages keeps its page size.
+        connection.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         connection.execute("BEGIN IMMEDIATE")
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
@@ -394,9 +416,7 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
                     "database (it has tables and no schema version); move it "
                     "away or choose another --data-dir"
                 )
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    connection.execute(statement)
+            _run_script(connection, SCHEMA)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version > SCHEMA_VERSION:
             raise RunDatabaseError(
@@ -406,6 +426,12 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
             )
         else:
             _check_integrity(connection, path)
+            if version < SCHEMA_VERSION:
+                _migrate(connection, version)
+                log.info(
+                    "migrated the run database {path} from schema version {old} to {new}",
+                    path=path, old=version, new=SCHEMA_VERSION,
+                )  # fmt: skip
         connection.execute("COMMIT")
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
@@ -413,6 +439,25 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
         connection.execute("PRAGMA synchronous = FULL")
     except sqlite3.Error as e:
         raise RunDatabaseError(f"cannot open the run database {path}: {e}") from e
+
+
+def _run_script(connection: sqlite3.Connection, script: str) -> None:
+    """Execute C{script}'s statements in the open transaction (unlike
+    C{executescript}, which would commit it first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            connection.execute(statement)
+
+
+def _migrate(connection: sqlite3.Connection, version: int) -> None:
+    """
+    Bring a database of schema C{version} to L{SCHEMA_VERSION} inside the
+    opening transaction: a crash or an error before its commit leaves the
+    database as it was, at its old version, to be migrated at the next open.
+    """
+    for old in range(version, SCHEMA_VERSION):
+        _run_script(connection, MIGRATIONS[old])
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _check_integrity(connection: sqlite3.Connection, path: str) -> None:
@@ -719,8 +764,12 @@ class SQLiteRunStore:
     def _list_runs(db, agent, below, limit, status):
         if agent is None:
             query, args = (LIST_ALL_RUNS, ()) if status is None else (LIST_ALL_RUNS_WITH_STATUS, (status,))
+        elif status is None:
+            query, args = LIST_RUNS, (agent,)
+        elif status == "in_progress":
+            query, args = LIST_OPEN_RUNS, (agent,)
         else:
-            query, args = (LIST_RUNS, (agent,)) if status is None else (LIST_RUNS_WITH_STATUS, (agent, status))
+            query, args = LIST_ENDED_RUNS, (agent, status)
         rows = db.execute(query, (*args, below, limit + 1)).fetchall()
         page = [summary_from_row(row[1:]) for row in rows[:limit]]
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
