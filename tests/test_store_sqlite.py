@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
@@ -258,6 +259,20 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.assertEqual(records[0]["intent"], "do it")
         self.assertEqual((await store.get_run("a")).turn_count, 2)
         self.assertIsNotNone(await store.get_run("b"))
+
+    async def test_writes_of_one_reactor_turn_commit_together(self):
+        """The writes issued in one reactor turn reach the writer together,
+        at the turn's end, and commit in one transaction, even when the
+        writer is idle and the turn takes its time between them."""
+        store = self.open()
+        await store.start_run(started(run_id="seed"))
+        commits = store.commits
+        first = store.start_run(started(run_id="a"))
+        time.sleep(0.1)  # an idle writer would take the first write alone meanwhile
+        writes = [first, store.start_run(started(run_id="b")), store.append_turns("a", [turn()], 5)]
+        outcomes = await gatherResults(writes)
+        self.assertEqual([first_index(o) for o in outcomes], [None, None, 0])
+        self.assertEqual(store.commits, commits + 1)
 
     async def test_write_broken_partway_leaves_no_trace(self):
         """A write that fails after it began writing (here: an ended record

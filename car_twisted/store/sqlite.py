@@ -538,7 +538,10 @@ class SQLiteRunStore:
         self._writer = None
         self.commits = 0
         self.on_commit = lambda writes, seconds: None
-        # Writes issued on the reactor thread, taken in batches by the writer.
+        # Writes issued in this reactor turn, handed to the writer at its end.
+        self._queued = []
+        self._hand_over_call = None
+        # Writes handed over, taken in batches by the writer.
         self._pending = []
         self._wake = threading.Condition(threading.RLock())
         self._stopping = False
@@ -578,10 +581,22 @@ class SQLiteRunStore:
         write = _Write(run_id, apply, payload)
         self._last_write[run_id] = write
         self._newest_write = write
-        with self._wake:
-            self._pending.append(write)
-            self._wake.notify()
+        self._queued.append(write)
+        if self._hand_over_call is None:
+            self._hand_over_call = self._reactor.callLater(0, self._hand_over)
         return write.deferred
+
+    def _hand_over(self) -> None:
+        """
+        Give the writer the writes of the reactor turn just ended, at once:
+        one wake-up of the writer thread per turn, not one per write, and a
+        batch holds every write that turn's readable connections brought.
+        """
+        self._hand_over_call = None
+        queued, self._queued = self._queued, []
+        with self._wake:
+            self._pending += queued
+            self._wake.notify()
 
     def start_run(self, started):
         return self._submit(started["run_id"], _start_runs, dict(started))
@@ -607,8 +622,7 @@ class SQLiteRunStore:
                 batch = pending[i : i + _WRITES_PER_COMMIT]
                 started = time.monotonic()
                 outcomes = self._commit(batch)
-                self._reactor.callFromThread(self.on_commit, len(batch), time.monotonic() - started)
-                self._reactor.callFromThread(self._settle, batch, outcomes)
+                self._reactor.callFromThread(self._settle, batch, outcomes, time.monotonic() - started)
         self._writer.close()
         self._reactor.callFromThread(self._stopped.callback, None)
 
@@ -673,7 +687,9 @@ class SQLiteRunStore:
             return failure
         return outcomes
 
-    def _settle(self, batch, outcomes) -> None:
+    def _settle(self, batch, outcomes, seconds) -> None:
+        """On the reactor: hand each write of a committed batch its outcome."""
+        self.on_commit(len(batch), seconds)
         last_write = self._last_write
         for write, outcome in zip(batch, outcomes):
             if last_write.get(write.run_id) is write:
@@ -828,6 +844,9 @@ class SQLiteRunStore:
             for connection in self._reader_connections:
                 connection.close()
             self._reader_connections = []
+        if self._hand_over_call is not None:
+            self._hand_over_call.cancel()
+            self._hand_over()
         with self._wake:
             self._stopping = True
             self._wake.notify()
