@@ -53,10 +53,6 @@ FULL_CHECK_BYTES = 256 * 2**20
 
 #: The schema version this code writes and understands (C{PRAGMA user_version}).
 SCHEMA_VERSION = 2
-#: The page size of a database this code creates (an existing one keeps its
-#: own): a start dirties a leaf page of the agent's index, so at 50 agents a
-#: commit writes dozens of mostly unchanged pages to the WAL (docs/storage.md).
-PAGE_SIZE = 2048
 
 # Ids and texts come from the network and may hold lone surrogates, which
 # UTF-8 cannot encode: they are kept as BLOBs of their surrogate-passing
@@ -403,9 +399,6 @@ def _create(path: str) -> None:
 
 def _prepare(connection: sqlite3.Connection, path: str) -> None:
     try:
-        # Takes effect only on an empty database (and only outside a
-        # transaction): one with pages keeps its page size.
-        connection.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         connection.execute("BEGIN IMMEDIATE")
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
