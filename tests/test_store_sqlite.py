@@ -662,9 +662,10 @@ class SchemaMigrationTests(unittest.TestCase):
 
     async def test_version_1_migrated(self):
         """A version-1 database opens as the current version, with exactly
-        the tables and indexes of a database created now, serves every run
-        as written, and takes new writes."""
+        the tables and indexes of a database created now and its WAL
+        checkpointed, serves every run as written, and takes new writes."""
         store = self.open()
+        self.assertEqual(os.path.getsize(self.path + "-wal"), 0, "the migration is checkpointed")
         await self.assert_runs_as_written(store)
         self.assertEqual(schema_of(self.path), await self.current_schema())
         fresh = started(agent_id="agent-a", intent="after")
