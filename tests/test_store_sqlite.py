@@ -499,7 +499,8 @@ class SQLiteRunStoreTests(unittest.TestCase):
         """Listing (with and without a status), open-run discovery and trace
         reads each search their own index, in index order, so they stay fast
         at millions of runs: an agent's open runs are searched among the
-        open runs, not among the agent's runs."""
+        open runs, not among the agent's runs. Counting the prunable runs
+        reads the table, not the ended runs' index row by row."""
         store = self.open()
         for query, args, index in [
             (sqlite_store.LIST_RUNS, (b"a", 10, 5), "INDEX runs_by_agent (agent_id=? AND seq<?)"),
@@ -516,6 +517,9 @@ class SQLiteRunStoreTests(unittest.TestCase):
             plan = [row[-1] for row in store._writer.execute("EXPLAIN QUERY PLAN " + query, args)]
             self.assertEqual(len(plan), 1, plan)
             self.assertTrue(plan[0].endswith("USING " + index), plan)
+        # Counting what a prune would take reads the table once, in order.
+        plan = store._writer.execute("EXPLAIN QUERY PLAN " + sqlite_store.COUNT_PRUNABLE, (b"t",))
+        self.assertEqual([row[-1] for row in plan], ["SCAN runs"])
 
     async def test_close_drains_and_leaves_no_threads(self):
         """close acknowledges every pending write, then leaves no store

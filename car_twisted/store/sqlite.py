@@ -124,7 +124,12 @@ PRUNABLE = """
     SELECT seq, run_id FROM runs
     WHERE status != 'in_progress' AND ended_at < ? ORDER BY seq LIMIT ?
 """
-COUNT_PRUNABLE = "SELECT count(*) FROM runs WHERE status != 'in_progress' AND ended_at < ?"
+# Not through runs_ended_by_agent, which SQLite would pick: a row lookup per
+# ended run, three times slower than reading the table (0.3 vs 0.1 s at a
+# million runs).
+COUNT_PRUNABLE = (
+    "SELECT count(*) FROM runs NOT INDEXED WHERE status != 'in_progress' AND ended_at < ?"
+)
 READ_RECORDS = """
     SELECT body FROM records WHERE run = ? AND position >= ? ORDER BY position LIMIT ?
 """
