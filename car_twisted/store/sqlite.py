@@ -3,8 +3,9 @@ A run store in one SQLite database, for deployments that record many runs
 per second or keep millions of them.
 
 One writer thread owns the write connection and commits in batches (group
-commit): every write that arrives while a commit is in flight joins the next
-transaction. A refused write fails only its caller: each write checks before
+commit): the writes of a reactor turn are handed to it together at the
+turn's end, and every write that arrives while a commit is in flight joins
+the next transaction. A refused write fails only its caller: each write checks before
 it writes, and a write that breaks partway has its batch replayed with a
 savepoint per write. Reads run on a small thread pool with their own connections. The
 database is in WAL mode with C{synchronous=FULL}: a write's Deferred fires
