@@ -5,6 +5,8 @@ filtered, as JSON Lines or to an OTLP collector; open runs are not exported.
 
 import io
 import json
+import os
+import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -12,9 +14,10 @@ from twisted.trial import unittest
 
 from car_twisted.cli import parser
 from car_twisted.export.command import Progress, export
+from car_twisted.export.source import sqlite_page_query
 from car_twisted.records import ended_record, started_record
 from car_twisted.store.file import FileRunStore
-from car_twisted.store.sqlite import SQLiteRunStore
+from car_twisted.store.sqlite import DATABASE_NAME, SQLiteRunStore
 from tests.otlp_receiver import OTLPReceiver
 from tests.support import SUCCESS_OUTCOME
 
@@ -142,6 +145,20 @@ class SQLiteExportTests(ExportMixin, unittest.TestCase):
 
     def make_store(self, data_dir):
         return SQLiteRunStore(data_dir, reactor)
+
+    async def test_agent_read_in_order_from_its_index(self):
+        """An agent's runs are paged in seq order from the agent's index,
+        never sorted per page (which made a page of an agent with a million
+        runs take 0.25 s instead of 1 ms)."""
+        await self.fill()
+        with sqlite3.connect(os.path.join(self.data_dir, DATABASE_NAME)) as db:
+            # With statistics (a database someone ran ANALYZE on) SQLite
+            # prefers the ended runs' index, which covers the query.
+            db.execute("ANALYZE")
+            for since in (None, "2026-01-02"):
+                query, arguments = sqlite_page_query("agent-a", since, None)
+                plan = [row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + query, (0, *arguments))]
+                self.assertEqual(plan, ["SEARCH runs USING INDEX runs_by_agent (agent_id=? AND seq>?)"])
 
 
 class ProgressTests(unittest.TestCase):

@@ -2,10 +2,14 @@
 
 import os
 import shutil
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
@@ -256,6 +260,20 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.assertEqual((await store.get_run("a")).turn_count, 2)
         self.assertIsNotNone(await store.get_run("b"))
 
+    async def test_writes_of_one_reactor_turn_commit_together(self):
+        """The writes issued in one reactor turn reach the writer together,
+        at the turn's end, and commit in one transaction, even when the
+        writer is idle and the turn takes its time between them."""
+        store = self.open()
+        await store.start_run(started(run_id="seed"))
+        commits = store.commits
+        first = store.start_run(started(run_id="a"))
+        time.sleep(0.1)  # an idle writer would take the first write alone meanwhile
+        writes = [first, store.start_run(started(run_id="b")), store.append_turns("a", [turn()], 5)]
+        outcomes = await gatherResults(writes)
+        self.assertEqual([first_index(o) for o in outcomes], [None, None, 0])
+        self.assertEqual(store.commits, commits + 1)
+
     async def test_write_broken_partway_leaves_no_trace(self):
         """A write that fails after it began writing (here: an ended record
         without its timestamp) fails alone and leaves nothing behind; the
@@ -455,24 +473,53 @@ class SQLiteRunStoreTests(unittest.TestCase):
         self.assertEqual(records[1]["prompt"], "\ud83d")
         self.assertIsNone(await store.get_run("run-\udc00"))
 
+    async def test_open_runs_of_one_agent_among_many(self):
+        """An agent's in_progress listing, searched among every agent's open
+        runs, holds exactly its own open runs, newest first, paged without
+        gap or repeat while other agents' runs start and end between pages."""
+        store = self.open()
+        mine = []
+        for n in range(12):
+            record = started(agent_id=f"agent-{n % 3}")
+            await store.start_run(record)
+            if n % 3 == 0 and n % 4:
+                mine.append(record["run_id"])
+            elif n % 3 == 0:
+                await store.end_run(record["run_id"], ended_record("incomplete", reason="x"))
+        seen, cursor = [], None
+        while True:
+            page, cursor = await store.list_runs("agent-0", cursor, 1, "in_progress")
+            seen += [(s.run_id, s.agent_id, s.status) for s in page]
+            await store.start_run(started(agent_id="agent-1"))
+            if cursor is None:
+                break
+        self.assertEqual(seen, [(run_id, "agent-0", "in_progress") for run_id in reversed(mine)])
+
     def test_queries_use_indexes(self):
         """Listing (with and without a status), open-run discovery and trace
         reads each search their own index, in index order, so they stay fast
-        at millions of runs."""
+        at millions of runs: an agent's open runs are searched among the
+        open runs, not among the agent's runs. Counting the prunable runs
+        reads the table, not the ended runs' index row by row."""
         store = self.open()
         for query, args, index in [
             (sqlite_store.LIST_RUNS, (b"a", 10, 5), "INDEX runs_by_agent (agent_id=? AND seq<?)"),
             (
-                sqlite_store.LIST_RUNS_WITH_STATUS,
+                sqlite_store.LIST_ENDED_RUNS,
                 (b"a", "completed", 10, 5),
-                "INDEX runs_by_agent_status (agent_id=? AND status=? AND seq<?)",
+                "INDEX runs_ended_by_agent (agent_id=? AND status=? AND seq<?)",
             ),
+            (sqlite_store.LIST_OPEN_RUNS, (b"a", 10, 5), "INDEX runs_open (seq<?)"),
+            (sqlite_store.LIST_ALL_RUNS_WITH_STATUS, ("in_progress", 10, 5), "INDEX runs_open (seq<?)"),
             (sqlite_store.OPEN_RUNS, (), "INDEX runs_open"),
             (sqlite_store.READ_RECORDS, (1, 0, 5), "PRIMARY KEY (run=? AND position>?)"),
         ]:
             plan = [row[-1] for row in store._writer.execute("EXPLAIN QUERY PLAN " + query, args)]
             self.assertEqual(len(plan), 1, plan)
             self.assertTrue(plan[0].endswith("USING " + index), plan)
+        # Counting what a prune would take reads the table once, in order.
+        plan = store._writer.execute("EXPLAIN QUERY PLAN " + sqlite_store.COUNT_PRUNABLE, (b"t",))
+        self.assertEqual([row[-1] for row in plan], ["SCAN runs"])
 
     async def test_close_drains_and_leaves_no_threads(self):
         """close acknowledges every pending write, then leaves no store
@@ -533,3 +580,163 @@ class SQLiteDaemonTests(unittest.TestCase):
             [r["record"] for r in trace["records"]], ["started", "turn", "ended"]
         )
         self.assertEqual(trace["records"][-1]["termination"], "outcome")
+
+
+#: A run database written by the schema-1 store (the store of main at
+#: 5884ffc, through its own start_run/append_turns/end_run, then closed):
+#: eight runs of three agents, open, completed, cancelled and incomplete,
+#: one with lone surrogates in its ids.
+V1_DATABASE = os.path.join(os.path.dirname(__file__), "data", "runs-v1.sqlite3")
+V1_INDEXES = {"sqlite_autoindex_runs_1", "runs_by_agent", "runs_by_agent_status", "runs_open"}
+
+
+def schema_of(path: str):
+    """The database's schema version and its tables' and indexes' SQL."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        entries = dict(db.execute("SELECT name, sql FROM sqlite_master"))
+    return version, entries
+
+
+class SchemaMigrationTests(unittest.TestCase):
+    """A database of an older schema is brought to the current one at open,
+    in one transaction."""
+
+    def setUp(self):
+        self.data_dir = fresh_data_dir(self)
+        os.makedirs(self.data_dir, mode=0o700)
+        self.path = os.path.join(self.data_dir, "runs.sqlite3")
+        shutil.copy(V1_DATABASE, self.path)
+        version, entries = schema_of(self.path)
+        self.assertEqual((version, V1_INDEXES <= set(entries)), (1, True))
+
+    def open(self):
+        store = SQLiteRunStore(self.data_dir, reactor)
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        return store
+
+    async def current_schema(self):
+        """The schema of a database the current code creates."""
+        other = fresh_data_dir(self)
+        store = SQLiteRunStore(other, reactor)
+        await store.open()
+        await store.close()
+        return schema_of(os.path.join(other, "runs.sqlite3"))
+
+    async def assert_runs_as_written(self, store):
+        """Every run of the version-1 file reads back as it was written."""
+        page, cursor = await store.list_runs(None, None, 50, None)
+        self.assertIsNone(cursor)
+        self.assertEqual(
+            [(s.run_id, s.agent_id, s.intent, s.status, s.outcome_status, s.turn_count) for s in page],
+            [
+                ("run-8", "agent-a", "open", "in_progress", None, 1),
+                ("run-7", "agent-b", "completed", "completed", "success", 0),
+                ("run-6", "agent-a", "dropped", "incomplete", None, 2),
+                ("run-\ud800", "agent-\udfff", "dropped", "incomplete", None, 1),
+                ("run-4", "agent-a", "cancelled", "cancelled", None, 0),
+                ("run-3", "agent-a", "open", "in_progress", None, 2),
+                ("run-2", "agent-b", "open", "in_progress", None, 1),
+                ("run-1", "agent-a", "completed", "completed", "success", 0),
+            ],
+        )
+        for status, expected in [
+            (None, ["run-8", "run-6", "run-4", "run-3", "run-1"]),
+            ("in_progress", ["run-8", "run-3"]),
+            ("completed", ["run-1"]),
+            ("incomplete", ["run-6"]),
+            ("cancelled", ["run-4"]),
+        ]:
+            page, _ = await store.list_runs("agent-a", None, 50, status)
+            self.assertEqual([s.run_id for s in page], expected, status)
+        page, _ = await store.list_runs("agent-\udfff", None, 50, "incomplete")
+        self.assertEqual([s.run_id for s in page], ["run-\ud800"])
+        self.assertEqual(
+            sorted(s.run_id for s in await store.open_runs()), ["run-2", "run-3", "run-8"]
+        )
+        records, _ = await store.read_records("run-6", 0, 10)
+        self.assertEqual(
+            [r["record"] for r in records], ["started", "turn", "turn", "ended"]
+        )
+        self.assertEqual(
+            (records[1]["prompt"], records[2]["index"], records[3]["reason"]),
+            ("run-6 prompt 0", 1, "connection closed"),
+        )
+
+    async def test_version_1_migrated(self):
+        """A version-1 database opens as the current version, with exactly
+        the tables and indexes of a database created now and its WAL
+        checkpointed, serves every run as written, and takes new writes."""
+        store = self.open()
+        self.assertEqual(os.path.getsize(self.path + "-wal"), 0, "the migration is checkpointed")
+        await self.assert_runs_as_written(store)
+        self.assertEqual(schema_of(self.path), await self.current_schema())
+        fresh = started(agent_id="agent-a", intent="after")
+        await store.start_run(fresh)
+        await store.end_run("run-3", ended_record("incomplete", reason="x"))
+        page, _ = await store.list_runs("agent-a", None, 50, "in_progress")
+        self.assertEqual([s.run_id for s in page], [fresh["run_id"], "run-8"])
+        page, _ = await store.list_runs("agent-a", None, 2, "incomplete")
+        self.assertEqual([s.run_id for s in page], ["run-6", "run-3"])
+        await store.close()
+
+        store = self.open()
+        self.assertEqual((await store.get_run("run-3")).status, "incomplete")
+        self.assertEqual(schema_of(self.path), await self.current_schema())
+
+    async def test_failed_migration_leaves_version_1(self):
+        """A migration that fails partway is refused with one line naming
+        the file and leaves the database exactly as it was; the next open
+        migrates it."""
+        with open(self.path, "rb") as f:
+            before = f.read()
+        failing = self.patch(
+            sqlite_store,
+            "MIGRATIONS",
+            {1: sqlite_store.MIGRATIONS[1] + "; CREATE INDEX runs_open ON runs (seq)"},
+        )
+        caught = self.failureResultOf(SQLiteRunStore(self.data_dir, reactor).open(), RunDatabaseError)
+        self.assertIn(self.path, caught.getErrorMessage())
+        self.assertIn("runs_open already exists", caught.getErrorMessage())
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(schema_of(self.path)[0], 1)
+        self.assertTrue(V1_INDEXES <= set(schema_of(self.path)[1]))
+
+        failing.restore()
+        await self.assert_runs_as_written(self.open())
+
+    async def test_migration_killed_before_commit(self):
+        """A daemon killed (SIGKILL) with its migration applied but not
+        committed leaves a version-1 database that passes its integrity
+        check, and the next open migrates it."""
+        killed = subprocess.run(
+            [sys.executable, "-c", _KILLED_MIGRATION, self.path],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA quick_check").fetchone()[0], "ok")
+        version, entries = schema_of(self.path)
+        self.assertEqual((version, V1_INDEXES <= set(entries)), (1, True))
+        store = self.open()
+        await self.assert_runs_as_written(store)
+        self.assertEqual(schema_of(self.path), await self.current_schema())
+
+
+# Opens the database at argv[1], and is killed once the migration's
+# statements have run, before the opening transaction commits.
+_KILLED_MIGRATION = """
+import os, signal, sys
+from car_twisted.store import sqlite
+
+migrate = sqlite._migrate
+
+def migrate_then_die(connection, version):
+    migrate(connection, version)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+sqlite._migrate = migrate_then_die
+sqlite.open_database(sys.argv[1])
+"""

@@ -104,22 +104,33 @@ def _ended(records: list) -> bool:
     )
 
 
+def sqlite_page_query(agent, since, until):
+    """
+    The query listing the next C{PAGE} ended runs (their seqs) after a seq,
+    its first argument, and its other arguments. An agent's runs are read
+    in seq order from its index: SQLite would otherwise pick the ended
+    runs' index, whose order is by status, and sort all the agent's runs
+    for every page.
+    """
+    conditions, arguments = ["status != 'in_progress'", "seq > ?"], []
+    for condition, value in (
+        ("agent_id = ?", agent),
+        ("started_at >= ?", since),
+        ("started_at < ?", until),
+    ):
+        if value is not None:
+            conditions.append(condition)
+            arguments.append(value.encode("utf-8", "surrogatepass"))
+    runs = "runs" if agent is None else "runs INDEXED BY runs_by_agent"
+    query = f"SELECT seq FROM {runs} WHERE {' AND '.join(conditions)} ORDER BY seq LIMIT {PAGE}"
+    return query, arguments
+
+
 def _sqlite_runs(path: str, agent, since, until):
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     try:
         connection.execute("PRAGMA busy_timeout = 10000")
-        conditions, arguments = ["status != 'in_progress'", "seq > ?"], []
-        for condition, value in (
-            ("agent_id = ?", agent),
-            ("started_at >= ?", since),
-            ("started_at < ?", until),
-        ):
-            if value is not None:
-                conditions.append(condition)
-                arguments.append(value.encode("utf-8", "surrogatepass"))
-        query = (
-            f"SELECT seq FROM runs WHERE {' AND '.join(conditions)} ORDER BY seq LIMIT {PAGE}"
-        )
+        query, arguments = sqlite_page_query(agent, since, until)
         after = 0
         while True:
             seqs = [seq for (seq,) in connection.execute(query, (after, *arguments))]
