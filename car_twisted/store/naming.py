@@ -9,6 +9,7 @@ lie.
 """
 
 import hashlib
+import re
 from typing import Optional
 
 RUNS = "runs"
@@ -21,6 +22,8 @@ RUN_SUFFIX = ".jsonl"
 #: "." is escaped, so no name is ".", ".." or hidden.
 _PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
 _HEX = frozenset("0123456789abcdef")
+#: An id that is its own name (every run id the daemon mints, most agent ids).
+_ALL_PLAIN = re.compile(r"[a-z0-9_-]{1,120}")
 #: Longer encodings become a prefix, "~" and a digest: filesystems cap a
 #: name at 255 bytes. "~" never appears in a plain encoding.
 _LONGEST_PLAIN = 120
@@ -34,6 +37,8 @@ def encode_name(identifier: str) -> str:
     L{decode_name}; a hashed (long) name is reversed by the record inside:
     the index header names its agent, the ``started`` record its run.
     """
+    if _ALL_PLAIN.fullmatch(identifier):
+        return identifier
     raw = identifier.encode("utf-8", "surrogatepass")
     name = "".join(chr(b) if b in _PLAIN else f"%{b:02x}" for b in raw) or "%"
     if len(name) > _LONGEST_PLAIN:
