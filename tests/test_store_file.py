@@ -4,10 +4,13 @@ shows: restart, torn and damaged files, the index, modes, path escapes,
 fsync before acknowledging, and restart recovery.
 """
 
+import gc
 import json
 import os
+import weakref
 import re
 import stat
+import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
@@ -357,6 +360,25 @@ class FileRunStoreTests(unittest.TestCase):
         self.assertEqual(set(syncs), {"fdatasync"})
         page, _ = await store.list_runs("agent-a", None, 100, None)
         self.assertEqual(len(page), 41)
+
+    async def test_settled_writes_are_not_kept(self):
+        """Once a write is acknowledged, the store keeps neither its
+        Deferred nor what it wrote: a run costs its summary, not its last
+        write's records."""
+        store = await self.open()
+        record = started()
+        await store.start_run(record)
+        d = store.append_turns(record["run_id"], [turn("x" * 1000)], 10)
+        results = []
+        d.addCallback(results.append)
+        acknowledged = weakref.ref(d)
+        del d
+        await store.start_run(started())  # committed after the turns (awaited: held by this coroutine)
+        gc.collect()
+        self.assertIsNone(acknowledged())
+        stamped = results.pop()
+        self.assertEqual(sys.getrefcount(stamped), 2)  # this frame's, and the call's
+        self.assertEqual(stamped[0]["index"], 0)
 
     async def test_open_run_files_and_indexes_stay_open(self):
         """A run's file is opened once for all its writes and closed when

@@ -148,6 +148,13 @@ class _Write(PendingWrite):
     def __post_init__(self):
         PendingWrite.__init__(self)
 
+    def done(self) -> None:
+        """
+        Drop what a settled write no longer needs: the run keeps its last
+        write (reads check it), so what the write holds is kept per run.
+        """
+        self.deferred = self.data = self.value = self.previous = self.index_entry = None
+
 
 @implementer(IRunStore)
 class FileRunStore:
@@ -411,6 +418,7 @@ class FileRunStore:
                 else:
                     error = self._not_started(write, error)
             write.settle(write.value if error is None else _write_error(error))
+            write.done()
         if self._committing is None and self._closed is not None and not self._closed.called:
             self._closed.callback(None)
 
