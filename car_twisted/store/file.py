@@ -61,7 +61,7 @@ OFFSETS_KEPT = 256
 CHECKPOINT_BYTES = 4 * 1024 * 1024
 #: Files the batches keep open between writes, of each kind (the open runs'
 #: files, the agents' indexes), the most recently written.
-OPEN_FILES_KEPT = 256
+OPEN_FILES_KEPT = 64
 
 
 class RunIndex:
