@@ -12,6 +12,7 @@ from /proc/self/task over the measured window.
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -36,7 +37,15 @@ def thread_times() -> dict:
 
 
 async def measure(args) -> None:
-    store = FileRunStore(reactor, tempfile.mkdtemp(prefix="file-store-cpu-", dir=args.dir))
+    data_dir = tempfile.mkdtemp(prefix="file-store-cpu-", dir=args.dir)
+    try:
+        await run_writers(args, data_dir)
+    finally:
+        shutil.rmtree(data_dir)
+
+
+async def run_writers(args, data_dir: str) -> None:
+    store = FileRunStore(reactor, data_dir)
     await store.open()
     batches = []
     store.on_commit = lambda writes, seconds: batches.append(writes)
