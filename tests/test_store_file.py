@@ -4,10 +4,13 @@ shows: restart, torn and damaged files, the index, modes, path escapes,
 fsync before acknowledging, and restart recovery.
 """
 
+import gc
 import json
 import os
 import re
 import stat
+import sys
+import weakref
 from array import array
 
 from twisted.internet import reactor
@@ -365,6 +368,50 @@ class FileRunStoreTests(FileStoreCase):
         page, _ = await store.list_runs("agent-a", None, 100, None)
         self.assertEqual(len(page), 41)
 
+    async def test_settled_writes_are_not_kept(self):
+        """Once a write is acknowledged, the store keeps neither its
+        Deferred nor what it wrote: a run costs its summary, not its last
+        write's records."""
+        store = await self.open()
+        record = started()
+        await store.start_run(record)
+        d = store.append_turns(record["run_id"], [turn("x" * 1000)], 10)
+        results = []
+        d.addCallback(results.append)
+        acknowledged = weakref.ref(d)
+        del d
+        await store.start_run(started())  # committed after the turns (awaited: held by this coroutine)
+        gc.collect()
+        self.assertIsNone(acknowledged())
+        stamped = results.pop()
+        self.assertEqual(sys.getrefcount(stamped), 2)  # this frame's, and the call's
+        self.assertEqual(stamped[0]["index"], 0)
+
+    async def test_open_run_files_and_indexes_stay_open(self):
+        """A run's file is opened once for all its writes and closed when
+        the run ends; an agent's index is opened once for all its entries;
+        a closed store holds none of them open."""
+        opened = []
+        real_open = os.open
+        self.patch(os, "open", lambda path, *args: (opened.append(path), real_open(path, *args))[1])
+        store = await self.open()
+        first, second = started(), started()
+        await store.start_run(first)
+        await store.append_turns(first["run_id"], [turn("1")], 10)
+        await store.append_turns(first["run_id"], [turn("2")], 10)
+        await store.start_run(second)
+        await store.end_run(first["run_id"], ended_record("outcome", outcome=OUTCOME))
+        run_path = self.run_path("agent-a", first["run_id"])
+        self.assertEqual(opened.count(run_path), 1)
+        self.assertEqual(opened.count(self.index_path()), 2)  # created, then appended to
+        self.assertNotIn(os.path.abspath(run_path), open_paths())
+        self.assertIn(os.path.abspath(self.run_path("agent-a", second["run_id"])), open_paths())
+        await store.close()
+        self.assertEqual([p for p in open_paths() if p.startswith(os.path.abspath(self.data_dir))], [])
+        self.assertEqual(
+            [r["record"] for r in runfiles.read_run_file(run_path).records], ["started", "turn", "turn", "ended"]
+        )
+
     async def test_second_daemon_on_the_same_directory_is_refused(self):
         """Two stores never write the same directory at once."""
         await self.open()
@@ -572,3 +619,14 @@ class RunIdsTests(unittest.TestCase):
             self.assertEqual(position in found, position % 3 != 0, position)
         self.assertEqual(ids.find(hashes[18]), [4999])
         self.assertEqual(RunIds(array("q", hashes)).find(hashes[18]), [18, 4999])
+
+
+def open_paths() -> list:
+    """The files this process holds open."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(os.path.join("/proc/self/fd", fd)))
+        except OSError:
+            pass  # the listing's own descriptor, closed by now
+    return paths

@@ -66,6 +66,9 @@ INDEX_FILES_KEPT = 64
 #: Journal bytes after which the next batch begins a new journal file and
 #: the old one is checkpointed.
 CHECKPOINT_BYTES = 4 * 1024 * 1024
+#: Files the batches keep open between writes, of each kind (the open runs'
+#: files, the agents' indexes), the most recently written.
+OPEN_FILES_KEPT = 64
 
 
 #: Per status code, a bytes.translate table keeping that code (as 1) only.
@@ -247,9 +250,18 @@ class _Write(PendingWrite):
     #: The run's summary before this write changed it (None for a start):
     #: restored if the write fails.
     previous: Optional[RunSummary] = None
+    #: The run's last write (its end): its file is closed after it.
+    last: bool = False
 
     def __post_init__(self):
         PendingWrite.__init__(self)
+
+    def done(self) -> None:
+        """
+        Drop what a settled write no longer needs: the run keeps its last
+        write (reads check it), so what the write holds is kept per run.
+        """
+        self.deferred = self.data = self.value = self.previous = self.index_entry = None
 
 
 @implementer(IRunStore)
@@ -291,6 +303,9 @@ class FileRunStore:
         self._offsets = OrderedDict()  # run_id -> _Offsets, least recently read first
         self._queue = []
         self._committing = None  # the Deferred of the batch on disk
+        # Files kept open by the batches (one at a time), least recently written first.
+        self._run_files = _OpenFiles()  # run file -> [fd, size]
+        self._indexes = _OpenFiles()  # agent directory -> [fd of its index, None]
         self._journal = None  # journal.Journal with --durability fsync, once open
         self._checkpoint_bytes = checkpoint_bytes
         self._checkpointing = None  # the Deferred of the checkpoint under way
@@ -420,6 +435,8 @@ class FileRunStore:
     # Writes
 
     def start_run(self, started):
+        if self._closed is not None:
+            return fail(RuntimeError("the file store is closed"))
         run_id = started["run_id"]
         if run_id in self._runs or self._ids.find(hash(run_id)):
             return fail(RunExists(run_id))
@@ -437,11 +454,9 @@ class FileRunStore:
         write = _Write(
             run, runfiles.encode_line(started), 0, agent=agent, index_entry=run.start_entry()
         )
-        d = self._submit(write)
-        d.addCallbacks(self._started, self._not_started, (write,), errbackArgs=(write,))
-        return d
+        return self._submit(write)
 
-    def _started(self, _, write: _Write):
+    def _started(self, write: _Write) -> None:
         """File a run once its start is durable (it stays held: it is open)."""
         run = write.run
         agent = self._agents.get(run.agent_id)
@@ -459,12 +474,13 @@ class FileRunStore:
         self._ids.add(hash(run.run_id), run.overall)
         self._held[run.overall] = run
 
-    def _not_started(self, failure, write: _Write):
+    def _not_started(self, write: _Write, error):
+        """Forget a run whose start failed; what its Deferred fails with."""
         if self._runs.get(write.run.run_id) is write.run:
             del self._runs[write.run.run_id]
-        if failure.check(FileExistsError):
-            return fail(RunExists(write.run.run_id))
-        return failure
+        if isinstance(error, FileExistsError):
+            return RunExists(write.run.run_id)
+        return error
 
     def _open_run(self, run_id) -> RunState:
         run = self._runs.get(run_id)
@@ -502,13 +518,16 @@ class FileRunStore:
             run.outcome_status = ended["outcome"]["status"]
         self._moved(run, "in_progress")
         write = _Write(
-            run, runfiles.encode_line(ended), position, index_entry=run.end_entry(), previous=previous
+            run,
+            runfiles.encode_line(ended),
+            position,
+            index_entry=run.end_entry(),
+            previous=previous,
+            last=True,
         )
-        d = self._submit(write)
-        d.addCallback(self._ended, write)
-        return d
+        return self._submit(write)
 
-    def _ended(self, value, write: _Write):
+    def _ended(self, write: _Write) -> None:
         """
         Let an ended run go from memory once its end is durable and both
         its index entries are known: it is read back from the index.
@@ -520,7 +539,6 @@ class FileRunStore:
             if agent.starts[local] >= 0:
                 agent.ends[local] = write.index_offset
                 del self._runs[run.run_id], self._held[run.overall]
-        return value
 
     def _moved(self, run: RunState, old_status: str) -> None:
         """Re-file a run whose status changed in the indexes, once filed."""
@@ -569,7 +587,15 @@ class FileRunStore:
         for note in notes:
             log.warn("file store: {note}", note=note)
         for write, error in [*zip(batch, errors), *dependent]:
+            if write.agent is not None:
+                if error is None:
+                    self._started(write)
+                else:
+                    error = self._not_started(write, error)
+            elif write.last and error is None:
+                self._ended(write)
             write.settle(write.value if error is None else _write_error(error))
+            write.done()
         if self._committing is None and self._closed is not None and not self._closed.called:
             self._closed.callback(None)
 
@@ -615,7 +641,7 @@ class FileRunStore:
         @return: the error of each write (None when durable), notes, and
             the journal generation to checkpoint (or None).
         """
-        files = {}  # path -> fd
+        files = {}  # path -> [fd, size]
         sizes = {}  # path -> size before the batch; None for a file it created
         broken = {}  # path -> the error that broke the file
         notes = []
@@ -634,27 +660,41 @@ class FileRunStore:
                 try:
                     if write.agent is not None:
                         self._prepare(write.agent, directories)
-                        files[path] = disk.create_file(path)
+                        files[path] = [disk.create_file(path), 0]
                         sizes[path] = None
                         directories.add(write.agent.directory)
                     elif path not in files:
-                        files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-                        sizes[path] = os.fstat(files[path]).st_size
-                    disk.write_all(files[path], write.data)
+                        files[path] = self._run_files.pop(path) or _open_run_file(path)
+                        sizes[path] = files[path][1]
+                    opened = files[path]
+                    disk.write_all(opened[0], write.data)
+                    opened[1] += len(write.data)
                 except OSError as e:
                     broken[path] = e
             if self._journal is not None:
                 self._journal_batch(batch, files, broken, directories)
             for path in broken.keys() & files.keys():
                 try:
-                    self._put_back(path, files[path], sizes[path])
+                    self._put_back(path, files[path][0], sizes[path])
                 except OSError as e:
                     notes.append(f"{path}: a failed write could not be undone ({e})")
         finally:
-            for fd in files.values():
-                os.close(fd)
+            self._keep_open(batch, files, broken)
         errors = [broken.get(write.run.path) for write in batch]
         return errors, notes + self._index(batch, errors), sealed
+
+    def _keep_open(self, batch, files: dict, broken: dict) -> None:
+        """
+        Keep the batch's run files open for the runs' next writes; close
+        those of the runs it ended and those a failure broke (reopened, and
+        measured afresh, by the next write).
+        """
+        ended = {write.run.path for write in batch if write.last}
+        for path, opened in files.items():
+            if path in broken or path in ended:
+                os.close(opened[0])
+            else:
+                self._run_files.keep(path, opened)
 
     def _journal_batch(self, batch, files: dict, broken: dict, directories: set) -> None:
         """Append the batch's written records to the journal; on failure, break every file."""
@@ -682,18 +722,30 @@ class FileRunStore:
                 os.fsync(fd)
 
     def _index(self, batch, errors) -> list:
-        """Append the index entries of the durable writes; notes on failures."""
+        """
+        Append the index entries of the durable writes, one write per
+        agent directory; notes on failures.
+        """
         entries = {}
         for write, error in zip(batch, errors):
             if error is None and write.index_entry is not None:
                 entries.setdefault(os.path.dirname(write.run.path), []).append(write)
         notes = []
         for directory, writes in entries.items():
+            lines = b"".join(w.index_entry for w in writes)
+            opened = self._indexes.pop(directory)
             try:
-                offset = index.append_to_index(directory, b"".join(w.index_entry for w in writes))
+                if opened is None:
+                    opened = [index.open_index(directory), None]
+                disk.write_all(opened[0], lines)
+                # Where this descriptor's appends ended, whoever else appends.
+                offset = os.lseek(opened[0], 0, os.SEEK_CUR) - len(lines)
             except OSError as e:
                 notes.append(f"{directory}: index not updated ({e}); rebuilt at next start")
+                if opened is not None:
+                    os.close(opened[0])
                 continue
+            self._indexes.keep(directory, opened)
             for write in writes:
                 write.index_offset = offset
                 offset += len(write.index_entry)
@@ -993,9 +1045,45 @@ class FileRunStore:
     def _stop_threads(self) -> None:
         self._pool.stop()
         self._index_files.close()
+        self._run_files.close()
+        self._indexes.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class _OpenFiles:
+    """
+    Files kept open between batches, by path: C{[fd, size]} (the size a
+    run file has; None for an index). Used by one batch at a time.
+    """
+
+    def __init__(self):
+        self._open = OrderedDict()  # least recently kept first
+
+    def pop(self, path: str) -> Optional[list]:
+        """Take a file out (the batch puts it back with L{keep}, or closes it)."""
+        return self._open.pop(path, None)
+
+    def keep(self, path: str, opened: list) -> None:
+        """Keep a file open, closing the least recently kept beyond the bound."""
+        self._open[path] = opened
+        if len(self._open) > OPEN_FILES_KEPT:
+            os.close(self._open.popitem(last=False)[1][0])
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1][0])
+
+
+def _open_run_file(path: str) -> list:
+    """An existing run file opened to append: C{[fd, size]}."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        return [fd, os.fstat(fd).st_size]
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _write_error(error: BaseException) -> BaseException:

@@ -228,14 +228,21 @@ def write_index(agent_dir: str, agent_id: str, runs: list, sync: bool) -> list:
     return offsets
 
 
+def open_index(agent_dir: str) -> int:
+    """
+    Open an agent's index to append entries. They are not synced: the index
+    is rebuilt from the (synced) run files whenever it falls behind them.
+    """
+    return os.open(os.path.join(agent_dir, INDEX), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+
 def append_to_index(agent_dir: str, lines: bytes) -> int:
     """
-    Append entries to an agent's index. Not synced: the index is rebuilt
-    from the (synced) run files whenever it falls behind them.
+    Append entries to an agent's index (see L{open_index}).
 
     @return: the offset the entries begin at.
     """
-    fd = os.open(os.path.join(agent_dir, INDEX), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    fd = open_index(agent_dir)
     try:
         disk.write_all(fd, lines)
         # Where this descriptor's appends ended, whoever else appends.

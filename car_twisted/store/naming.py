@@ -26,7 +26,8 @@ _HEX = frozenset("0123456789abcdef")
 #: name at 255 bytes. "~" never appears in a plain encoding.
 _LONGEST_PLAIN = 120
 _HASHED_PREFIX = 64
-#: An id that is its own name (most are): loading checks a million names.
+#: An id that is its own name (every run id the daemon mints, most agent
+#: ids): loading checks a million names, every start one.
 _OWN_NAME = re.compile(r"[a-z0-9_-]{1,120}")
 
 

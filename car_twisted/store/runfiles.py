@@ -14,9 +14,12 @@ from car_twisted import disk
 from car_twisted.interfaces import RunSummary, summarize
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
 def encode_line(record: dict) -> bytes:
     """One record as one line: ASCII JSON, so no text can break the line."""
-    return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+    return _ENCODER.encode(record).encode() + b"\n"
 
 
 @dataclass(eq=False)
