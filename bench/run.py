@@ -1,9 +1,9 @@
 """
 The benchmark suite: one command, every figure with its goal and ratio.
 
-    .venv/bin/python bench/run.py                       # everything, about 3 minutes
+    .venv/bin/python bench/run.py                       # the default sections, about 4 minutes
     .venv/bin/python bench/run.py --sections stores     # one section
-    .venv/bin/python bench/run.py --smoke               # every section, tiny (seconds)
+    .venv/bin/python bench/run.py --smoke               # every default section, tiny (seconds)
 
 Each server (the daemon with a given store, or the plain Autobahn echo
 server it is measured against) runs in its own process on an ephemeral

@@ -343,8 +343,9 @@ def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
 
 
 #: Open files the daemon needs besides one per WebSocket connection: its
-#: listeners, log, store files (the file store keeps up to 128 open between
-#: writes) and the HTTP side's connections.
+#: listeners, log, store files (the file store keeps up to 192 open between
+#: writes and reads, besides its journal and lock) and the HTTP side's
+#: connections.
 FD_HEADROOM = 384
 
 

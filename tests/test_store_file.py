@@ -387,6 +387,21 @@ class FileRunStoreTests(FileStoreCase):
         self.assertEqual(sys.getrefcount(stamped), 2)  # this frame's, and the call's
         self.assertEqual(stamped[0]["index"], 0)
 
+    async def test_an_ended_run_is_freed_without_the_cycle_collector(self):
+        """A run the store lets go of once its end is durable is freed by
+        reference counting alone: it and its last write form no cycle, so
+        it cannot outlive a gc.freeze() either."""
+        store = await self.open()
+        record = started()
+        await store.start_run(record)
+        ended = weakref.ref(store._runs[record["run_id"]])
+        gc.disable()
+        self.addCleanup(gc.enable)
+        await store.end_run(record["run_id"], ended_record("incomplete", reason="x"))
+        await store.start_run(started())  # the end's batch is wound up by now
+        self.assertNotIn(record["run_id"], store._runs)
+        self.assertIsNone(ended())
+
     async def test_open_run_files_and_indexes_stay_open(self):
         """A run's file is opened once for all its writes and closed when
         the run ends; an agent's index is opened once for all its entries;

@@ -260,8 +260,10 @@ class _Write(PendingWrite):
         """
         Drop what a settled write no longer needs: the run keeps its last
         write (reads check it), so what the write holds is kept per run.
+        Its run too: an ended run let go of is freed at once, not by the
+        cycle collector (which never sees what start-up froze).
         """
-        self.deferred = self.data = self.value = self.previous = self.index_entry = None
+        self.run = self.deferred = self.data = self.value = self.previous = self.index_entry = None
 
 
 @implementer(IRunStore)
