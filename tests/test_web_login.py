@@ -1,41 +1,16 @@
 """``/login`` over real HTTP: the form's exchange, and bodies too large to read."""
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 
 from car_twisted.auth import HOST_TOKEN_FILE
 from car_twisted.limits import MAX_HTTP_BODY
 from tests.support import private_dir
-from tests.web_support import start_service
-
-
-class RawHTTP(Protocol):
-    """Sends C{request} as is; C{answered} fires with all it got once closed."""
-
-    def __init__(self, request: bytes):
-        self.request = request
-        self.received = b""
-        self.answered = Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.request)
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.answered.callback(self.received)
+from tests.web_support import raw_http, start_service
 
 
 async def exchange(service, request: bytes) -> bytes:
     """What the dashboard port answers C{request} with, up to its close."""
-    port = int(service.http_url.rsplit(":", 1)[1])
-    client = RawHTTP(request)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    return await client.answered
+    return await raw_http(int(service.http_url.rsplit(":", 1)[1]), request)
 
 
 def post(body: bytes, headers: bytes) -> bytes:

@@ -3,50 +3,18 @@ The WebSocket limits on a real loopback daemon: message size, keepalive,
 the connection cap, and what plain HTTP gets.
 """
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from car_twisted.limits import MIB, WireLimits
 from tests.support import InProcessDaemon, serve, wait_for
-
-
-class RawHTTP(Protocol):
-    """Sends one request and collects what comes back until the close."""
-
-    def __init__(self, request: bytes):
-        self.request = request
-        self.received = b""
-        self.done = Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.request)
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.done.callback(self.received)
+from tests.web_support import raw_http
 
 
 UPGRADE = (
     b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-
-
-async def raw_http(port: int, request: bytes, until_close: bool = True) -> bytes:
-    protocol = RawHTTP(request)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
-    if until_close:
-        return await protocol.done
-    await wait_for(lambda: b"\r\n\r\n" in protocol.received, "the HTTP response")
-    protocol.transport.loseConnection()
-    await protocol.done
-    return protocol.received
 
 
 class MessageSizeTests(unittest.TestCase):

@@ -4,11 +4,15 @@ port, and the daemon service started in this process.
 """
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from car_twisted.service import DaemonService
 from car_twisted.tap import Options, build_daemon
+from tests.support import wait_for
 
 
 async def get(url: str, headers: dict = None):
@@ -53,3 +57,36 @@ async def start_service(testcase, *argv, environ=None) -> DaemonService:
     service.port = ports[0].getHost().port
     service.http_url = f"http://127.0.0.1:{ports[-1].getHost().port}"
     return service
+
+
+class RawHTTP(Protocol):
+    """Sends one request and collects what comes back until the close."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.received = b""
+        self.done = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.received)
+
+
+async def raw_http(port: int, request: bytes, until_close: bool = True) -> bytes:
+    """
+    What C{port} answers C{request} with, sent as is: up to the close, or
+    with C{until_close} false up to the end of the response's headers.
+    """
+    protocol = RawHTTP(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+    if until_close:
+        return await protocol.done
+    await wait_for(lambda: b"\r\n\r\n" in protocol.received, "the HTTP response")
+    protocol.transport.loseConnection()
+    await protocol.done
+    return protocol.received
