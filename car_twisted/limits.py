@@ -83,6 +83,13 @@ def _refuse_compression(offers):
 #: connection closed, before the rest is read.
 MAX_HTTP_BODY = 4096
 
+#: Plain HTTP connections the dashboard port holds at once (a /ws session
+#: is no longer one once upgraded: the WebSocket caps count it); past it a
+#: new one is answered 503 and closed.
+MAX_HTTP_CONNECTIONS = 128
+#: Seconds an HTTP connection of the dashboard port may stay idle.
+HTTP_IDLE_TIMEOUT = 60
+
 #: Longest JSON-RPC request id the daemon reads; a longer one is answered
 #: with id null.
 MAX_ID_CHARS = 256

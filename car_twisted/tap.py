@@ -345,7 +345,7 @@ def build_daemon(options, reactor, environ=os.environ) -> DaemonService:
 #: Open files the daemon needs besides one per WebSocket connection: its
 #: listeners, log, store files (the file store keeps up to 192 open between
 #: writes and reads, besides its journal and lock) and the HTTP side's
-#: connections.
+#: connections (at most 128, L{car_twisted.limits.MAX_HTTP_CONNECTIONS}).
 FD_HEADROOM = 384
 
 

@@ -4,9 +4,11 @@ The HTTP side's resource tree: which path serves what.
 
 from io import BytesIO
 
+from twisted.internet.protocol import Protocol
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from car_twisted.limits import MAX_HTTP_BODY
+from car_twisted import limits
 from car_twisted.web.health import Health, Metrics
 from car_twisted.web.live import LiveSocket
 from car_twisted.web.login import Login
@@ -16,12 +18,14 @@ ASSETS = ("dashboard.css", "favicon.svg", "rpc.js", "runs.js", "run.js")
 
 
 _TOO_LARGE = b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
 class DashboardRequest(Request):
     """
-    A request whose body may be at most L{MAX_HTTP_BODY} bytes, declared or
-    chunked: past it, 413 and the connection closed, the rest unread.
+    A request whose body may be at most L{limits.MAX_HTTP_BODY} bytes,
+    declared or chunked: past it, 413 and the connection closed, the rest
+    unread.
     """
 
     _body_bytes = 0
@@ -29,14 +33,14 @@ class DashboardRequest(Request):
 
     def gotLength(self, length):
         self.content = BytesIO()  # never a temporary file: the body is small
-        if length is not None and length > MAX_HTTP_BODY:
+        if length is not None and length > limits.MAX_HTTP_BODY:
             self._refuse()
 
     def handleContentChunk(self, data):
         if self._refused:
             return
         self._body_bytes += len(data)
-        if self._body_bytes > MAX_HTTP_BODY:
+        if self._body_bytes > limits.MAX_HTTP_BODY:
             self._refuse()
             return
         super().handleContentChunk(data)
@@ -51,14 +55,47 @@ class DashboardRequest(Request):
         self.channel.transport.loseConnection()
 
 
+class DashboardChannel(HTTPChannel):
+    """An HTTP connection of the dashboard port, counted by its site."""
+
+    def connectionLost(self, reason):
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
+
+class _Busy(Protocol):
+    """A connection past the cap: 503, then closed."""
+
+    def connectionMade(self):
+        self.transport.write(_BUSY)
+        self.transport.loseConnection()
+
+
 class DashboardSite(Site):
     """
-    A L{Site} that shows no tracebacks, keeps no access log and reads no
-    large request bodies.
+    A L{Site} that shows no tracebacks, keeps no access log, reads no large
+    request bodies, holds at most L{limits.MAX_HTTP_CONNECTIONS} connections
+    and closes one idle for L{limits.HTTP_IDLE_TIMEOUT} seconds.
     """
 
     displayTracebacks = False
     requestFactory = DashboardRequest
+    protocol = DashboardChannel
+
+    def __init__(self, resource, **kwargs):
+        super().__init__(resource, timeout=limits.HTTP_IDLE_TIMEOUT, **kwargs)
+        #: The open connections still speaking HTTP.
+        self.channels = set()
+
+    def buildProtocol(self, addr):
+        # A connection /ws upgraded is the WebSocket's now (its transport
+        # taken over): no longer counted here.
+        self.channels = {channel for channel in self.channels if channel.transport is not None}
+        if len(self.channels) >= limits.MAX_HTTP_CONNECTIONS:
+            return _Busy()
+        channel = super().buildProtocol(addr)
+        self.channels.add(channel)
+        return channel
 
     def log(self, request):
         """Nothing: a ``/login`` URL carries the host token."""
