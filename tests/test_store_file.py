@@ -20,7 +20,8 @@ from twisted.trial import unittest
 from car_twisted.interfaces import RunExists, RunNotFound, RunTerminal
 from car_twisted.records import ended_record
 from car_twisted.store import journal, naming, runfiles
-from car_twisted.store.file import FileRunStore, RunIds
+from car_twisted.store.file import FileRunStore, RunIds, _start_order
+from car_twisted.store.index import AgentLoad
 from tests.store_conformance import HOSTILE_IDS, RunStoreConformance, started, turn
 from tests.support import InProcessDaemon
 
@@ -612,6 +613,25 @@ class HeldRunsTests(FileStoreCase):
         self.assertEqual(listed, [r for r in ids[::-1] if r in open_ids or ids.index(r) % 2])
         self.assertIsNone(await store.get_run(ids[0]))
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+def agent_load(times: list) -> AgentLoad:
+    """An agent as loaded, with runs started at C{times}."""
+    return AgentLoad("a", "a", starts=array("q", range(len(times))), started_at=json.dumps(times))
+
+
+class StartOrderTests(unittest.TestCase):
+    def test_the_order_is_the_times_text_order_and_stable(self):
+        """Loaded runs are put in the order of their start times' text, runs
+        of one millisecond in load order, whether the times are all of the
+        daemon's own form (sorted as numbers) or not (sorted as text)."""
+        own = [f"2026-11-25T04:{m:02d}:{s:02d}.{ms:03d}Z" for m, s, ms in [(5, 1, 9), (4, 59, 999), (5, 1, 9), (0, 0, 0)]]
+        others = ["2026-11-25T04:05:01.009Z", "2026-11-25T04:05:01Z", "2026-11-25T04:05:01.009+00:00"]
+        for times in ([own[:2], own[2:]], [own[:2], others, own[2:]]):
+            flat = [t for agent in times for t in agent]
+            order = _start_order([agent_load(agent) for agent in times])
+            self.assertEqual(list(order), sorted(range(len(flat)), key=flat.__getitem__), times)
+        self.assertEqual(list(_start_order([agent_load(own[:2]), agent_load(own[2:])])), [3, 1, 0, 2])
 
 
 class RunIdsTests(unittest.TestCase):
