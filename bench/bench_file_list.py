@@ -105,24 +105,15 @@ def generate(data_dir: str, runs: int, agents: int) -> None:
 
 
 PROBE = """
-import json, statistics, sys, time
+import json, sys, time
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
 from car_twisted.store.file import FileRunStore
+from latency import median_latency
 
 def rss():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-
-async def latency(call, repeats=200):
-    for _ in range(10):
-        await call()
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        await call()
-        samples.append(time.perf_counter() - began)
-    return statistics.median(samples)
 
 async def main(reactor, data_dir, agent):
     before = rss()[0]
@@ -135,7 +126,7 @@ async def main(reactor, data_dir, agent):
     for label, agent_id, status in [("everyone", None, None), ("agent", agent, None), ("completed", None, "completed")]:
         page, _ = await store.list_runs(agent_id, None, 50, status)
         figures[label + " rows"] = len(page)
-        figures[label] = await latency(lambda: store.list_runs(agent_id, None, 50, status))
+        figures[label] = await median_latency(lambda: store.list_runs(agent_id, None, 50, status), 200, 10)
     await store.close()
     print(json.dumps(figures))
 
@@ -152,7 +143,7 @@ def probe(data_dir: str, agent: str) -> dict:
         text=True,
         timeout=1800,
         cwd=os.path.dirname(BENCH),
-        env={**os.environ, "PYTHONPATH": os.path.dirname(BENCH)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(BENCH), BENCH])},
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 

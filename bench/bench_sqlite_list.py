@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import sqlite3
-import statistics
 import tempfile
 import time
 
@@ -28,6 +27,7 @@ from twisted.internet.task import react
 from car_twisted.records import new_run_id, started_record
 from car_twisted.store.memory import MemoryRunStore
 from car_twisted.store.sqlite import DATABASE_NAME, SQLiteRunStore
+from latency import median_latency
 
 SMALL, LARGE = "agent-small", "agent-large"
 STATUSES = ["completed", "incomplete", "cancelled", "in_progress"]
@@ -86,18 +86,6 @@ def bulk_load(path: str, large_runs: int, small_runs: int) -> None:
     db.close()
 
 
-async def median_latency(call, repeats: int = 300) -> float:
-    """Median seconds for C{await call()}, after a warm-up."""
-    for _ in range(20):
-        await call()
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        await call()
-        samples.append(time.perf_counter() - began)
-    return statistics.median(samples)
-
-
 async def list_figures(reactor, directory: str, large_runs: int) -> None:
     data_dir = os.path.join(directory, "list")
     schema = SQLiteRunStore(data_dir, reactor)
@@ -121,7 +109,7 @@ async def list_figures(reactor, directory: str, large_runs: int) -> None:
             figures = {}
             for agent in (SMALL, LARGE):
                 page, _ = await store.list_runs(agent, None, 50, status)
-                latency = await median_latency(lambda: store.list_runs(agent, None, 50, status))
+                latency = await median_latency(lambda: store.list_runs(agent, None, 50, status), 300, 20)
                 figures[agent] = latency, len(page)
             (small, small_rows), (large, large_rows) = figures[SMALL], figures[LARGE]
             print(
@@ -129,7 +117,7 @@ async def list_figures(reactor, directory: str, large_runs: int) -> None:
                 f" ({small_rows} rows), {large_runs:,} runs {large * 1e3:.3f} ms"
                 f" ({large_rows} rows), ratio {large / small:.2f}"
             )
-        deep_latency = await median_latency(lambda: store.list_runs(LARGE, deep, 50, None))
+        deep_latency = await median_latency(lambda: store.list_runs(LARGE, deep, 50, None), 300, 20)
         print(f"list_runs page {large_runs // 2:,} runs deep: {deep_latency * 1e3:.3f} ms")
         open_began = time.perf_counter()
         open_runs = await store.open_runs()
